@@ -1,0 +1,9 @@
+"""offload_engine: Mixtral-8x7B on one 16 GB GPU with HQQ quantization, an LRU expert cache and speculative prefetch."""
+
+from .config import ConfigError, EngineConfig, OffloadConfig, QuantConfig, QuantSpec, load_config
+from .checkpoint import CheckpointError
+from .engine import Engine, load
+
+__all__ = ["load", "Engine", "EngineConfig", "QuantConfig", "QuantSpec", "OffloadConfig", "load_config",
+           "ConfigError", "CheckpointError"]
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""Engine configuration: frozen dataclasses that read and write the public YAML format.
+
+    dtype: float16            # float32 | bfloat16 | float16
+    max_context: 4096         # tokens of KV cache to plan memory for
+    quant:
+      attention: {bits: 4, group_size: 64}
+      experts:   {bits: 2, group_size: 16}
+    offload:
+      experts_on_device: 4    # per layer; 8 = everything resident; auto = as many as fit
+      prefetch: 1             # experts per layer guessed ahead; 0 = off
+      policy: lru             # eviction policy (see offload_engine.policy)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one part of the model is stored: `bits=None` keeps it in the model dtype."""
+
+    bits: int | None = None
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits is not None and self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"quant bits must be one of {SUPPORTED_BITS} or null, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ConfigError(f"quant group_size must be a positive integer, got {self.group_size!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    attention: QuantSpec = field(default_factory=lambda: QuantSpec(4, 64))
+    experts: QuantSpec = field(default_factory=lambda: QuantSpec(2, 16))
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    experts_on_device: Union[int, str] = 4  # an int, or "auto"
+    prefetch: int = 1
+    policy: str = "lru"
+
+    def __post_init__(self) -> None:
+        k = self.experts_on_device
+        if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1)):
+            raise ConfigError(f"offload.experts_on_device must be a positive integer or 'auto', got {k!r}")
+        if not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ConfigError(f"offload.prefetch must be an integer >= 0, got {self.prefetch!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "float16"
+    max_context: int = 4096  # tokens the KV cache is planned for; chat drops old turns beyond it
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.max_context, int) or self.max_context < 16:
+            raise ConfigError(f"max_context must be an integer >= 16, got {self.max_context!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **offload_overrides: Any) -> "EngineConfig":
+        """A copy with some `offload` keys changed (the engine resolves `auto` this way)."""
+        return dataclasses.replace(self, offload=dataclasses.replace(self.offload, **offload_overrides))
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build a (nested) dataclass from a dict, rejecting keys the format does not have."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' under ' + where if where else ''}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        nested = _NESTED.get((cls, name))
+        kwargs[name] = _build(nested, value, f"{where}.{name}".lstrip(".")) if nested else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a wrong type that the dataclass itself cannot take
+        raise ConfigError(f"invalid {where or 'config'}: {e}") from e
+
+
+_NESTED = {
+    (EngineConfig, "quant"): QuantConfig,
+    (EngineConfig, "offload"): OffloadConfig,
+    (QuantConfig, "attention"): QuantSpec,
+    (QuantConfig, "experts"): QuantSpec,
+}
+
+
+def named_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(config: Union[None, str, Path, dict, EngineConfig]) -> EngineConfig:
+    """Accept None (defaults), an EngineConfig, a dict, a YAML path, or a packaged config name like 't4-16gb'."""
+    if config is None:
+        return EngineConfig()
+    if isinstance(config, EngineConfig):
+        return config
+    if isinstance(config, dict):
+        return _build(EngineConfig, config, "")
+    path = Path(config)
+    if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
+        path = CONFIG_DIR / f"{config}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"config {str(config)!r} is neither a YAML file nor a packaged config; "
+            f"packaged configs: {', '.join(named_configs())}"
+        )
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    try:
+        return _build(EngineConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

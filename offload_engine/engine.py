@@ -1,0 +1,160 @@
+"""Public API: `load(...)` returns an `Engine` that computes logits, generates text and reports cache statistics."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
+from .config import EngineConfig, load_config
+from .expert_cache import ExpertCache, LayerStats
+from .experts import ExpertLayout
+from .memory import resolve_experts_on_device
+from .model import ATTENTION_PROJECTIONS, OffloadedMixtral
+from .quantize import quantize_matrix
+
+MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
+ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Engine:
+    def __init__(self, model: OffloadedMixtral, config: EngineConfig, tokenizer=None, model_dir: Path | None = None):
+        self.model, self.config, self.tokenizer, self.model_dir = model, config, tokenizer, model_dir
+        self.cache: ExpertCache = model.cache
+        self.device = model.device
+
+    # ---- forward ----
+    def logits(self, input_ids: torch.Tensor | list) -> torch.Tensor:
+        """Full forward without KV reuse: [batch, seq] token ids -> [batch, seq, vocab] float32 logits."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.numel() == 0:
+            raise ValueError("input_ids is empty: pass at least one token")
+        return self.model(ids).cpu()
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A string through the tokenizer (with BOS), or token ids as given."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer files; pass token ids instead of text")
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids or (isinstance(prompt, str) and not prompt.strip()):
+            raise ValueError("the prompt is empty: give some text or token ids")
+        return ids
+
+    # ---- statistics ----
+    def stats(self) -> dict:
+        """Cache counters overall and per layer (see LayerStats), plus derived rates and the host syncs."""
+        total = LayerStats()
+        for layer_stats in self.cache.stats:
+            total.add(layer_stats)
+
+        def with_rates(s: LayerStats) -> dict:
+            d = asdict(s)
+            d["hit_rate"] = s.hits / s.lookups if s.lookups else 0.0
+            d["prefetch_precision"] = s.guessed_correct / s.guessed if s.guessed else 0.0
+            d["prefetch_recall"] = s.guessed_correct / s.needed_after_guess if s.needed_after_guess else 0.0
+            return d
+
+        return {
+            "overall": with_rates(total),
+            "per_layer": [with_rates(s) for s in self.cache.stats],
+            "host_syncs": self.model.host_syncs,
+            "experts_on_device": self.cache.k,
+            "prefetch": self.cache.prefetch_count,
+            "device_bytes": self.cache.device_bytes(),
+            "host_bytes": self.cache.host_bytes(),
+        }
+
+    def reset_stats(self) -> None:
+        self.cache.reset_stats()
+        self.model.host_syncs = 0
+
+
+def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torch.device | None = None,
+         progress: bool = True) -> Engine:
+    """Load a Mixtral checkpoint (local directory or hub repo id), quantize it as configured, and build the engine.
+
+    Pre-quantized checkpoints (written by `quantize_checkpoint`) load without re-quantizing.
+    """
+    cfg = load_config(config)
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use device='cpu'")
+    model_dir = resolve_model_dir(model)
+    if (model_dir / MANIFEST).exists():
+        from .prequantized import load_prequantized
+
+        return load_prequantized(model_dir, cfg if config is not None else None, device, progress)
+    hf_config = read_config(model_dir)
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    engine = build_engine(hf_config, cfg, device, checkpoint_loader(checkpoint, hf_config, cfg, device), progress)
+    engine.tokenizer = load_tokenizer(model_dir)
+    engine.model_dir = model_dir
+    return engine
+
+
+def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, progress: bool) -> Engine:
+    """Allocate the cache and trunk, then let `source` fill them (from full-precision or pre-quantized weights)."""
+    dtype = cfg.torch_dtype
+    layout = ExpertLayout.build(hf_config.hidden_size, hf_config.intermediate_size, cfg.quant.experts, dtype)
+    k = resolve_experts_on_device(cfg, hf_config, device)
+    cfg = cfg.replace(experts_on_device=k)
+    cache = ExpertCache(hf_config.num_hidden_layers, hf_config.num_local_experts, layout.nbytes, k,
+                        cfg.offload.prefetch, device, cfg.offload.policy)
+    model = OffloadedMixtral(hf_config, cache, layout, dtype, device)
+    source(model, layout, progress)
+    model.finish_loading()
+    return Engine(model, cfg)
+
+
+def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineConfig, device: torch.device):
+    """Fill a model from a full-precision checkpoint, quantizing tensor by tensor (on the GPU when there is one)."""
+    H, L, E = hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_local_experts
+    head_dim = getattr(hf_config, "head_dim", None) or H // hf_config.num_attention_heads
+    q_out, kv_out = hf_config.num_attention_heads * head_dim, hf_config.num_key_value_heads * head_dim
+    attention_shapes = {"q_proj": (q_out, H), "k_proj": (kv_out, H), "v_proj": (kv_out, H), "o_proj": (H, q_out)}
+    quant_device = device if device.type == "cuda" else torch.device("cpu")
+
+    def fill(model: OffloadedMixtral, layout: ExpertLayout, progress: bool) -> None:
+        V = hf_config.vocab_size
+        model.set_tensor("model.embed_tokens.weight", checkpoint.get("model.embed_tokens.weight", (V, H)))
+        model.set_tensor("model.norm.weight", checkpoint.get("model.norm.weight", (H,)))
+        if not hf_config.tie_word_embeddings:
+            model.set_tensor("lm_head.weight", checkpoint.get("lm_head.weight", (V, H)))
+        for l in tqdm(range(L), desc="quantizing layers", disable=not progress):
+            prefix = f"model.layers.{l}"
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                model.set_tensor(f"{prefix}.{norm}.weight", checkpoint.get(f"{prefix}.{norm}.weight", (H,)))
+            model.set_tensor(f"{prefix}.mlp.gate.weight", checkpoint.router(l, hf_config))
+            for proj in ATTENTION_PROJECTIONS:
+                weight = checkpoint.get(f"{prefix}.self_attn.{proj}.weight", attention_shapes[proj])
+                attn_layout, buffer = quantize_matrix(weight.to(quant_device, cfg.torch_dtype), cfg.quant.attention,
+                                                      cfg.torch_dtype)
+                model.set_attention(l, proj, attn_layout, buffer)
+            for e in range(E):
+                weights = {m: w.to(quant_device, cfg.torch_dtype) for m, w in checkpoint.expert(l, e, hf_config).items()}
+                model.cache.fill(l, e, lambda buffer: layout.pack(weights, buffer))
+
+    return fill
+
+
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's own tokenizer, or None when it ships none (logits and token-id generation still work)."""
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
