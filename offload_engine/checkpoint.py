@@ -80,6 +80,7 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"{model_dir} has no *.safetensors files (pickled .bin checkpoints are not read)")
             self.file_of = {}
             for file in files:
+                self._check_complete(file)
                 for name in self._open(file).keys():
                     self.file_of[name] = file
         for file in sorted(set(self.file_of.values())):

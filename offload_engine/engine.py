@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
+from .chat import ChatSession
 from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
 from .config import EngineConfig, load_config
 from .expert_cache import ExpertCache, LayerStats
 from .experts import ExpertLayout
+from .generate import SamplingParams, generate_tokens, stream_text
 from .memory import resolve_experts_on_device
 from .model import ATTENTION_PROJECTIONS, OffloadedMixtral
 from .quantize import quantize_matrix
@@ -53,6 +56,46 @@ class Engine:
         if not ids or (isinstance(prompt, str) and not prompt.strip()):
             raise ValueError("the prompt is empty: give some text or token ids")
         return ids
+
+    # ---- generation ----
+    @property
+    def context_window(self) -> int:
+        return min(self.config.max_context, self.model.config.max_position_embeddings)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.model.config.eos_token_id
+        ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        return ids + ([tokenizer_eos] if tokenizer_eos is not None and tokenizer_eos not in ids else [])
+
+    def _tokens(self, prompt: str | list[int], sampling: dict) -> tuple[Iterator[int], SamplingParams]:
+        params = SamplingParams.from_kwargs(**sampling)
+        ids = self.encode(prompt)
+        if len(ids) + params.max_new_tokens > self.context_window:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"context window of {self.context_window} tokens: shorten the prompt or max_new_tokens")
+        kv_cache = DynamicCache(config=self.model.config)  # grows with the request, freed with it
+        return generate_tokens(self.model, ids, params, kv_cache, self.eos_ids), params
+
+    def generate_ids(self, prompt: str | list[int], **sampling) -> list[int]:
+        """Generated token ids (EOS excluded). Sampling options: see SamplingParams (greedy by default)."""
+        tokens, _ = self._tokens(prompt, sampling)
+        return list(tokens)
+
+    def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
+        """Text pieces as they are generated; joined, they equal `generate(...)`."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; use generate_ids() with token ids")
+        tokens, params = self._tokens(prompt, sampling)
+        return stream_text(tokens, self.tokenizer, params.stop)
+
+    def generate(self, prompt: str | list[int], **sampling) -> str:
+        """The generated text (prompt excluded, stop string removed)."""
+        return "".join(self.stream(prompt, **sampling))
+
+    def chat(self, system: str | None = None) -> ChatSession:
+        return ChatSession(self, system)
 
     # ---- statistics ----
     def stats(self) -> dict:

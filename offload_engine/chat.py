@@ -1,0 +1,106 @@
+"""Multi-turn chat that keeps the KV cache between turns and prefills only what is new.
+
+Each turn renders the whole conversation with the tokenizer's chat template (Mixtral-Instruct's
+`<s>[INST] ... [/INST] reply</s>[INST] ...`), keeps the longest prefix of it that is already in the KV
+cache, and prefills the rest. The prefix is usually everything up to the new user message; it is shorter
+when the reply re-tokenizes differently from how it was generated, and the cache is cropped to match.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Iterator
+
+from transformers import DynamicCache
+
+from .generate import SamplingParams, generate_tokens, stream_text
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class ChatSession:
+    def __init__(self, engine: "Engine", system: str | None = None):
+        if engine.tokenizer is None or getattr(engine.tokenizer, "chat_template", None) is None:
+            raise ValueError("chat needs a tokenizer with a chat template; this model directory has none")
+        self.engine, self.system = engine, system
+        self.messages: list[dict[str, str]] = []
+        self.notices: list[str] = []  # things the user should know, e.g. that old turns were dropped
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = []
+        self.kv_cache = DynamicCache(config=self.engine.model.config)
+        self.cached_ids: list[int] = []  # exactly the tokens whose keys/values are in kv_cache
+
+    def send(self, message: str, **sampling) -> str:
+        return "".join(self.stream(message, **sampling))
+
+    def stream(self, message: str, **sampling) -> Iterator[str]:
+        if not message or not message.strip():
+            raise ValueError("the message is empty: type something to send")
+        params = SamplingParams.from_kwargs(**sampling)
+        messages = self.messages + [{"role": "user", "content": message}]
+        ids = self._render(messages)
+        budget = self.engine.context_window - params.max_new_tokens
+        while len(ids) > budget and len(messages) > 2:
+            messages = messages[2:]  # the oldest user/assistant pair
+            ids = self._render(messages)
+            self._notice("the conversation outgrew the context window: dropped the oldest turn")
+        if len(ids) > budget:
+            raise ValueError(f"the message is {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} the "
+                             f"context window of {self.engine.context_window} tokens is exceeded: shorten it")
+        keep = self._reuse_prefix(ids)
+        reply_ids: list[int] = []
+        eos = self.engine.eos_ids
+        tokens = generate_tokens(self.engine.model, ids[keep:], params, self.kv_cache, eos, ids[:keep], feed_eos=True)
+
+        def tracked() -> Iterator[int]:
+            for token in tokens:
+                reply_ids.append(token)
+                yield token
+
+        text = ""
+        try:
+            for piece in stream_text(tracked(), self.engine.tokenizer, params.stop):
+                text += piece
+                yield piece
+        finally:  # also on Ctrl-C or an abandoned stream: keep what was said, and a cache that matches it
+            tokens.close()
+            self.messages = messages + [{"role": "assistant", "content": text}]
+            self._sync_cache(ids + reply_ids + eos[:1])
+
+    # ---- helpers ----
+    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+        full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
+        encoded = self.engine.tokenizer.apply_chat_template(full, tokenize=True, add_generation_prompt=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def _reuse_prefix(self, ids: list[int]) -> int:
+        """Crop the KV cache to the longest prefix it shares with `ids`; return that prefix's length."""
+        keep = 0
+        for cached, new in zip(self.cached_ids, ids):
+            if cached != new:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # at least one token must be prefilled to get next-token logits
+        if keep == 0:
+            self.kv_cache = DynamicCache(config=self.engine.model.config)
+        elif keep < len(self.cached_ids):
+            self.kv_cache.crop(keep - len(self.cached_ids))
+        self.cached_ids = self.cached_ids[:keep]
+        return keep
+
+    def _sync_cache(self, candidate_ids: list[int]) -> None:
+        """Record which tokens the KV cache holds; an interrupted forward leaves layers uneven: start afresh."""
+        lengths = {layer.get_seq_length() for layer in self.kv_cache.layers}
+        if len(lengths) != 1:
+            self.kv_cache = DynamicCache(config=self.engine.model.config)
+            self.cached_ids = []
+        else:
+            self.cached_ids = candidate_ids[: lengths.pop()]
+
+    def _notice(self, text: str) -> None:
+        self.notices.append(text)
+        warnings.warn(text, stacklevel=3)
