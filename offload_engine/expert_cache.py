@@ -9,7 +9,8 @@ Memory model, per layer, for E experts and k = experts_on_device < E:
     `prefetch` per layer for the two layers whose guesses can be in flight at once.
   * Prefetch rule (the reference system's): a prefetched expert sits in a spare slot ("staged") and displaces
     nothing; when a lookup uses it, it takes the place of the policy's victim, like a miss that was already
-    paid for. Staged experts that were not used are dropped when their layer finishes (counted as wasted);
+    paid for. The victim is never an expert the current layer call still needs; if every resident is still
+    needed (fewer slots than experts per token), the newcomer is used in place and its slot freed after. Staged experts that were not used are dropped when their layer finishes (counted as wasted);
     their host copy never left, so dropping costs nothing.
 With k >= E every expert is resident and there are no host slots and no copies.
 
@@ -68,6 +69,7 @@ class ExpertCache:
                      for _ in range(num_layers)] if offloaded else []
         self.main: list[dict[int, int]] = []  # layer -> {expert: device slot}
         self.staged: list[dict[int, int]] = []  # layer -> {expert: spare slot holding a prefetched copy}
+        self.transient: list[dict[int, int]] = [{} for _ in range(num_layers)]  # used in place, see get()
         self.host_of: list[dict[int, int]] = []  # layer -> {expert: host slot}
         self.policies = []
         for layer in range(num_layers):
@@ -114,18 +116,25 @@ class ExpertCache:
             else:
                 stats.misses += 1
                 slot = self._copy_in(layer, expert)
-            self._evict_into(layer, self.host_of[layer].pop(expert), keep=(expert, *protect))
-            main[expert] = slot
+            candidates = [e for e in main if e not in protect]
+            if candidates:  # it takes the victim's place
+                self._evict(layer, self.policies[layer].victim(candidates), self.host_of[layer].pop(expert))
+                main[expert] = slot
+            else:  # every resident is still needed by this call (k < experts needed): use it in place, once
+                self.transient[layer][expert] = slot
         self.policies[layer].touch(expert)
         self._wait_ready(layer, slot)
         return self.slots[slot]
 
     def computed(self, layer: int, expert: int) -> None:
         """The kernels reading `expert` are queued: a later copy into or out of its slot must wait for them."""
+        transient = self.transient[layer].pop(expert, None)
+        slot = self.main[layer][expert] if transient is None else transient
         if self.cuda:
-            slot = self.main[layer][expert]
             self.freed[slot] = torch.cuda.Event()
             self.freed[slot].record()
+        if transient is not None:  # its host copy never left: just give the slot back
+            self.free_slots.append(slot)
 
     # ---- speculation ----
     def prefetch(self, layer: int, guesses: Sequence[int]) -> None:
@@ -166,12 +175,9 @@ class ExpertCache:
         self.stats[layer].bytes_h2d += self.nbytes
         return slot
 
-    def _evict_into(self, layer: int, host_slot: int, keep: Sequence[int]) -> None:
-        """Move the policy's victim to `host_slot` (just vacated by the expert coming in) and free its device slot."""
-        main = self.main[layer]
-        candidates = [e for e in main if e not in keep] or [e for e in main if e != keep[0]]
-        victim = self.policies[layer].victim(candidates)
-        slot = main.pop(victim)
+    def _evict(self, layer: int, victim: int, host_slot: int) -> None:
+        """Move `victim` to `host_slot` (just vacated by the expert coming in) and free its device slot."""
+        slot = self.main[layer].pop(victim)
         self._copy(self.host[layer][host_slot], self.slots[slot], slot, into_slot=False)
         self.host_of[layer][victim] = host_slot
         self.free_slots.append(slot)

@@ -1,0 +1,149 @@
+"""Speculative prefetch (issue 3): exactness, recall on a model built to be predictable, counter consistency."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import offload_engine
+
+from conftest import exact_config, make_checkpoint
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_prefetch_never_changes_results(tiny_dir, tiny_ref, k, prefetch):
+    engine = offload_engine.load(tiny_dir, config=exact_config(experts_on_device=k, prefetch=prefetch), progress=False)
+    ids = torch.randint(0, 160, (1, 12), generator=torch.Generator().manual_seed(3))
+    assert (engine.logits(ids) - tiny_ref(ids).logits).abs().max().item() < 1e-4
+    expected = tiny_ref.generate(ids[:, :4], max_new_tokens=16, do_sample=False)[0, 4:].tolist()
+    assert engine.generate_ids(ids[0, :4].tolist(), max_new_tokens=16) == expected
+
+
+def _predictable(model) -> None:
+    """Zero every attention output and expert down-projection: the residual stream is then the token embedding
+    at every layer, so layer l+1's router sees at layer l exactly what it will see itself."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.experts.down_proj.zero_()
+
+
+def _decode(engine, tokens: list[int]) -> None:
+    """Teacher-forced decode: one token per forward, with a KV cache (stats reset after the first token)."""
+    kv_cache = DynamicCache(config=engine.model.config)
+    for i, token in enumerate(tokens):
+        engine.model(torch.tensor([[token]]), kv_cache)
+        if i == 0:
+            engine.reset_stats()
+
+
+def test_prefetch_recall_is_perfect_when_routers_agree(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "predictable", edit=_predictable)
+    engine = offload_engine.load(model_dir, config=exact_config(experts_on_device=1, prefetch=2), progress=False)
+    tokens = torch.randint(0, 160, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    _decode(engine, tokens)
+    stats = engine.stats()["overall"]
+    assert stats["misses"] == 0, "every expert should have been prefetched in time"
+    assert stats["prefetch_recall"] == 1.0 and stats["prefetch_precision"] == 1.0
+    assert stats["prefetch_used"] > 0 and stats["lookups"] == 39 * 3 * 2
+
+    # Without prefetch, the same cache misses: the zero above is prefetch's doing.
+    engine = offload_engine.load(model_dir, config=exact_config(experts_on_device=1, prefetch=0), progress=False)
+    _decode(engine, tokens)
+    assert engine.stats()["overall"]["misses"] > 20
+
+
+@pytest.mark.parametrize("k,prefetch", [(1, 1), (2, 2), (3, 1), (4, 2)])
+def test_counters_are_consistent_on_a_random_model(tiny_dir, k, prefetch):
+    engine = offload_engine.load(tiny_dir, config=exact_config(experts_on_device=k, prefetch=prefetch), progress=False)
+    cache = engine.cache
+    # The packed bytes of every expert right after loading: every lookup must return exactly these.
+    pristine = {}
+    for layer in range(3):
+        for expert in range(8):
+            home = cache.main[layer].get(expert)
+            pristine[layer, expert] = (cache.slots[home] if home is not None
+                                       else cache.host[layer][cache.host_of[layer][expert]]).clone()
+
+    original_get, original_prefetch = cache.get, cache.prefetch
+
+    def checked_get(layer, expert, protect=()):
+        buffer = original_get(layer, expert, protect)
+        assert torch.equal(buffer, pristine[layer, expert])
+        assert all(p in cache.main[layer] or p in cache.staged[layer] or p in cache.host_of[layer] for p in protect)
+        return buffer
+
+    def checked_prefetch(layer, guesses):
+        before = dict(cache.main[layer])
+        original_prefetch(layer, guesses)
+        assert cache.main[layer] == before, "a prefetch must not displace resident experts"
+
+    cache.get, cache.prefetch = checked_get, checked_prefetch
+    tokens = torch.randint(0, 160, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    _decode(engine, tokens)
+    s = engine.stats()["overall"]
+    assert s["hits"] + s["misses"] == s["lookups"] == 29 * 3 * 2
+    assert s["prefetch_issued"] == s["prefetch_used"] + s["prefetch_wasted"]
+    # Every expert that comes in pushes one out, except when k < top_k and the resident is still needed
+    # (then the newcomer is used in place and dropped).
+    if k >= 2:
+        assert s["evictions"] == s["misses"] + s["prefetch_used"]
+    else:
+        assert 0 < s["evictions"] < s["misses"] + s["prefetch_used"]
+    assert s["bytes_h2d"] == (s["misses"] + s["prefetch_issued"]) * cache.nbytes
+    assert s["bytes_d2h"] == s["evictions"] * cache.nbytes
+    assert s["guessed"] == 29 * 3 * prefetch
+    assert 0 <= s["prefetch_precision"] <= 1 and 0 <= s["prefetch_recall"] <= 1
+    per_layer = engine.stats()["per_layer"]
+    assert sum(layer["lookups"] for layer in per_layer) == s["lookups"]
+    assert engine.stats()["host_syncs"] == 29 * (3 + 1)  # one per layer, plus the layer-0 guess
+
+
+def test_prefetch_protects_the_current_tokens_experts():
+    """A miss while a prefetch is staged must not drop the staged expert nor an expert still to be computed."""
+    from offload_engine.expert_cache import ExpertCache
+
+    cache = ExpertCache(num_layers=2, num_experts=6, expert_nbytes=4, experts_on_device=2, prefetch=2,
+                        device=torch.device("cpu"))
+    for layer in range(2):
+        for e in range(6):
+            cache.fill(layer, e, lambda buf, e=e: buf.fill_(e))
+    cache.prefetch(1, [4, 5])  # guessed for the next layer while layer 0 runs
+    cache.begin_layer(0, [2, 3])
+    assert torch.all(cache.get(0, 2, protect=[3]) == 2)
+    assert torch.all(cache.get(0, 3) == 3)
+    cache.end_layer(0)
+    assert set(cache.staged[1]) == {4, 5}, "layer 0's misses must not reclaim layer 1's prefetches"
+    cache.begin_layer(1, [5, 0])
+    assert torch.all(cache.get(1, 5, protect=[0]) == 5)
+    assert 0 in cache.main[1], "the token still needs expert 0: it must not be the victim"
+    assert torch.all(cache.get(1, 0) == 0)
+    cache.end_layer(1)
+    stats = cache.stats[1]
+    assert (stats.prefetch_used, stats.prefetch_wasted, stats.guessed_correct) == (1, 1, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_copies_run_on_the_side_stream_with_events(tiny_dir, tiny_ref):
+    engine = offload_engine.load(tiny_dir, config=exact_config(experts_on_device=2, prefetch=2), device="cuda",
+                                 progress=False)
+    cache = engine.cache
+    assert cache.copy_stream != torch.cuda.current_stream()
+    assert all(h.is_pinned() for h in cache.host)
+    recorded = []
+    original_copy = cache._copy
+
+    def spy(dst, src, slot, into_slot):
+        original_copy(dst, src, slot, into_slot)
+        recorded.append((torch.cuda.current_stream() == torch.cuda.default_stream(), into_slot,
+                         cache.ready[slot] if into_slot else cache.freed[slot]))
+
+    cache._copy = spy
+    ids = torch.randint(0, 160, (1, 12), generator=torch.Generator().manual_seed(3))
+    logits = engine.logits(ids)
+    assert recorded and all(isinstance(event, torch.cuda.Event) for _, _, event in recorded)
+    assert (logits - tiny_ref(ids).logits).abs().max().item() < 1e-3
+    expected = tiny_ref.generate(ids[:, :4], max_new_tokens=16, do_sample=False)[0, 4:].tolist()
+    assert engine.generate_ids(ids[0, :4].tolist(), max_new_tokens=16) == expected
