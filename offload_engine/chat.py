@@ -1,9 +1,11 @@
 """Multi-turn chat that keeps the KV cache between turns and prefills only what is new.
 
-Each turn renders the whole conversation with the tokenizer's chat template (Mixtral-Instruct's
-`<s>[INST] ... [/INST] reply</s>[INST] ...`), keeps the longest prefix of it that is already in the KV
-cache, and prefills the rest. The prefix is usually everything up to the new user message; it is shorter
-when the reply re-tokenizes differently from how it was generated, and the cache is cropped to match.
+The conversation's token ids are kept exactly as the model saw them (prompt, generated reply, EOS). A new
+turn renders the conversation with the tokenizer's chat template (Mixtral-Instruct's
+`<s>[INST] ... [/INST] reply</s>[INST] ...`) and tokenizes only the text that the new turn adds, so the
+tokens already in the KV cache stay valid even when a generated reply would re-tokenize differently. The
+cache keeps its longest prefix shared with the new ids (cropped if needed) and only the rest is prefilled.
+When old turns are dropped to fit the context window the whole conversation is re-tokenized.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Iterator
 
+from jinja2.exceptions import TemplateError
 from transformers import DynamicCache
 
 from .generate import SamplingParams, generate_tokens, stream_text
@@ -33,6 +36,7 @@ class ChatSession:
         self.messages = []
         self.kv_cache = DynamicCache(config=self.engine.model.config)
         self.cached_ids: list[int] = []  # exactly the tokens whose keys/values are in kv_cache
+        self.history_ids: list[int] = []  # the conversation so far, as the model saw it
 
     def send(self, message: str, **sampling) -> str:
         return "".join(self.stream(message, **sampling))
@@ -42,7 +46,7 @@ class ChatSession:
             raise ValueError("the message is empty: type something to send")
         params = SamplingParams.from_kwargs(**sampling)
         messages = self.messages + [{"role": "user", "content": message}]
-        ids = self._render(messages)
+        ids = self._extend(messages)
         budget = self.engine.context_window - params.max_new_tokens
         while len(ids) > budget and len(messages) > 2:
             messages = messages[2:]  # the oldest user/assistant pair
@@ -69,12 +73,36 @@ class ChatSession:
         finally:  # also on Ctrl-C or an abandoned stream: keep what was said, and a cache that matches it
             tokens.close()
             self.messages = messages + [{"role": "assistant", "content": text}]
-            self._sync_cache(ids + reply_ids + eos[:1])
+            self.history_ids = ids + reply_ids + eos[:1]  # the template closes every reply with EOS
+            self._sync_cache(self.history_ids)
 
     # ---- helpers ----
-    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+    def _extend(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids for `messages` (the conversation plus a new user turn): the kept history plus the new text."""
+        before, after = self._render(self.messages, tokenize=False), self._render(messages, tokenize=False)
+        if not self.history_ids or not after.startswith(before):
+            return self._render(messages)
+        new = self.engine.tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
+        return self.history_ids + list(new)
+
+    def _render(self, messages: list[dict[str, str]], tokenize: bool = True):
+        """The chat template applied to `messages`: token ids, or the text with `tokenize=False`."""
+        if not messages:
+            return ""
+        tokenizer = self.engine.tokenizer
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        encoded = self.engine.tokenizer.apply_chat_template(full, tokenize=True, add_generation_prompt=True)
+        try:
+            encoded = tokenizer.apply_chat_template(full, tokenize=tokenize, add_generation_prompt=True)
+        except TemplateError:
+            if not self.system:
+                raise
+            # Mixtral-Instruct's template has no system role: the usual practice is to prepend it to the
+            # first user message.
+            first = {"role": "user", "content": f"{self.system}\n\n{messages[0]['content']}"}
+            encoded = tokenizer.apply_chat_template([first, *messages[1:]], tokenize=tokenize,
+                                                    add_generation_prompt=True)
+        if not tokenize:
+            return encoded
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def _reuse_prefix(self, ids: list[int]) -> int:

@@ -56,3 +56,49 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ref(tiny_dir) -> MixtralForCausalLM:
     return reference_model(tiny_dir)
+
+
+# Mixtral-8x7B-Instruct-v0.1's chat template (tokenizer_config.json on the hub), verbatim.
+MIXTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A café in Zürich serves crème brûlée and naïve jokes. "
+    "Mixture-of-experts models route each token to two of eight experts. 東京 and Москва are cities. "
+    "Offloading keeps most experts in host memory and copies them to the GPU when a token needs them. "
+) * 3
+
+
+def train_bpe_tokenizer(path: Path, vocab_size: int = 400):
+    """A small byte-level BPE with <unk>=0, <s>=1, </s>=2 and Mixtral's chat template, saved into `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = SHARED / "data/corpus/c4_texts.txt"
+    lines = corpus.read_text().splitlines()[:400] if corpus.exists() else []
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([SAMPLE_TEXT, *lines], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = MIXTRAL_CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_chat_checkpoint(path: Path, **overrides) -> Path:
+    tokenizer = train_bpe_tokenizer(path)
+    # bos/eos ids as in Mixtral; the tokenizer's post-processor adds no BOS, the chat template does.
+    return make_checkpoint(path, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, **overrides)
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory) -> Path:
+    return make_chat_checkpoint(tmp_path_factory.mktemp("chat"))
