@@ -67,7 +67,8 @@ class OffloadedMixtral(nn.Module):
     # ---- loading ----
     def set_tensor(self, name: str, value: torch.Tensor) -> None:
         """Materialise one trunk parameter (e.g. 'model.norm.weight') on the device in the model dtype."""
-        set_module_tensor_to_device(self, name, self.device, value=value.to(self.dtype))
+        # dtype= is needed: without it accelerate casts to the meta parameter's dtype (float32), not ours.
+        set_module_tensor_to_device(self, name, self.device, value=value, dtype=self.dtype)
 
     def set_attention(self, layer: int, proj: str, layout: MatrixLayout, buffer: torch.Tensor) -> None:
         attention = self.layers[layer].self_attn
@@ -98,7 +99,9 @@ class OffloadedMixtral(nn.Module):
     def forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None,
                 on_routing: Callable[[int, list[list[int]], list[int]], None] | None = None) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, V] (float32). `kv_cache` is extended in place when given.
-        `on_routing(layer, experts per token, guess)` observes each layer's decisions (profiling, tests)."""
+        `on_routing(layer, experts per token, guess)` observes each layer's decisions (profiling, tests):
+        the experts each token was routed to, and the experts speculatively guessed for this layer before it
+        ran (empty with prefetch off)."""
         batch, seq = input_ids.shape
         past = kv_cache.get_seq_length() if kv_cache is not None else 0
         position_ids = torch.arange(past, past + seq, device=self.device)[None]  # [1, S]
@@ -107,8 +110,10 @@ class OffloadedMixtral(nn.Module):
                                   position_ids=position_ids)
         position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
         guess = self._speculate(0, hidden.view(-1, hidden.shape[-1]))
+        guessed: list[int] = []  # the guess for the layer about to run
         if guess is not None:
-            self.cache.prefetch(0, guess.tolist())
+            guessed = guess.tolist()
+            self.cache.prefetch(0, guessed)
             self.host_syncs += 1
         for l, layer in enumerate(self.layers):
             attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
@@ -123,13 +128,14 @@ class OffloadedMixtral(nn.Module):
             both = experts.reshape(-1) if guess is None else torch.cat([experts.reshape(-1), guess])
             both = both.tolist()
             self.host_syncs += 1
-            routed, guessed = both[: experts.numel()], both[experts.numel() :]
+            routed, next_guess = both[: experts.numel()], both[experts.numel() :]
             if guess is not None:
-                self.cache.prefetch(l + 1, guessed)
+                self.cache.prefetch(l + 1, next_guess)
             order = list(dict.fromkeys(routed))  # distinct experts in order of first use
             if on_routing is not None:
                 k = layer.mlp.top_k
                 on_routing(l, [routed[i : i + k] for i in range(0, len(routed), k)], guessed)
+            guessed = next_guess
             hidden = hidden + layer.mlp(x, weights, experts, order).view_as(hidden)
         hidden = self.model.norm(hidden)
         return self.lm_head(hidden).float()
