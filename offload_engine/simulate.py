@@ -6,8 +6,8 @@ shared npz files (``<set>_pN_experts`` arrays) or from a profiler JSON report (`
 Replay semantics (identical to the engine's cache): every layer starts empty; per token, per layer, the token's experts
 are looked up in routed order, skipping ``-1``. ``lookup(e)``: resident -> hit, ``policy.touch(e)``; otherwise miss:
 with a free slot take it, else evict ``policy.victim(candidates)`` where candidates are the resident experts minus the
-ones this token uses at this layer (already used or still to come; if that leaves none, which needs ``k < top_k``, only
-``e`` itself is excluded), then ``policy.evicted(victim)``, load ``e`` and ``policy.touch(e)``. Counters are per layer.
+ones this token uses at this layer (already used or still to come; if that leaves none, which needs ``k < top_k``,
+only those still to come; if none is left even then, ``e`` is used in place and not cached), then ``policy.evicted(victim)``, load ``e`` and ``policy.touch(e)``. Counters are per layer.
 
 ``belady`` evicts the candidate whose next use in the layer's lookup stream is furthest away (same protections).
 
@@ -256,7 +256,8 @@ def replay(trace: np.ndarray, k: int, policy: PolicySpec = "lru", *, prefetch: b
     once. Variants (defaults = the semantics in the module docstring): ``warm=True`` starts every layer with experts
     ``0..k-1`` resident and touched in that order; ``protect_used=False`` protects only the experts the token still
     needs, not the ones it already used. If protection leaves no candidate (only possible when ``k < top_k``), only
-    the expert being loaded is excluded.
+    the experts still to come are protected; if that leaves none either, the expert is used in place without
+    entering the cache, as the engine does.
     """
     trace = np.asarray(trace)
     if trace.ndim != 3:
@@ -296,8 +297,11 @@ def replay(trace: np.ndarray, k: int, policy: PolicySpec = "lru", *, prefetch: b
                     if len(resident) >= k:
                         protected = row if protect_used else row[i + 1:]
                         candidates = sorted(x for x in resident if x not in protected)
-                        if not candidates:
-                            candidates = sorted(resident)
+                        if not candidates:  # k < top_k: fall back to protecting only what is still to come
+                            candidates = sorted(x for x in resident if x not in row[i + 1:])
+                        if not candidates:  # every resident is still needed: the engine uses e in place, once
+                            touch(e)
+                            continue
                         v = choose(candidates)
                         if v not in candidates:
                             raise RuntimeError(f"policy {pname!r} chose {v}, not among candidates {candidates}")

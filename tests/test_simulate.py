@@ -65,9 +65,11 @@ def test_per_layer_counts_skip_missing_and_cold_start():
     assert (dup.hits, dup.misses, dup.lookups) == (1, 1, 2)
 
 
-def test_k_below_top_k_excludes_only_the_loaded_expert():
-    r = replay(_trace([[[0, 1], [0, 1]]]), 1, "lru")  # k=1: every lookup evicts the other expert
-    assert (r.hits, r.misses, r.evictions) == (0, 4, 3)
+def test_k_below_top_k_never_evicts_an_expert_still_needed():
+    # k=1. t0: 0 loads into the free slot; 1 evicts the already-used 0. t1: 0 would have to evict 1, which
+    # the token still needs, so 0 is used in place (a miss, no eviction); then 1 hits.
+    r = replay(_trace([[[0, 1], [0, 1]]]), 1, "lru")
+    assert (r.hits, r.misses, r.evictions) == (1, 3, 1)
 
 
 def test_warm_and_protect_used_variants():
@@ -90,18 +92,20 @@ def _optimal_misses(trace, k):
     total = 0
     for layer in range(trace.shape[1]):
         rows = [list(dict.fromkeys(int(e) for e in trace[t, layer] if e >= 0)) for t in range(trace.shape[0])]
-        stream = [(t, e) for t, row in enumerate(rows) for e in row]
+        stream = [(t, j, e) for t, row in enumerate(rows) for j, e in enumerate(row)]
 
         @functools.lru_cache(maxsize=None)
         def best(i, resident):
             if i == len(stream):
                 return 0
-            t, e = stream[i]
+            t, j, e = stream[i]
             if e in resident:
                 return best(i + 1, resident)
             if len(resident) < k:
                 return 1 + best(i + 1, resident | {e})
-            cands = [x for x in resident if x not in rows[t]] or list(resident)
+            cands = [x for x in resident if x not in rows[t]] or [x for x in resident if x not in rows[t][j + 1:]]
+            if not cands:  # every resident still needed: used in place
+                return 1 + best(i + 1, resident)
             return 1 + min(best(i + 1, (resident - {v}) | {e}) for v in cands)
 
         total += best(0, frozenset())
