@@ -1,0 +1,386 @@
+#!/usr/bin/env python
+"""Profile the expert cache while generating: hit rate per layer, prefetch quality, where each token's time goes.
+
+    python scripts/profile_cache.py MODEL [--config NAME|FILE] [--device cpu|cuda] [--prompts FILE]
+        [--max-new-tokens N] [--experts-on-device K] [--prefetch N] [--policy NAME] [--threads N] [--out report.json]
+        [--plot F.png]
+
+MODEL is a local Mixtral checkpoint directory or a hub repo id. Prompts: one per line of FILE; without --prompts, four
+built-in prompts. A model without tokenizer files gets token ids instead: each line of FILE is then a list of
+integers, and the default is four random prompts (seeded by --seed). Every prompt is decoded greedily.
+
+What is measured: the engine's own cache counters, for the single-token decode steps only (the prefill is reported
+separately: it fetches each expert once for the whole prompt, so its hit rate means something else). The routing and
+the prefetch guesses are recorded through ``OffloadedMixtral.forward(..., on_routing=...)``, which reports per layer
+the experts routed to and the experts guessed for that layer before it ran. Per decode step, time is split into
+  * copies:  CPU device: time inside the cache's (synchronous) copies, timed by wrapping ``ExpertCache._copy`` on this
+             instance; CUDA: the host's wait for in-flight copies (the counters' ``wait_s``). Copies that overlap
+             compute on CUDA cost nothing visible and are not counted (they cannot be timed from the host);
+  * compute: the rest of the forward pass (attention, router, experts, lm_head, cache bookkeeping); on CPU the expert
+             share (dequantize + 3 matmuls) is also timed, by wrapping ``offload_engine.model.expert_forward``;
+  * other:   decode wall time outside the forward pass (sampling, the generate loop).
+
+JSON report (``--out``), schema_version 1; every counter is summed over the decode steps of all prompts:
+  schema_version  1
+  model           MODEL as given
+  command         the command line
+  config          the engine config as loaded (experts_on_device resolved to a number)
+  machine         {platform, python, torch, device, device_name, cpu_threads, load_average}
+  num_layers, num_experts, top_k
+  prompts         [{text (null for token ids), prompt_ids, generated_ids, decode_steps, first_step}]; first_step is the
+                  index in ``routing`` of the prompt's first decode step
+  tokens          number of decode steps (single-token forward passes) = len(routing) = len(guesses)
+  routing         [step][layer] -> expert ids routed, in routed order (``simulate.routing_from_report`` loads it)
+  guesses         [step][layer] -> expert ids guessed for that layer before it ran ([] when nothing was guessed)
+  per_layer       [layer] -> {lookups, hits, misses, evictions, prefetch_issued, prefetch_used, prefetch_wasted,
+                  guessed, guessed_correct, needed_after_guess, bytes_h2d, bytes_d2h, wait_s, hit_rate,
+                  prefetch_precision, prefetch_recall}  (``Engine.stats()`` fields; rates recomputed from the sums)
+  overall         the same fields summed over layers
+  prefill         {prompt_tokens, seconds, overall}
+  timing          {decode_steps, generated_tokens, decode_seconds, decode_tokens_per_s, total_seconds,
+                  end_to_end_tokens_per_s, copy_timing, per_token_ms: {total, compute, copies, experts, other},
+                  step_forward_ms: [per step]}; ``experts`` (and on CUDA nothing else) may be null: not measurable
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+import offload_engine.model as model_module  # noqa: E402
+from offload_engine import load, load_config  # noqa: E402
+from offload_engine.engine import Engine  # noqa: E402
+from offload_engine.expert_cache import LayerStats  # noqa: E402
+from offload_engine.generate import SamplingParams, generate_tokens  # noqa: E402
+
+SCHEMA_VERSION = 1
+DEFAULT_PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "Explain in two sentences why the sky is blue.",
+    "Translate into French: the weather is nice today, so we are going to the beach.",
+]
+COUNTERS = [f.name for f in dataclasses.fields(LayerStats)]
+
+
+def with_rates(s: LayerStats) -> dict:
+    """Counters plus the rates ``Engine.stats()`` derives (same definitions)."""
+    d = dataclasses.asdict(s)
+    d["hit_rate"] = s.hits / s.lookups if s.lookups else 0.0
+    d["prefetch_precision"] = s.guessed_correct / s.guessed if s.guessed else 0.0
+    d["prefetch_recall"] = s.guessed_correct / s.needed_after_guess if s.needed_after_guess else 0.0
+    return d
+
+
+def add_stats(total: list[LayerStats], engine: Engine) -> None:
+    """Add the engine's per-layer counters since its last reset into ``total``."""
+    for acc, layer in zip(total, engine.stats()["per_layer"]):
+        acc.add(LayerStats(**{name: layer[name] for name in COUNTERS}))
+
+
+class Recorder:
+    """Stands in for ``engine.model`` inside ``generate_tokens``: each call runs the real forward with ``on_routing``,
+    records the decode steps' routing and guesses, times them, and keeps decode counters apart from the prefill's."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.model, self.cache = engine, engine.model, engine.cache
+        self.cuda = engine.device.type == "cuda"
+        n_layers = len(self.model.layers)
+        self.prefill_stats = [LayerStats() for _ in range(n_layers)]
+        self.routing: list[list[list[int]]] = []
+        self.guesses: list[list[list[int]]] = []
+        self.forward_s: list[float] = []  # per decode step
+        self.copy_s = 0.0  # decode steps only (CPU)
+        self.expert_s = 0.0  # decode steps only (CPU)
+        self.prefill_s = 0.0
+        self._in_decode = False
+        self._next_is_prefill = False
+        self.prefill_end = 0.0
+
+    def start_prompt(self) -> None:
+        self.engine.reset_stats()
+        self._next_is_prefill = True
+
+    def __call__(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None) -> torch.Tensor:
+        prefill, self._next_is_prefill = self._next_is_prefill, False
+        n_layers = len(self.model.layers)
+        rows: list[list[int]] = [[] for _ in range(n_layers)]
+        guesses: list[list[int]] = [[] for _ in range(n_layers)]
+
+        def on_routing(layer: int, experts_per_token: list[list[int]], guess: list[int]) -> None:
+            rows[layer] = list(experts_per_token[-1])
+            guesses[layer] = list(guess)  # the guess made for this layer before it ran
+
+        self._in_decode = not prefill
+        start = time.perf_counter()
+        logits = self.model(input_ids, kv_cache, on_routing=on_routing)
+        if self.cuda:
+            torch.cuda.synchronize(self.engine.device)
+        elapsed = time.perf_counter() - start
+        self._in_decode = False
+        if prefill:
+            self.prefill_s += elapsed
+            add_stats(self.prefill_stats, self.engine)
+            self.engine.reset_stats()  # from here on the counters cover decode steps only
+            self.prefill_end = time.perf_counter()
+        else:
+            self.routing.append(rows)
+            self.guesses.append(guesses)
+            self.forward_s.append(elapsed)
+        return logits
+
+    @contextlib.contextmanager
+    def instrumented(self) -> Iterator[bool]:
+        """On CPU, time the cache's copies and the expert computations (both synchronous there). Yields whether
+        the timers are in place. Nothing on disk changes: an instance attribute and a module global are swapped."""
+        if self.cuda or not hasattr(self.cache, "_copy") or not hasattr(model_module, "expert_forward"):
+            yield False
+            return
+        copy, expert_forward = self.cache._copy, model_module.expert_forward
+
+        def timed(fn: Callable, field: str) -> Callable:
+            def wrapper(*args, **kwargs):
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                if self._in_decode:
+                    setattr(self, field, getattr(self, field) + time.perf_counter() - start)
+                return out
+            return wrapper
+
+        self.cache._copy = timed(copy, "copy_s")
+        model_module.expert_forward = timed(expert_forward, "expert_s")
+        try:
+            yield True
+        finally:
+            del self.cache._copy  # back to the class's method
+            model_module.expert_forward = expert_forward
+
+
+def read_prompts(path: str | None, engine: Engine, n_random: int, length: int,
+                 seed: int) -> list[tuple[str | None, list[int]]]:
+    """[(text or None, token ids)] from a file, the built-in prompts, or seeded random ids (no tokenizer)."""
+    if path is not None:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise SystemExit(f"error: {path} has no prompts (one per line)")
+        if engine.tokenizer is not None:
+            return [(line, engine.encode(line)) for line in lines]
+        try:
+            return [(None, [int(t) for t in line.replace(",", " ").split()]) for line in lines]
+        except ValueError:
+            raise SystemExit(f"error: this model has no tokenizer, so each line of {path} must be token ids "
+                             "(integers separated by spaces)") from None
+    if engine.tokenizer is not None:
+        return [(text, engine.encode(text)) for text in DEFAULT_PROMPTS]
+    vocab = engine.model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    return [(None, torch.randint(0, vocab, (length,), generator=gen).tolist()) for _ in range(n_random)]
+
+
+def machine_info(engine: Engine) -> dict:
+    device = engine.device
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": str(device), "cpu_threads": torch.get_num_threads(),
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine()}
+
+
+def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new_tokens: int,
+            ignore_eos: bool = False) -> dict:
+    """Generate greedily for every prompt and return the report (without model/command/config keys)."""
+    rec = Recorder(engine)
+    n_layers = len(engine.model.layers)
+    decode_stats = [LayerStats() for _ in range(n_layers)]
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    eos = () if ignore_eos else engine.eos_ids
+    prompt_info, decode_wall, total_wall, generated = [], 0.0, 0.0, 0
+    with rec.instrumented() as timed_on_cpu:
+        for text, ids in prompts:
+            if len(ids) + max_new_tokens > engine.context_window:
+                raise SystemExit(f"error: a prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the "
+                                 f"context window ({engine.context_window})")
+            first_step = len(rec.routing)
+            rec.start_prompt()
+            kv_cache = DynamicCache(config=engine.model.config)
+            start = time.perf_counter()
+            out = list(generate_tokens(rec, ids, params, kv_cache, eos))
+            end = time.perf_counter()
+            total_wall += end - start
+            decode_wall += end - rec.prefill_end
+            generated += len(out)
+            add_stats(decode_stats, engine)
+            prompt_info.append({"text": text, "prompt_ids": ids, "generated_ids": out,
+                                "decode_steps": len(rec.routing) - first_step, "first_step": first_step})
+    engine.reset_stats()
+    total = LayerStats()
+    for s in decode_stats:
+        total.add(s)
+    prefill_total = LayerStats()
+    for s in rec.prefill_stats:
+        prefill_total.add(s)
+
+    steps = len(rec.routing)
+    forward = sum(rec.forward_s)
+    if timed_on_cpu:
+        copies, copy_how = rec.copy_s, "cpu: synchronous copies inside ExpertCache._copy, timed (host memcpy, no PCIe)"
+    elif engine.device.type == "cuda":
+        copies, copy_how = total.wait_s, "cuda: host wait for in-flight copies (wait_s); overlapped copies not visible"
+    else:
+        copies, copy_how = None, "not measurable: ExpertCache._copy not found to instrument"
+    per_token = lambda x: None if x is None or not steps else 1e3 * x / steps  # noqa: E731
+    timing = {
+        "decode_steps": steps, "generated_tokens": generated, "decode_seconds": decode_wall,
+        "decode_tokens_per_s": steps / decode_wall if decode_wall > 0 else 0.0, "total_seconds": total_wall,
+        "end_to_end_tokens_per_s": generated / total_wall if total_wall > 0 else 0.0, "copy_timing": copy_how,
+        "per_token_ms": {"total": per_token(decode_wall), "compute": per_token(forward - (copies or 0.0)),
+                         "copies": per_token(copies), "experts": per_token(rec.expert_s) if timed_on_cpu else None,
+                         "other": per_token(decode_wall - forward)},
+        "step_forward_ms": [round(1e3 * s, 4) for s in rec.forward_s],
+    }
+    hf = engine.model.config
+    return {
+        "schema_version": SCHEMA_VERSION, "machine": machine_info(engine), "num_layers": n_layers,
+        "num_experts": hf.num_local_experts, "top_k": hf.num_experts_per_tok, "prompts": prompt_info,
+        "tokens": steps, "routing": rec.routing, "guesses": rec.guesses,
+        "per_layer": [with_rates(s) for s in decode_stats], "overall": with_rates(total),
+        "prefill": {"prompt_tokens": sum(len(ids) for _, ids in prompts), "seconds": rec.prefill_s,
+                    "overall": with_rates(prefill_total)},
+        "timing": timing,
+    }
+
+
+def format_report(report: dict) -> str:
+    cfg, t, m = report["config"], report["timing"], report["machine"]
+    off, q, prefill = cfg["offload"], cfg["quant"], report["prefill"]
+    lines = [
+        f"$ {report['command']}",
+        f"machine: {m['platform']}, {m['device_name']}, device {m['device']}, torch {m['torch']}, "
+        f"{m['cpu_threads']} threads, load average {m['load_average']}",
+        f"model: {report['model']} ({report['num_layers']} layers, {report['num_experts']} experts, "
+        f"top-{report['top_k']})",
+        f"config: {off['experts_on_device']} experts/layer on device, prefetch {off['prefetch']}, "
+        f"policy {off['policy']}, experts {q['experts']['bits']}-bit g{q['experts']['group_size']}, {cfg['dtype']}",
+        f"prompts: {len(report['prompts'])} ({prefill['prompt_tokens']} tokens, prefill {prefill['seconds']:.2f} s, "
+        f"prefill hit rate {100 * prefill['overall']['hit_rate']:.1f} %); "
+        f"{t['generated_tokens']} tokens generated, {t['decode_steps']} decode steps",
+        "",
+        "decode steps, per layer (engine counters):",
+        f"{'layer':>5} {'lookups':>8} {'hits':>6} {'misses':>7} {'hit %':>6} {'pf issued':>9} {'used':>5} "
+        f"{'wasted':>6} {'precision':>9} {'recall':>6}",
+    ]
+    rows = list(enumerate(report["per_layer"])) + [("all", report["overall"])]
+    for name, s in rows:
+        lines.append(f"{name:>5} {s['lookups']:>8} {s['hits']:>6} {s['misses']:>7} {100 * s['hit_rate']:>6.1f} "
+                     f"{s['prefetch_issued']:>9} {s['prefetch_used']:>5} {s['prefetch_wasted']:>6} "
+                     f"{100 * s['prefetch_precision']:>8.1f}% {100 * s['prefetch_recall']:>5.1f}%")
+    o = report["overall"]
+    if not o["guessed"]:
+        lines.append("(prefetch off or no guesses made: precision and recall are 0 by definition)")
+    ms = t["per_token_ms"]
+    fmt = lambda x: "   n/a" if x is None else f"{x:6.2f}"  # noqa: E731
+    lines += [
+        "",
+        f"decode: {t['decode_tokens_per_s']:.2f} tokens/s ({t['end_to_end_tokens_per_s']:.2f} tokens/s end to end, "
+        f"prefill included); copied {o['bytes_h2d'] / 2**20:.1f} MiB host->device, "
+        f"{o['bytes_d2h'] / 2**20:.1f} MiB back",
+        "time per decode step (ms):",
+        f"  total    {fmt(ms['total'])}",
+        f"  compute  {fmt(ms['compute'])}   forward pass minus copies; of which experts {fmt(ms['experts']).strip()} "
+        "(dequantize + 3 matmuls" + (", timed)" if ms["experts"] is not None else ": not measurable here)"),
+        f"  copies   {fmt(ms['copies'])}   {t['copy_timing']}",
+        f"  other    {fmt(ms['other'])}   sampling and the generate loop (wall time outside the forward pass)",
+    ]
+    return "\n".join(lines)
+
+
+def plot_hit_rates(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [100 * s["hit_rate"] for s in report["per_layer"]]
+    overall = 100 * report["overall"]["hit_rate"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rates) + 2), 3.5))
+    ax.bar(range(len(rates)), rates, color="#4477aa")
+    ax.axhline(overall, color="#cc6677", linestyle="--", label=f"overall {overall:.1f} %")
+    off = report["config"]["offload"]
+    ax.set(xlabel="layer", ylabel="hit rate (%)", ylim=(0, 100), xticks=range(0, len(rates), max(1, len(rates) // 16)),
+           title=f"expert-cache hit rate per layer, decode steps\n({off['experts_on_device']} experts/layer, "
+                 f"prefetch {off['prefetch']}, {off['policy']}, {report['tokens']} steps)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="local checkpoint directory or hub repo id")
+    ap.add_argument("--config", help="packaged config name (e.g. t4-16gb, cpu) or YAML file (default: the defaults)")
+    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--prompts", help="file with one prompt per line (token ids per line for tokenizer-less models)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--experts-on-device", type=int, help="override offload.experts_on_device")
+    ap.add_argument("--prefetch", type=int, help="override offload.prefetch")
+    ap.add_argument("--policy", help="override offload.policy")
+    ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    ap.add_argument("--num-random-prompts", type=int, default=4, help="tokenizer-less models without --prompts")
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="length of the random prompts")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    ap.add_argument("--out", help="write the JSON report here")
+    ap.add_argument("--plot", help="write a PNG bar chart of the hit rate per layer (needs matplotlib)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice). On a busy machine, 1 "
+                    "avoids OpenMP barriers waiting for a descheduled thread on tiny ops")
+    ap.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error("--max-new-tokens must be >= 1")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error("--plot needs matplotlib: pip install matplotlib (or pip install 'offload_engine[plot]')")
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    cfg = load_config(args.config)
+    overrides = {k: v for k, v in {"experts_on_device": args.experts_on_device, "prefetch": args.prefetch,
+                                   "policy": args.policy}.items() if v is not None}
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    engine = load(args.model, config=cfg, device=args.device, progress=not args.quiet)
+    prompts = read_prompts(args.prompts, engine, args.num_random_prompts, args.prompt_tokens, args.seed)
+    body = profile(engine, prompts, args.max_new_tokens, args.ignore_eos)
+    argv_shown = sys.argv[1:] if argv is None else argv
+    report = {"schema_version": SCHEMA_VERSION, "model": str(args.model),
+              "command": "python scripts/profile_cache.py " + " ".join(shlex.quote(a) for a in argv_shown),
+              "config": engine.config.to_dict(), **{k: v for k, v in body.items() if k != "schema_version"}}
+    print(format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"report: {os.path.relpath(args.out)}")
+    if args.plot:
+        plot_hit_rates(report, args.plot)
+        print(f"plot: {os.path.relpath(args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
