@@ -1,0 +1,374 @@
+"""`offload-chat`: chat with an offloaded Mixtral checkpoint in the terminal, or answer one prompt for scripts.
+
+    offload-chat MODEL [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--max-new-tokens N] [--temperature T]
+                 [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--system TEXT] [--prompt TEXT]
+                 [--no-stats]
+    offload-chat --demo            # the small demo model shipped in the package
+
+Where output goes: stdout carries the conversation (the `>>> ` prompt, the streamed replies, and what /stats
+and /help print), so `offload-chat MODEL --prompt "..." > answer.txt` captures the answer alone. stderr carries
+everything about the run: loading progress and the one-line model summary, notices (e.g. old turns dropped),
+errors, and after each reply one stats line (unless --no-stats):
+
+    [12 tokens in 3.5 s, 3.4 tok/s, expert cache hit rate 61.2% (this reply), prefetch precision 48.0%]
+
+  * tokens: the reply's text re-encoded with the model's tokenizer, capped at --max-new-tokens. The chat API
+    yields text, not token ids; re-encoding gives the generated count exactly whenever the model produced the
+    tokenizer's own segmentation of its text (the usual case for a trained model); an unusual segmentation or a
+    stop string makes it differ by a few tokens (the cap only removes error: a reply never exceeds the limit).
+  * tok/s: tokens / wall time from sending the message to the end of the reply (prefill of the turn included).
+  * hit rate: expert-cache hits / lookups during this reply (the turn's prefill and the decode steps). When every
+    expert is resident (e.g. the cpu config) the clause reads "all experts on device" instead: 100% by construction.
+  * prefetch precision: of the experts that speculation named, the share the layer then really used (this
+    reply); "prefetch off" when the config disables prefetch or every expert is resident.
+An interrupted reply prints `(stopped ...)` on stderr before its stats line.
+
+Exit codes: 0 on /exit, EOF (Ctrl-D) or Ctrl-C at the prompt; 2 with a one-line `error: ...` on stderr for a bad
+model, config or option; 130 when Ctrl-C interrupts loading or a --prompt answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+import offload_engine
+
+from .chat import ChatSession
+from .checkpoint import read_config, resolve_model_dir
+from .config import QuantSpec, load_config
+from .engine import MANIFEST, Engine, default_device, load
+from .generate import SamplingParams
+from .memory import NotEnoughMemory
+
+PROMPT = ">>> "
+DEFAULT_MAX_NEW_TOKENS = 512
+HELP = """commands:
+  /reset   forget the conversation (the system prompt stays)
+  /stats   expert-cache statistics since the model was loaded: overall and hit rate per layer
+  /help    this list
+  /exit    quit (or Ctrl-D); Ctrl-C stops a reply while it is being written, Ctrl-C at the prompt quits"""
+
+
+class UsageError(Exception):
+    """Something the user can fix (path, config, option); printed as one `error: ...` line, exit code 2."""
+
+
+def demo_dir() -> Path:
+    return Path(offload_engine.__file__).resolve().parent / "demo"
+
+
+def parse_device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="offload-chat", description="Chat with a Mixtral checkpoint whose experts are offloaded to host memory.",
+        epilog="Replies stream to stdout; loading progress, notices and the per-reply stats line go to stderr. "
+               "In the chat, /help lists the commands.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="local model directory or Hugging Face repo id (omit with --demo)")
+    p.add_argument("--demo", action="store_true", help="use the small demo model shipped in the package")
+    p.add_argument("--config", metavar="NAME_OR_PATH",
+                   help="packaged config name (t4-16gb, 12gb, 8gb, 24gb, cpu) or a YAML path; "
+                        "default: t4-16gb on CUDA, cpu otherwise (and for --demo)")
+    p.add_argument("--device", type=parse_device, metavar="DEVICE",
+                   help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"longest reply in tokens (default {DEFAULT_MAX_NEW_TOKENS}, at most half the context window)")
+    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling threshold (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the k most likely tokens; 0 = off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="> 1 discourages repeats (default 1.0)")
+    p.add_argument("--seed", type=int, metavar="S", help="fixes sampling; each reply is then reproducible")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (Mixtral prepends it to the first user message)")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="answer this one message, print the stats line and exit (for scripts)")
+    p.add_argument("--no-stats", action="store_true", help="no stats line after replies")
+    return p
+
+
+def sampling_options(args: argparse.Namespace, max_new_tokens: int) -> dict:
+    options = {"max_new_tokens": max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    SamplingParams.from_kwargs(**options)  # validate before the (slow) load, not at the first message
+    return options
+
+
+def cli_terms(error: Exception) -> str:
+    """An API error message in the words of this command line (its option names)."""
+    text = str(error)
+    for name in ("max_new_tokens", "top_p", "top_k", "repetition_penalty", "temperature"):
+        text = re.sub(rf"\b{name}\b=?", "--" + name.replace("_", "-") + " ", text).replace("  ", " ")
+    return text
+
+
+def fit_max_new_tokens(requested: int | None, window: int) -> tuple[int, str | None]:
+    """The reply budget for a `window`-token context, and a note when the default had to shrink.
+
+    A default that would leave no room for the conversation is halved silently-but-noted (the demo model has a
+    512-token window); an explicit value that leaves no room is an error."""
+    if requested is None:
+        if DEFAULT_MAX_NEW_TOKENS <= window // 2:
+            return DEFAULT_MAX_NEW_TOKENS, None
+        fitted = max(1, window // 2)
+        return fitted, f"note: replies limited to {fitted} tokens, half of the {window}-token context window"
+    if requested >= window:
+        raise UsageError(f"--max-new-tokens {requested} leaves no room for a message in the {window}-token context "
+                         f"window; use at most {window // 2} or so")
+    return requested, None
+
+
+@dataclass
+class Setup:
+    model_dir: Path
+    config: str | None  # for load(): a packaged name or YAML path; None: a pre-quantized checkpoint's own config
+    device: torch.device
+    window: int | None  # the context window, when it is known before loading
+
+
+def resolve_setup(args: argparse.Namespace) -> Setup:
+    """Model directory, config and device, checked before anything heavy is loaded."""
+    if args.demo:
+        model: str | Path = demo_dir()
+        if not (demo_dir() / "config.json").exists():
+            raise UsageError(f"the demo model is not installed (expected in {demo_dir()}); train it with "
+                             f"`python scripts/train_demo_model.py`, or pass a MODEL directory")
+    else:
+        model = args.model
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} was given but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    model_dir = resolve_model_dir(model)
+    if (model_dir / MANIFEST).exists():  # pre-quantized: the engine merges --config (offload.*) into its own
+        if args.config is not None:
+            load_config(args.config)  # an unknown name or a broken file fails now
+        return Setup(model_dir, args.config, device, None)
+    name = args.config or ("t4-16gb" if device.type == "cuda" and not args.demo else "cpu")
+    window = min(load_config(name).max_context, read_config(model_dir).max_position_embeddings)
+    return Setup(model_dir, name, device, window)
+
+
+def warm_up(engine: Engine) -> None:
+    """A throwaway prefill + decode step: the first ones pay for lazy kernel/thread-pool/allocator set-up (seconds
+    on CPU), which would otherwise show up as a misleadingly slow first reply. Its cache counters are cleared."""
+    token = getattr(engine.tokenizer, "bos_token_id", None) or 0
+    engine.generate_ids([token] * 4, max_new_tokens=2)
+    engine.reset_stats()
+
+
+def quant_text(spec: QuantSpec, dtype: str) -> str:
+    return f"{spec.bits}-bit" if spec.bits is not None else dtype  # unquantized: stored in the model dtype
+
+
+def summary_line(engine: Engine, seconds: float) -> str:
+    cfg, cache = engine.config, engine.cache
+    prefetch = f"prefetch {cache.prefetch_count}/layer" if cache.prefetch_count else "prefetch off"
+    return (f"loaded {engine.model_dir} in {seconds:.1f} s: {engine.device}, {cfg.dtype}; attention "
+            f"{quant_text(cfg.quant.attention, cfg.dtype)}, experts {quant_text(cfg.quant.experts, cfg.dtype)}; "
+            f"{cache.k}/{cache.num_experts} experts/layer on device ({size_text(cache.device_bytes())}), {prefetch}; "
+            f"context {engine.context_window}")
+
+
+def size_text(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "n/a"
+
+
+def reply_stats(engine: Engine, before: dict, after: dict, tokens: int, seconds: float) -> str:
+    """The per-reply line; `before`/`after` are engine.stats()["overall"] around the reply."""
+    delta = {key: after[key] - before[key] for key in ("lookups", "hits", "guessed", "guessed_correct")}
+    all_resident = engine.cache.k >= engine.cache.num_experts
+    hit = ("all experts on device" if all_resident
+           else f"expert cache hit rate {pct(delta['hits'], delta['lookups'])} (this reply)")
+    prefetch = ("prefetch off" if not engine.cache.prefetch_count
+                else f"prefetch precision {pct(delta['guessed_correct'], delta['guessed'])}")
+    rate = tokens / seconds if seconds > 0 else 0.0
+    return f"[{tokens} tokens in {seconds:.1f} s, {rate:.1f} tok/s, {hit}, {prefetch}]"
+
+
+def stats_report(engine: Engine) -> str:
+    """What /stats prints: the counters since loading, then the hit rate of every layer, 8 layers a row."""
+    stats = engine.stats()
+    o = stats["overall"]
+    lines = [
+        (f"expert cache since loading: {o['lookups']} lookups, hit rate {pct(o['hits'], o['lookups'])}, "
+         f"{o['misses']} misses, {o['evictions']} evictions"),
+        (f"  {stats['experts_on_device']}/{engine.cache.num_experts} experts/layer on device "
+         f"({size_text(stats['device_bytes'])}), {size_text(stats['host_bytes'])} on host"),
+        (f"  copied {size_text(o['bytes_h2d'])} host->device, {size_text(o['bytes_d2h'])} device->host; "
+         f"waited {o['wait_s']:.2f} s for copies; {stats['host_syncs']} host syncs"),
+    ]
+    if stats["prefetch"]:
+        lines.append(f"  prefetch {stats['prefetch']}/layer: {o['prefetch_issued']} issued, {o['prefetch_used']} "
+                     f"used, {o['prefetch_wasted']} wasted; precision {pct(o['guessed_correct'], o['guessed'])}, "
+                     f"recall {pct(o['guessed_correct'], o['needed_after_guess'])}")
+    else:
+        lines.append("  prefetch off")
+    per_layer = stats["per_layer"]
+    lines.append("hit rate by layer:")
+    for start in range(0, len(per_layer), 8):
+        rates = [pct(s["hits"], s["lookups"]).rjust(6) for s in per_layer[start:start + 8]]
+        end = min(start + 8, len(per_layer)) - 1
+        lines.append(f"  {f'{start}-{end}':>7}: " + " ".join(rates))
+    return "\n".join(lines)
+
+
+class Chat:
+    """One conversation on the terminal: streams replies to `out`, stats/notices/errors to `err`."""
+
+    def __init__(self, engine: Engine, session: ChatSession, sampling: dict, show_stats: bool,
+                 out: TextIO, err: TextIO):
+        self.engine, self.session, self.sampling, self.show_stats = engine, session, sampling, show_stats
+        self.out, self.err = out, err
+
+    def reply(self, message: str) -> bool:
+        """Stream the answer to `message`; True when Ctrl-C stopped it. A message the model cannot take (too
+        long for the context window) raises ValueError with nothing changed."""
+        before, notices = self.engine.stats()["overall"], len(self.session.notices)
+        start = time.perf_counter()
+        text, shown, interrupted = "", False, False
+        # The session also reports notices as warnings (file:line noise); print them once, plainly, below.
+        with warnings.catch_warnings(record=True) as caught:
+            stream = self.session.stream(message, **self.sampling)
+            try:
+                for piece in stream:
+                    text += piece
+                    if not shown:  # the model's leading space/newline after [/INST] only misaligns the display
+                        piece = piece.lstrip()
+                        shown = bool(piece)
+                    self.out.write(piece)
+                    self.out.flush()
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                # Closing runs the session's cleanup now: the partial reply is kept and the KV cache matches it.
+                stream.close()
+        seconds = time.perf_counter() - start
+        self.out.write("\n")
+        self.out.flush()
+        new_notices = self.session.notices[notices:]
+        for notice in new_notices:
+            print(f"note: {notice}", file=self.err)
+        for w in caught:
+            if str(w.message) not in new_notices:
+                print(f"warning: {w.message}", file=self.err)
+        if interrupted:
+            print("(stopped by Ctrl-C; the partial reply stays in the conversation, /reset forgets it)", file=self.err)
+        if self.show_stats:
+            tokens = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+            tokens = min(tokens, self.sampling["max_new_tokens"])  # see the module docstring
+            print(reply_stats(self.engine, before, self.engine.stats()["overall"], tokens, seconds), file=self.err)
+        self.err.flush()
+        return interrupted
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False when it asks to quit."""
+        name = line.split()[0].lower()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.session.reset()
+            print("(conversation cleared)", file=self.out)
+        elif name == "/stats":
+            print(stats_report(self.engine), file=self.out)
+        elif name in ("/help", "/?"):
+            print(HELP, file=self.out)
+        else:
+            print(f"unknown command {name}; /help lists the commands", file=self.err)
+        self.out.flush()
+        return True
+
+    def loop(self) -> int:
+        """Read messages until /exit, EOF or Ctrl-C at the prompt."""
+        if sys.stdin.isatty():
+            try:
+                import readline  # noqa: F401  (line editing and history for input(); absent on Windows)
+            except ImportError:
+                pass
+            print("type a message, /help for commands, /exit or Ctrl-D to quit", file=self.err)
+        while True:
+            try:
+                line = input(PROMPT).strip()
+            except (EOFError, KeyboardInterrupt):
+                self.out.write("\n")
+                return 0
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return 0
+                continue
+            try:
+                self.reply(line)
+            except ValueError as e:  # e.g. a message longer than the context window: say so, keep chatting
+                print(f"error: {cli_terms(e)}", file=self.err)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty: give the message to answer")
+    setup = resolve_setup(args)
+    requested_max = args.max_new_tokens
+    early_max = DEFAULT_MAX_NEW_TOKENS if requested_max is None else requested_max
+    if setup.window is not None:  # check the reply budget now rather than after minutes of loading
+        early_max, _ = fit_max_new_tokens(requested_max, setup.window)
+    sampling_options(args, early_max)
+    print(f"loading {setup.model_dir} on {setup.device} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    engine = load(setup.model_dir, setup.config, setup.device, progress=True)
+    warm_up(engine)
+    print(summary_line(engine, time.perf_counter() - start), file=sys.stderr)
+    max_new_tokens, note = fit_max_new_tokens(requested_max, engine.context_window)
+    if note:
+        print(note, file=sys.stderr)
+    session = engine.chat(system=args.system)
+    chat = Chat(engine, session, sampling_options(args, max_new_tokens), not args.no_stats, sys.stdout, sys.stderr)
+    if args.prompt is None:
+        return chat.loop()
+    return 130 if chat.reply(args.prompt) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo == (args.model is not None):
+        parser.error("give a MODEL (a checkpoint directory or hub repo id) or --demo, not both"
+                     if args.demo else "give a MODEL (a checkpoint directory or hub repo id), or --demo")
+    if hasattr(sys.stdout, "reconfigure"):  # a reply's non-ASCII text must not crash a non-UTF-8 console
+        sys.stdout.reconfigure(errors="replace")
+    try:
+        return run(args)
+    except BrokenPipeError:  # e.g. `offload-chat ... --prompt x | head -c 100`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (UsageError, ValueError, NotEnoughMemory, OSError) as e:
+        # ConfigError and CheckpointError are ValueErrors whose messages already say what to do.
+        print(f"error: {cli_terms(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
