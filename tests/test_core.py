@@ -206,3 +206,19 @@ def test_empty_prompt_is_a_clear_error(tiny_dir):
         engine.generate_ids([], max_new_tokens=3)
     with pytest.raises(ValueError, match="empty"):
         engine.logits([[]])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engine_matches_transformers_in_the_same_dtype(tiny_dir, dtype):
+    engine = offload_engine.load(tiny_dir, config={**exact_config(experts_on_device=2, prefetch=1), "dtype": dtype},
+                                 progress=False)
+    assert engine.model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+    assert engine.model.layers[0].input_layernorm.weight.dtype == getattr(torch, dtype)
+    from transformers import MixtralForCausalLM
+
+    reference = MixtralForCausalLM.from_pretrained(tiny_dir, dtype=getattr(torch, dtype),
+                                                   experts_implementation="eager").eval()
+    ids = torch.randint(0, 160, (1, 12), generator=torch.Generator().manual_seed(6))
+    expected = reference(ids).logits.float()
+    got = engine.logits(ids)
+    assert ((got - expected).norm() / expected.norm()).item() < 0.02
