@@ -29,6 +29,7 @@ class ChatSession:
         self.engine, self.system = engine, system
         self.messages: list[dict[str, str]] = []
         self.notices: list[str] = []  # things the user should know, e.g. that old turns were dropped
+        self.last_reply_ids: list[int] = []  # the tokens of the latest reply, as generated
         self.reset()
 
     def reset(self) -> None:
@@ -73,6 +74,7 @@ class ChatSession:
         finally:  # also on Ctrl-C or an abandoned stream: keep what was said, and a cache that matches it
             tokens.close()
             self.messages = messages + [{"role": "assistant", "content": text}]
+            self.last_reply_ids = reply_ids
             self.history_ids = ids + reply_ids + eos[:1]  # the template closes every reply with EOS
             self._sync_cache(self.history_ids)
 

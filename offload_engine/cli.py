@@ -12,10 +12,7 @@ errors, and after each reply one stats line (unless --no-stats):
 
     [12 tokens in 3.5 s, 3.4 tok/s, expert cache hit rate 61.2% (this reply), prefetch precision 48.0%]
 
-  * tokens: the reply's text re-encoded with the model's tokenizer, capped at --max-new-tokens. The chat API
-    yields text, not token ids; re-encoding gives the generated count exactly whenever the model produced the
-    tokenizer's own segmentation of its text (the usual case for a trained model); an unusual segmentation or a
-    stop string makes it differ by a few tokens (the cap only removes error: a reply never exceeds the limit).
+  * tokens: the tokens generated for the reply (ChatSession.last_reply_ids; EOS not counted).
   * tok/s: tokens / wall time from sending the message to the end of the reply (prefill of the turn included).
   * hit rate: expert-cache hits / lookups during this reply (the turn's prefill and the decode steps). When every
     expert is resident (e.g. the cpu config) the clause reads "all experts on device" instead: 100% by construction.
@@ -275,8 +272,7 @@ class Chat:
         if interrupted:
             print("(stopped by Ctrl-C; the partial reply stays in the conversation, /reset forgets it)", file=self.err)
         if self.show_stats:
-            tokens = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-            tokens = min(tokens, self.sampling["max_new_tokens"])  # see the module docstring
+            tokens = len(self.session.last_reply_ids)
             print(reply_stats(self.engine, before, self.engine.stats()["overall"], tokens, seconds), file=self.err)
         self.err.flush()
         return interrupted

@@ -32,10 +32,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one part of the model is stored: `bits=None` keeps it in the model dtype."""
+    """How one part of the model is stored: `bits=None` keeps it in the model dtype.
+
+    `quant_meta` stores HQQ's scales and zeros in 8 bits (the default; 16 bits otherwise) and `optimize`
+    runs HQQ's optimiser (off = plain min-max round-to-nearest): both exist to measure what they buy."""
 
     bits: int | None = None
     group_size: int = 64
+    quant_meta: bool = True
+    optimize: bool = True
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in SUPPORTED_BITS:

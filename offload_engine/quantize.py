@@ -83,13 +83,16 @@ class MatrixLayout:
             packing = Quantizer.bit_to_packing[spec.bits]
             packed = Quantizer.pack[packing](torch.empty(n_groups, g, dtype=torch.uint8, device="meta"))
             n_scale_groups = -(-n_groups // SCALE_GROUP)
-            parts = [
-                ("codes", packed.dtype, tuple(packed.shape)),
-                ("scale_q", torch.uint8, (n_scale_groups * SCALE_GROUP,)),
-                ("scale_range", torch.float16, (n_scale_groups, 2)),  # (min, step) per group of scales
-                ("zero_q", torch.uint8, (n_groups,)),
-                ("zero_range", torch.float32, (2,)),  # (min, step) for the whole matrix
-            ]
+            parts = [("codes", packed.dtype, tuple(packed.shape))]
+            if spec.quant_meta:
+                parts += [
+                    ("scale_q", torch.uint8, (n_scale_groups * SCALE_GROUP,)),
+                    ("scale_range", torch.float16, (n_scale_groups, 2)),  # (min, step) per group of scales
+                    ("zero_q", torch.uint8, (n_groups,)),
+                    ("zero_range", torch.float32, (2,)),  # (min, step) for the whole matrix
+                ]
+            else:  # hqq's own format: 16-bit scales and zeros
+                parts += [("scale", torch.float16, (n_groups,)), ("zero", torch.float16, (n_groups,))]
         segments = []
         for name, seg_dtype, seg_shape in parts:
             seg = Segment(name, seg_dtype, seg_shape, offset)
@@ -129,12 +132,16 @@ def quantize_into(weight: torch.Tensor, layout: MatrixLayout, buffer: torch.Tens
         views["weight"].copy_(weight)
         return
     codes, meta = Quantizer.quantize(
-        weight.float(), nbits=spec.bits, group_size=spec.group_size, axis=1, optimize=True,
+        weight.float(), nbits=spec.bits, group_size=spec.group_size, axis=1, optimize=spec.optimize,
         bitpack=True, compute_dtype=torch.float32, device=str(weight.device),
     )
     views["codes"].copy_(codes)
     scale = meta["scale"].reshape(-1)  # [groups]
     zero = meta["zero"].reshape(-1)  # [groups]
+    if not spec.quant_meta:
+        views["scale"].copy_(scale)
+        views["zero"].copy_(zero)
+        return
     # Pad the scales to whole groups of SCALE_GROUP by repeating the last one (keeps each group's range tight).
     padded = torch.cat([scale, scale[-1:].expand(views["scale_q"].numel() - scale.numel())])
     scale_q, scale_range = _minmax_codes(padded, views["scale_range"].shape[0])
@@ -150,12 +157,16 @@ def dequantize(layout: MatrixLayout, views: dict[str, torch.Tensor]) -> torch.Te
     if layout.spec.bits is None:
         return views["weight"]
     dtype = layout.dtype
-    n_groups = views["zero_q"].numel()
-    # Rebuild scales and zeros in float32 (they are few), then cast: bfloat16 would round them visibly.
-    scale_range = views["scale_range"].float()  # [scale groups, 2]
-    scale = views["scale_q"].view(scale_range.shape[0], -1).float() * scale_range[:, 1:] + scale_range[:, :1]
-    zero_range = views["zero_range"]
-    zero = views["zero_q"].to(torch.float32) * zero_range[1] + zero_range[0]
+    if layout.spec.quant_meta:
+        n_groups = views["zero_q"].numel()
+        # Rebuild scales and zeros in float32 (they are few), then cast: bfloat16 would round them visibly.
+        scale_range = views["scale_range"].float()  # [scale groups, 2]
+        scale = views["scale_q"].view(scale_range.shape[0], -1).float() * scale_range[:, 1:] + scale_range[:, :1]
+        zero_range = views["zero_range"]
+        zero = views["zero_q"].to(torch.float32) * zero_range[1] + zero_range[0]
+    else:
+        scale, zero = views["scale"].float(), views["zero"].float()
+        n_groups = zero.numel()
     meta = {
         "nbits": layout.spec.bits, "group_size": layout.spec.group_size, "shape": layout.shape, "axis": 1,
         "packing": Quantizer.bit_to_packing[layout.spec.bits], "view_as_float": False, "compute_dtype": dtype,
