@@ -24,9 +24,15 @@ class CheckpointError(ValueError):
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
 
+DEMO_DIR = Path(__file__).resolve().parent / "demo"  # the small model shipped in the package
+
+
 def resolve_model_dir(model: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub repo id, downloaded (with progress) into the hub cache."""
+    """A local directory as is; "demo" for the packaged demo model; otherwise a hub repo id, downloaded (with
+    progress) into the hub cache."""
     path = Path(model).expanduser()
+    if str(model) == "demo" and not path.exists():
+        path = DEMO_DIR
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the directory that holds config.json and *.safetensors")
