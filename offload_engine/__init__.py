@@ -3,7 +3,8 @@
 from .config import ConfigError, EngineConfig, OffloadConfig, QuantConfig, QuantSpec, load_config
 from .checkpoint import CheckpointError
 from .engine import Engine, load
+from .prequantized import quantize_checkpoint
 
-__all__ = ["load", "Engine", "EngineConfig", "QuantConfig", "QuantSpec", "OffloadConfig", "load_config",
-           "ConfigError", "CheckpointError"]
+__all__ = ["load", "quantize_checkpoint", "Engine", "EngineConfig", "QuantConfig", "QuantSpec", "OffloadConfig",
+           "load_config", "ConfigError", "CheckpointError"]
 __version__ = "0.1.0"

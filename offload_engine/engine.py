@@ -140,7 +140,8 @@ def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torc
     if (model_dir / MANIFEST).exists():
         from .prequantized import load_prequantized
 
-        return load_prequantized(model_dir, cfg if config is not None else None, device, progress)
+        # The raw config: only keys the caller set override the checkpoint's, and only offload.* / max_context.
+        return load_prequantized(model_dir, config, device, progress)
     hf_config = read_config(model_dir)
     checkpoint = SafetensorsCheckpoint(model_dir)
     engine = build_engine(hf_config, cfg, device, checkpoint_loader(checkpoint, hf_config, cfg, device), progress)

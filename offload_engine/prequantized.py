@@ -1,0 +1,345 @@
+"""Pre-quantized checkpoints: convert a Mixtral checkpoint once, then load it without re-quantizing.
+
+A pre-quantized directory holds
+  * `trunk.safetensors`: embeddings, final norm and lm_head in the model dtype;
+  * `layer-NNN.safetensors`, one per layer: the two norms and the router in the model dtype, each attention
+    projection as one packed uint8 tensor `model.layers.{l}.self_attn.{proj}` (a `MatrixLayout` buffer), and
+    each expert as one packed uint8 tensor `model.layers.{l}.experts.{e}` (an `ExpertLayout` buffer);
+  * `offload_manifest.json`: format version, the quant config (`EngineConfig.to_dict()`), model shapes, the
+    byte layouts (`layouts.expert`: bits, group size, `ExpertLayout.describe()`; `layouts.attention.{proj}`),
+    per file its byte size, and per tensor its file, dtype, shape, CRC-32 and (packed ones) which layout;
+  * config.json, generation_config.json and the tokenizer files, copied from the source.
+
+Conversion streams: the safetensors headers are computed from the layouts before anything is quantized, so
+each tensor is written as soon as it exists and dropped (peak RAM ~ one expert's source weights plus hqq's
+temporaries). Loading reads each packed expert with one `readinto` straight into its home buffer in the
+expert cache (pinned host slot, or the CPU scratch of a device slot): no mmap, no intermediate tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, SafetensorsCheckpoint, read_config, resolve_model_dir
+from .config import CONFIG_DIR, ConfigError, EngineConfig, load_config
+from .engine import MANIFEST, Engine, build_engine, default_device, load_tokenizer
+from .experts import ExpertLayout
+from .model import ATTENTION_PROJECTIONS, OffloadedMixtral
+from .prequantized_io import ST_DTYPES, PrequantizedError, StreamWriter, TensorSpec, read_header, read_into
+from .quantize import MatrixLayout, quantize_matrix
+
+FORMAT = "offload_engine.prequantized"
+FORMAT_VERSION = 1
+FILE_METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}  # in each safetensors header
+TRUNK_FILE = "trunk.safetensors"
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
+
+
+def layer_file(layer: int) -> str:
+    return f"layer-{layer:03d}.safetensors"
+
+
+# ---- what goes where: computed from config.json and the quant config alone ----
+def attention_shapes(hf) -> dict[str, tuple[int, int]]:
+    H = hf.hidden_size
+    head_dim = getattr(hf, "head_dim", None) or H // hf.num_attention_heads
+    q_out, kv_out = hf.num_attention_heads * head_dim, hf.num_key_value_heads * head_dim
+    return {"q_proj": (q_out, H), "k_proj": (kv_out, H), "v_proj": (kv_out, H), "o_proj": (H, q_out)}
+
+
+def plan_files(hf, cfg: EngineConfig) -> dict[str, list[TensorSpec]]:
+    """File name -> its tensors in write order (typed tensors first, so every offset is aligned to its dtype)."""
+    dtype, H, V, E = cfg.torch_dtype, hf.hidden_size, hf.vocab_size, hf.num_local_experts
+    trunk = [TensorSpec("model.embed_tokens.weight", dtype, (V, H)), TensorSpec("model.norm.weight", dtype, (H,))]
+    if not hf.tie_word_embeddings:
+        trunk.append(TensorSpec("lm_head.weight", dtype, (V, H)))
+    files = {TRUNK_FILE: trunk}
+    expert_bytes = ExpertLayout.build(H, hf.intermediate_size, cfg.quant.experts, dtype).nbytes
+    attn_bytes = {p: MatrixLayout.build(s, cfg.quant.attention, dtype).nbytes for p, s in attention_shapes(hf).items()}
+    for l in range(hf.num_hidden_layers):
+        prefix = f"model.layers.{l}"
+        files[layer_file(l)] = [
+            TensorSpec(f"{prefix}.input_layernorm.weight", dtype, (H,)),
+            TensorSpec(f"{prefix}.post_attention_layernorm.weight", dtype, (H,)),
+            TensorSpec(f"{prefix}.mlp.gate.weight", dtype, (E, H)),
+            *[TensorSpec(f"{prefix}.self_attn.{p}", torch.uint8, (attn_bytes[p],)) for p in ATTENTION_PROJECTIONS],
+            *[TensorSpec(f"{prefix}.experts.{e}", torch.uint8, (expert_bytes,)) for e in range(E)],
+        ]
+    return files
+
+
+def _describe_matrix(layout: MatrixLayout) -> dict:
+    return {"shape": list(layout.shape), "bits": layout.spec.bits, "group_size": layout.spec.group_size,
+            "nbytes": layout.nbytes,
+            "segments": [{"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
+                          "offset": s.offset, "nbytes": s.nbytes} for s in layout.segments]}
+
+
+def _layouts(hf, cfg: EngineConfig) -> dict:
+    """The packed byte layouts as plain data: written into the manifest, compared on load."""
+    expert = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, cfg.quant.experts, cfg.torch_dtype)
+    return {
+        "expert": {"nbytes": expert.nbytes, "bits": expert.spec.bits, "group_size": expert.spec.group_size,
+                   "matrices": expert.describe()},
+        "attention": {p: _describe_matrix(MatrixLayout.build(s, cfg.quant.attention, cfg.torch_dtype))
+                      for p, s in attention_shapes(hf).items()},
+    }
+
+
+MODEL_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
+def _model_summary(hf) -> dict:
+    return {k: getattr(hf, k) for k in MODEL_KEYS}
+
+
+# ---- conversion ----
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: ConfigLike = None,
+                        progress: bool = True, device: str | torch.device | None = None,
+                        overwrite: bool = False) -> Path:
+    """Quantize the Mixtral checkpoint `src` (directory or hub id) as `config` says and write a pre-quantized
+    checkpoint to `dst`. Quantization runs on `device` (default: CUDA if available), the way `load(src)` would
+    there, so `load(dst)` gives exactly the logits of `load(src, config)` on the same kind of device."""
+    cfg = load_config(config)
+    device = torch.device(device) if device is not None else default_device()
+    quant_device = device if device.type == "cuda" else torch.device("cpu")
+    src_dir, dst = resolve_model_dir(src), Path(dst).expanduser()
+    if (src_dir / MANIFEST).exists():
+        raise CheckpointError(f"{src_dir} is already a pre-quantized checkpoint; load it directly, or convert the original")
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists; remove it, choose another destination, or pass overwrite=True")
+    hf = read_config(src_dir)
+    checkpoint = SafetensorsCheckpoint(src_dir)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # Everything goes into a hidden sibling directory (same filesystem) that is renamed only when complete.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        manifest = _write_all(checkpoint, hf, cfg, quant_device, tmp, progress)
+        for name in AUX_FILES:
+            if (src_dir / name).exists():
+                shutil.copyfile(src_dir / name, tmp / name)
+        manifest["aux_files"] = [n for n in AUX_FILES if (tmp / n).exists()]
+        # The manifest is what marks a directory as pre-quantized, so it is the last file written.
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:  # including KeyboardInterrupt: leave nothing that looks like a checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _write_all(checkpoint: SafetensorsCheckpoint, hf, cfg: EngineConfig, quant_device: torch.device, out: Path,
+               progress: bool) -> dict:
+    dtype, E = cfg.torch_dtype, hf.num_local_experts
+    plan = plan_files(hf, cfg)
+    layout = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, cfg.quant.experts, dtype)
+    shapes = attention_shapes(hf)
+    files, tensors = {}, {}
+
+    def finish(name: str, writer: StreamWriter) -> None:
+        files[name] = {"nbytes": writer.close(), "tensors": [s.name for s in plan[name]]}
+        for s in plan[name]:
+            tensors[s.name] = {"file": name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
+                               "crc32": writer.crc32[s.name]}
+            if s.dtype == torch.uint8:  # a packed buffer: name its byte layout (bits, group size, segments)
+                tensors[s.name]["layout"] = "expert" if ".experts." in s.name else f"attention.{s.name.rsplit('.', 1)[1]}"
+
+    writer = StreamWriter(out / TRUNK_FILE, plan[TRUNK_FILE], FILE_METADATA)
+    for spec in plan[TRUNK_FILE]:
+        writer.write(spec.name, checkpoint.get(spec.name, spec.shape).to(dtype))
+        checkpoint._handles.clear()
+    finish(TRUNK_FILE, writer)
+    for l in tqdm(range(hf.num_hidden_layers), desc="quantizing layers", disable=not progress):
+        prefix, name = f"model.layers.{l}", layer_file(l)
+        writer = StreamWriter(out / name, plan[name], FILE_METADATA)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            writer.write(f"{prefix}.{norm}.weight", checkpoint.get(f"{prefix}.{norm}.weight", (hf.hidden_size,)).to(dtype))
+        writer.write(f"{prefix}.mlp.gate.weight", checkpoint.router(l, hf).to(dtype))
+        # Exactly what engine.checkpoint_loader does, so the bytes (and hence the logits) are identical.
+        for proj in ATTENTION_PROJECTIONS:
+            weight = checkpoint.get(f"{prefix}.self_attn.{proj}.weight", shapes[proj])
+            _, buffer = quantize_matrix(weight.to(quant_device, dtype), cfg.quant.attention, dtype)
+            writer.write(f"{prefix}.self_attn.{proj}", buffer)
+        for e in range(E):
+            weights = {m: w.to(quant_device, dtype) for m, w in checkpoint.expert(l, e, hf).items()}
+            buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=quant_device)  # zeroed: reproducible padding
+            layout.pack(weights, buffer)
+            writer.write(f"{prefix}.experts.{e}", buffer)
+            del weights, buffer
+            # Unmap the source shards: pages read through safe_open's mmap otherwise stay resident (and count
+            # in RSS) until the handle closes; reopening costs one header parse.
+            checkpoint._handles.clear()
+        finish(name, writer)
+    from . import __version__
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"offload_engine {__version__}",
+            "config": cfg.to_dict(), "model": _model_summary(hf), "layouts": _layouts(hf, cfg),
+            "files": files, "tensors": tensors}
+
+
+# ---- loading ----
+def _read_manifest(model_dir: Path) -> dict:
+    path = model_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrequantizedError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, re-download it") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PrequantizedError(f"{path} is not an offload_engine manifest (format {manifest.get('format')!r})"
+                                if isinstance(manifest, dict) else f"{path} is not an offload_engine manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PrequantizedError(
+            f"{path} has format version {version!r}, but this offload_engine reads version {FORMAT_VERSION}: "
+            f"{'upgrade offload_engine' if isinstance(version, int) and version > FORMAT_VERSION else 're-run quantize'}"
+            f" (scripts/quantize.py) to get a checkpoint it can read")
+    missing = [k for k in ("config", "model", "layouts", "files", "tensors") if k not in manifest]
+    if missing:
+        raise PrequantizedError(f"{path} lacks the key(s) {', '.join(missing)}; it is damaged, re-download it")
+    return manifest
+
+
+def _explicit_dict(config: ConfigLike) -> dict:
+    """The keys a caller actually gave (a dict or YAML may leave some out; an EngineConfig sets them all)."""
+    if isinstance(config, EngineConfig):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
+        path = CONFIG_DIR / f"{config}.yaml"
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def _describe_quant(cfg: EngineConfig) -> str:
+    def spec(s) -> str:
+        if s.bits is None:
+            return "unquantized"
+        extras = [text for flag, text in ((getattr(s, "quant_meta", True), "16-bit scales/zeros"),
+                                          (getattr(s, "optimize", True), "round-to-nearest")) if not flag]
+        return f"{s.bits}-bit group {s.group_size}" + "".join(f", {t}" for t in extras)
+
+    return f"dtype {cfg.dtype}, attention {spec(cfg.quant.attention)}, experts {spec(cfg.quant.experts)}"
+
+
+def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineConfig:
+    """The checkpoint's config with the caller's `offload.*` / `max_context`; quant settings and dtype are fixed."""
+    stored = load_config(manifest["config"])
+    if config is None:
+        return stored
+    load_config(config)  # validates it, with the usual errors
+    cfg = load_config(_merge(stored.to_dict(), _explicit_dict(config)))
+    if (cfg.dtype, cfg.quant) != (stored.dtype, stored.quant):
+        raise ConfigError(
+            f"{where} was quantized with {_describe_quant(stored)}, but the config asks for {_describe_quant(cfg)}. "
+            f"A pre-quantized checkpoint fixes dtype and quant: leave them out of the config (only offload.* and "
+            f"max_context apply), or quantize the original checkpoint again with the settings you want")
+    return cfg
+
+
+def validate(model_dir: Path, manifest: dict, hf, cfg: EngineConfig) -> dict[str, tuple[int, dict]]:
+    """Check every file against the manifest and the layouts this code computes; -> file: (data start, header)."""
+    if manifest["model"] != _model_summary(hf):
+        raise PrequantizedError(f"{model_dir / 'config.json'} describes a different model than {MANIFEST} "
+                                f"({_model_summary(hf)} vs {manifest['model']}); the files do not belong together")
+    if manifest["layouts"] != _layouts(hf, cfg):
+        raise PrequantizedError(
+            f"the packed layouts in {model_dir / MANIFEST} differ from the ones this offload_engine computes for "
+            f"{_describe_quant(cfg)} (written by {manifest.get('created_by')}); quantize the original checkpoint again")
+    for name in manifest.get("aux_files", []):
+        if not (model_dir / name).exists():
+            raise PrequantizedError(f"{name}, listed in {MANIFEST}, is missing from {model_dir}; re-download it")
+    headers = {}
+    for name, specs in plan_files(hf, cfg).items():
+        path, entry = model_dir / name, manifest["files"].get(name)
+        if entry is None:
+            raise PrequantizedError(f"{model_dir / MANIFEST} does not list {name}, which this model needs; re-download it")
+        if not path.exists():
+            raise PrequantizedError(f"{name}, listed in {MANIFEST}, is missing from {model_dir}; re-download it")
+        start, header = read_header(path)
+        for spec in specs:
+            expected = {"dtype": ST_DTYPES[spec.dtype], "shape": list(spec.shape)}
+            found = header.get(spec.name)
+            if found is None:
+                raise PrequantizedError(f"{path} has no tensor {spec.name}; the file was edited or is from another "
+                                        f"checkpoint, re-download it")
+            end0, end1 = found.get("data_offsets", (0, -1))
+            if {k: found.get(k) for k in expected} != expected or end1 - end0 != spec.nbytes:
+                raise PrequantizedError(f"{path}: tensor {spec.name} is {found.get('dtype')} {found.get('shape')}, "
+                                        f"expected {expected['dtype']} {expected['shape']}; the file was edited, re-download it")
+            if spec.name not in manifest["tensors"]:
+                raise PrequantizedError(f"{model_dir / MANIFEST} has no entry for tensor {spec.name}; re-download it")
+        size = path.stat().st_size
+        if size != entry["nbytes"]:
+            raise PrequantizedError(f"{path} has {size} bytes but {MANIFEST} says {entry['nbytes']}: it is "
+                                    f"{'truncated' if size < entry['nbytes'] else 'edited'}; re-download it")
+        headers[name] = (start, header)
+    return headers
+
+
+def load_prequantized(model_dir: Path, config: ConfigLike, device: torch.device, progress: bool) -> Engine:
+    """Load a directory written by `quantize_checkpoint` (called by `offload_engine.load`)."""
+    manifest = _read_manifest(model_dir)
+    cfg = resolve_config(manifest, config, model_dir)
+    hf = read_config(model_dir)
+    headers = validate(model_dir, manifest, hf, cfg)
+    plan = plan_files(hf, cfg)
+
+    def read(f: BinaryIO, file: str, name: str, out: torch.Tensor) -> None:
+        start, header = headers[file]
+        read_into(f, model_dir / file, start + header[name]["data_offsets"][0], out)
+        if zlib.crc32(memoryview(out.numpy())) != manifest["tensors"][name]["crc32"]:
+            raise PrequantizedError(f"{model_dir / file}: the bytes of {name} do not match their checksum in "
+                                    f"{MANIFEST}; the file is corrupt or was edited, re-download it")
+
+    def fresh(f: BinaryIO, file: str, spec: TensorSpec) -> torch.Tensor:
+        buffer = torch.empty(spec.nbytes, dtype=torch.uint8)
+        read(f, file, spec.name, buffer)
+        return buffer.view(spec.dtype).view(spec.shape)
+
+    def fill(model: OffloadedMixtral, layout: ExpertLayout, progress: bool) -> None:
+        with open(model_dir / TRUNK_FILE, "rb", buffering=0) as f:
+            for spec in plan[TRUNK_FILE]:
+                model.set_tensor(spec.name, fresh(f, TRUNK_FILE, spec))
+        attention = {p: MatrixLayout.build(s, cfg.quant.attention, cfg.torch_dtype) for p, s in attention_shapes(hf).items()}
+        for l in tqdm(range(hf.num_hidden_layers), desc="loading layers", disable=not progress):
+            file, prefix = layer_file(l), f"model.layers.{l}"
+            with open(model_dir / file, "rb", buffering=0) as f:
+                for spec in plan[file][:3]:  # norms and router
+                    model.set_tensor(spec.name, fresh(f, file, spec))
+                for proj, spec in zip(ATTENTION_PROJECTIONS, plan[file][3:7], strict=True):
+                    model.set_attention(l, proj, attention[proj], fresh(f, file, spec))
+                for e in range(hf.num_local_experts):  # each expert straight into its home buffer
+                    name = f"{prefix}.experts.{e}"
+                    model.cache.fill(l, e, lambda buffer, f=f, file=file, name=name: read(f, file, name, buffer))
+
+    engine = build_engine(hf, cfg, device, fill, progress)
+    engine.tokenizer = load_tokenizer(model_dir)
+    engine.model_dir = model_dir
+    return engine
