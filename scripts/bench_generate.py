@@ -35,6 +35,7 @@ def machine() -> str:
 
 
 def timed(fn, repeats: int) -> tuple[float, list[int]]:
+    """Best of `repeats` after a warm-up: this VM's timings are noisy, the best run is the most repeatable."""
     fn()  # warm-up
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -55,7 +56,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
     print("machine:", machine())
 

@@ -31,15 +31,24 @@ PROMPTS = ["The history of the city begins", "Here is a recipe for a simple brea
 
 
 def decode(engine, prompt_ids: list[int], new_tokens: int, record: list) -> None:
-    """Prefill, reset counters, then greedy decode; `record` gets (layer, experts, guess) per decode layer."""
+    """Prefill, reset counters, then greedy decode. `record` gets one step per forward: a list of
+    (layer, experts in lookup order, guess for the layer, counted); the prefill step is replayed, not counted."""
+
+    def observe(step: list, counted: bool):
+        def on_routing(layer, experts, guess):
+            order = list(dict.fromkeys(e for token in experts for e in token))  # the MoE layer's lookup order
+            step.append((layer, order, guess, counted))
+        return on_routing
+
     kv_cache = DynamicCache(config=engine.model.config)
-    logits = engine.model(torch.tensor([prompt_ids]), kv_cache)[0, -1]
+    step: list = []
+    logits = engine.model(torch.tensor([prompt_ids]), kv_cache, on_routing=observe(step, False))[0, -1]
+    record.append(step)
     engine.reset_stats()
     for _ in range(new_tokens):
         token = int(logits.argmax())
-        step: list = []
-        logits = engine.model(torch.tensor([[token]]), kv_cache,
-                              on_routing=lambda l, experts, guess: step.append((l, experts[0], guess)))[0, -1]
+        step = []
+        logits = engine.model(torch.tensor([[token]]), kv_cache, on_routing=observe(step, True))[0, -1]
         record.append(step)
 
 
@@ -63,7 +72,7 @@ def replay(record: list, k: int, num_experts: int, staged_rule: bool) -> tuple[i
             main[layer].add(expert)
 
     for step in record:
-        for layer, experts, guess in step:  # guess: what was speculated for this layer before it ran
+        for layer, experts, guess, counted in step:  # guess: what was speculated for this layer before it ran
             for expert in guess:
                 if expert in main[layer]:
                     continue
@@ -73,9 +82,9 @@ def replay(record: list, k: int, num_experts: int, staged_rule: bool) -> tuple[i
                     admit(layer, expert, ())
                     policies[layer].touch(expert)
             for i, expert in enumerate(experts):
-                lookups += 1
+                lookups += counted
                 if expert in main[layer] or expert in staged[layer]:
-                    hits += 1
+                    hits += counted
                 if expert not in main[layer]:
                     admit(layer, expert, experts[i + 1 :])
                 policies[layer].touch(expert)
