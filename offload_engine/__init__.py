@@ -3,8 +3,9 @@
 from .config import ConfigError, EngineConfig, OffloadConfig, QuantConfig, QuantSpec, load_config
 from .checkpoint import CheckpointError
 from .engine import Engine, load
+from .memory import NotEnoughMemory, plan_memory
 from .prequantized import quantize_checkpoint
 
 __all__ = ["load", "quantize_checkpoint", "Engine", "EngineConfig", "QuantConfig", "QuantSpec", "OffloadConfig",
-           "load_config", "ConfigError", "CheckpointError"]
+           "load_config", "ConfigError", "CheckpointError", "NotEnoughMemory", "plan_memory"]
 __version__ = "0.1.0"

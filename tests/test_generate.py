@@ -147,7 +147,7 @@ def test_chat_drops_the_oldest_turns_instead_of_overflowing(chat_dir):
             chat.send(f"Message number {i} about the quick brown fox and the lazy dog.", max_new_tokens=8)
     assert chat.notices and len(chat.messages) < 12
     assert chat.messages[-2]["content"].startswith("Message number 5")
-    with pytest.raises(ValueError, match="context window"):
+    with pytest.raises(ValueError, match="context window"), pytest.warns(UserWarning, match="dropped"):
         chat.send("word " * 200, max_new_tokens=8)
     with pytest.raises(ValueError, match="empty"):
         chat.send("   ")
