@@ -9,6 +9,7 @@ is quantized, so no layer is ever held whole in memory; the files stay readable 
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -34,10 +35,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

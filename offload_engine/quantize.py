@@ -14,6 +14,8 @@ Everything a matrix needs lives in named segments of one uint8 buffer (`MatrixLa
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +40,7 @@ class Segment:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
     def view(self, buffer: torch.Tensor) -> torch.Tensor:
         """This segment of a flat uint8 buffer, as a typed tensor (no copy)."""
