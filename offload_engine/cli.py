@@ -60,6 +60,9 @@ class UsageError(Exception):
     """Something the user can fix (path, config, option); printed as one `error: ...` line, exit code 2."""
 
 
+DEMO_OFFLOAD = {"experts_on_device": 4, "prefetch": 1, "policy": "lru"}
+
+
 def demo_dir() -> Path:
     return Path(offload_engine.__file__).resolve().parent / "demo"
 
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="use the small demo model shipped in the package")
     p.add_argument("--config", metavar="NAME_OR_PATH",
                    help="packaged config name (t4-16gb, 12gb, 8gb, 24gb, cpu) or a YAML path; "
-                        "default: t4-16gb on CUDA, cpu otherwise (and for --demo)")
+                        "default: t4-16gb on CUDA, cpu otherwise; for --demo, cpu with 4 of 8 experts per "
+                        "layer offloaded and prefetch 1")
     p.add_argument("--device", type=parse_device, metavar="DEVICE",
                    help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
@@ -133,7 +137,7 @@ def fit_max_new_tokens(requested: int | None, window: int) -> tuple[int, str | N
 @dataclass
 class Setup:
     model_dir: Path
-    config: str | None  # for load(): a packaged name or YAML path; None: a pre-quantized checkpoint's own config
+    config: str | dict | None  # for load(): a packaged name, YAML path or dict; None: a pre-quantized checkpoint's own
     device: torch.device
     window: int | None  # the context window, when it is known before loading
 
@@ -158,6 +162,9 @@ def resolve_setup(args: argparse.Namespace) -> Setup:
             load_config(args.config)  # an unknown name or a broken file fails now
         return Setup(model_dir, args.config, device, None)
     name = args.config or ("t4-16gb" if device.type == "cuda" and not args.demo else "cpu")
+    if args.demo and not args.config:
+        # The demo exercises the expert cache for real: half of each layer's experts offloaded, prefetch on.
+        name = {**load_config("cpu").to_dict(), "offload": DEMO_OFFLOAD}
     window = min(load_config(name).max_context, read_config(model_dir).max_position_embeddings)
     return Setup(model_dir, name, device, window)
 
