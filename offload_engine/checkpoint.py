@@ -118,6 +118,11 @@ class SafetensorsCheckpoint:
                 f"{file} is truncated ({actual} of {expected} bytes); the download or copy did not finish, fetch it again"
             )
 
+    def close(self) -> None:
+        """Drop the open files: pages read through safetensors' mmap stay resident (and count in RSS) until then;
+        the next `get` reopens a file at the cost of one header parse."""
+        self._handles.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 

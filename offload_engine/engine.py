@@ -191,6 +191,7 @@ def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineC
             for e in range(E):
                 weights = {m: w.to(quant_device, cfg.torch_dtype) for m, w in checkpoint.expert(l, e, hf_config).items()}
                 model.cache.fill(l, e, lambda buffer: layout.pack(weights, buffer))
+                checkpoint.close()  # unmap the source shards, or their pages stay resident (host RAM is scarce)
 
     return fill
 

@@ -166,7 +166,7 @@ def _write_all(checkpoint: SafetensorsCheckpoint, hf, cfg: EngineConfig, quant_d
     writer = StreamWriter(out / TRUNK_FILE, plan[TRUNK_FILE], FILE_METADATA)
     for spec in plan[TRUNK_FILE]:
         writer.write(spec.name, checkpoint.get(spec.name, spec.shape).to(dtype))
-        checkpoint._handles.clear()
+        checkpoint.close()
     finish(TRUNK_FILE, writer)
     for l in tqdm(range(hf.num_hidden_layers), desc="quantizing layers", disable=not progress):
         prefix, name = f"model.layers.{l}", layer_file(l)
@@ -185,9 +185,7 @@ def _write_all(checkpoint: SafetensorsCheckpoint, hf, cfg: EngineConfig, quant_d
             layout.pack(weights, buffer)
             writer.write(f"{prefix}.experts.{e}", buffer)
             del weights, buffer
-            # Unmap the source shards: pages read through safe_open's mmap otherwise stay resident (and count
-            # in RSS) until the handle closes; reopening costs one header parse.
-            checkpoint._handles.clear()
+            checkpoint.close()  # unmap the source shards, or their pages stay resident
         finish(name, writer)
     from . import __version__
 
