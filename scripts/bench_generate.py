@@ -80,7 +80,6 @@ def main() -> None:
                                                               min_new_tokens=n)[0, args.prompt_len:].tolist(),
                                    args.repeats)
         rows = [("transformers MixtralForCausalLM (eager experts)", "-", hf_time, True)]
-        del reference
         none = {"bits": None}
         runs = [("offload_engine, unquantized, all experts resident", {"attention": none, "experts": none}, 8, 0),
                 ("offload_engine, 4-bit attn / 2-bit experts, all resident",
@@ -92,7 +91,6 @@ def main() -> None:
                 "experts_on_device": k, "prefetch": prefetch}}, device=args.device, progress=False)
             seconds, tokens = timed(lambda: engine.generate_ids(prompt[0].tolist(), max_new_tokens=n), args.repeats)
             rows.append((name, f"{engine.cache.nbytes / 1024:.0f} KiB", seconds, tokens == hf_tokens))
-            del engine
 
     print("\n| implementation | bytes/expert | tokens/s | same tokens as transformers |")
     print("|---|---|---|---|")

@@ -101,7 +101,7 @@ def main() -> None:
                          "offload": {"experts_on_device": 8, "prefetch": 0}}) for label, a, e in TABLE]
     else:
         runs = [(args.config or "cpu", args.config or "cpu")]
-    print(f"\n| setting | bits/weight (experts) | perplexity | tokens | seconds |")
+    print("\n| setting | bits/weight (experts) | perplexity | tokens | seconds |")
     print("|---|---|---|---|---|")
     for label, config in runs:
         engine = offload_engine.load(args.model, config=config, device="cpu", progress=False)

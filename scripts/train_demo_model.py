@@ -20,7 +20,6 @@ import shlex
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 # Sleep instead of spin in OpenMP barriers: on a shared 2-core machine spinning threads starve the working ones
