@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Union
@@ -13,13 +14,14 @@ from transformers import DynamicCache
 
 from .chat import ChatSession
 from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
-from .config import EngineConfig, load_config
+from .config import ConfigError, EngineConfig, load_config
 from .expert_cache import ExpertCache, LayerStats
 from .experts import ExpertLayout
 from .generate import SamplingParams, generate_tokens, stream_text
 from .memory import resolve_experts_on_device
-from .model import ATTENTION_PROJECTIONS, OffloadedMixtral
-from .quantize import quantize_matrix
+from .kernels import REFERENCE, Kernels, select_kernels, warm_up
+from .model import ATTENTION_PROJECTIONS, OffloadedMixtral, attention_shapes
+from .quantize import MatrixLayout, quantize_matrix
 
 MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
 ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
@@ -30,10 +32,13 @@ def default_device() -> torch.device:
 
 
 class Engine:
-    def __init__(self, model: OffloadedMixtral, config: EngineConfig, tokenizer=None, model_dir: Path | None = None):
+    def __init__(self, model: OffloadedMixtral, config: EngineConfig, tokenizer=None, model_dir: Path | None = None,
+                 kernel_warmup_s: float = 0.0):
         self.model, self.config, self.tokenizer, self.model_dir = model, config, tokenizer, model_dir
         self.cache: ExpertCache = model.cache
         self.device = model.device
+        self.kernels: Kernels = model.kernels
+        self.kernel_warmup_s = kernel_warmup_s  # compiling the fused kernels at load
 
     # ---- forward ----
     def logits(self, input_ids: torch.Tensor | list) -> torch.Tensor:
@@ -119,6 +124,8 @@ class Engine:
             "prefetch": self.cache.prefetch_count,
             "device_bytes": self.cache.device_bytes(),
             "host_bytes": self.cache.host_bytes(),
+            "kernels": self.kernels.name,
+            "kernel_warmup_s": self.kernel_warmup_s,
         }
 
     def reset_stats(self) -> None:
@@ -156,20 +163,35 @@ def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, pro
     layout = ExpertLayout.build(hf_config.hidden_size, hf_config.intermediate_size, cfg.quant.experts, dtype)
     k = resolve_experts_on_device(cfg, hf_config, device)
     cfg = cfg.replace(experts_on_device=k)
+    attention = [MatrixLayout.build(shape, cfg.quant.attention, dtype) for shape in attention_shapes(hf_config).values()]
+    kernels, warmup_s = _ready_kernels(cfg.kernels, device, [*layout.matrices.values(), *attention])
     cache = ExpertCache(hf_config.num_hidden_layers, hf_config.num_local_experts, layout.nbytes, k,
                         cfg.offload.prefetch, device, cfg.offload.policy)
-    model = OffloadedMixtral(hf_config, cache, layout, dtype, device)
+    model = OffloadedMixtral(hf_config, cache, layout, dtype, device, kernels)
     source(model, layout, progress)
     model.finish_loading()
-    return Engine(model, cfg)
+    return Engine(model, cfg, kernel_warmup_s=warmup_s)
+
+
+def _ready_kernels(choice: str, device: torch.device, layouts: list[MatrixLayout]) -> tuple[Kernels, float]:
+    """The configured kernels, compiled for every matrix shape now so that the first reply does not stall.
+    Under `auto`, kernels that fail to compile here give way to the reference ones with one warning."""
+    kernels = select_kernels(choice, device, layouts)
+    try:
+        return kernels, warm_up(kernels, layouts, device)
+    except Exception as e:  # a broken compiler toolchain, a Triton/driver mismatch, ...
+        if choice == "fused":
+            raise ConfigError(f"kernels: fused failed to compile on {device} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); use kernels: auto or reference") from e
+        warnings.warn(f"fused kernels failed to compile on {device} ({type(e).__name__}); using the reference "
+                      "kernels (dequantize + matmul), which are several times slower", RuntimeWarning, stacklevel=3)
+        return REFERENCE, 0.0
 
 
 def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineConfig, device: torch.device):
     """Fill a model from a full-precision checkpoint, quantizing tensor by tensor (on the GPU when there is one)."""
     H, L, E = hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_local_experts
-    head_dim = getattr(hf_config, "head_dim", None) or H // hf_config.num_attention_heads
-    q_out, kv_out = hf_config.num_attention_heads * head_dim, hf_config.num_key_value_heads * head_dim
-    attention_shapes = {"q_proj": (q_out, H), "k_proj": (kv_out, H), "v_proj": (kv_out, H), "o_proj": (H, q_out)}
+    shapes = attention_shapes(hf_config)
     quant_device = device if device.type == "cuda" else torch.device("cpu")
 
     def fill(model: OffloadedMixtral, layout: ExpertLayout, progress: bool) -> None:
@@ -184,7 +206,7 @@ def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineC
                 model.set_tensor(f"{prefix}.{norm}.weight", checkpoint.get(f"{prefix}.{norm}.weight", (H,)))
             model.set_tensor(f"{prefix}.mlp.gate.weight", checkpoint.router(l, hf_config))
             for proj in ATTENTION_PROJECTIONS:
-                weight = checkpoint.get(f"{prefix}.self_attn.{proj}.weight", attention_shapes[proj])
+                weight = checkpoint.get(f"{prefix}.self_attn.{proj}.weight", shapes[proj])
                 attn_layout, buffer = quantize_matrix(weight.to(quant_device, cfg.torch_dtype), cfg.quant.attention,
                                                       cfg.torch_dtype)
                 model.set_attention(l, proj, attn_layout, buffer)
