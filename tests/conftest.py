@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call would otherwise retry for ~25 s before failing
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_triton_kernels.py). Triton reads this when
+# a kernel is decorated, including its own standard library at import, so it must be set before anything imports
+# triton (torch and transformers may).
+if not Path("/proc/driver/nvidia").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
