@@ -187,7 +187,8 @@ def summary_line(engine: Engine, seconds: float) -> str:
     return (f"loaded {engine.model_dir} in {seconds:.1f} s: {engine.device}, {cfg.dtype}; attention "
             f"{quant_text(cfg.quant.attention, cfg.dtype)}, experts {quant_text(cfg.quant.experts, cfg.dtype)}; "
             f"{cache.k}/{cache.num_experts} experts/layer on device ({size_text(cache.device_bytes())}), {prefetch}; "
-            f"context {engine.context_window}")
+            f"context {engine.context_window}; kernels {engine.kernels.name}"
+            + (f" (compiled in {engine.kernel_warmup_s:.1f} s)" if engine.kernel_warmup_s >= 0.1 else ""))
 
 
 def size_text(nbytes: int) -> str:

@@ -97,7 +97,7 @@ def _gemv(x_ptr, out_ptr, codes_ptr, s_ptr, srange_ptr, z_ptr, zrange_ptr, T, N,
 def _qmm(x_ptr, out_ptr, codes_ptr, s_ptr, srange_ptr, z_ptr, zrange_ptr, T, N, K, S, R,
          BITS: tl.constexpr, PACK: tl.constexpr, GS: tl.constexpr, QUANT_META: tl.constexpr,
          SCALE_GROUP: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr, DOT_DTYPE: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     """out[T, N] = x[T, K] @ W.T, one [BLOCK_M, BLOCK_N] tile per program."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     G = K // GS
@@ -113,7 +113,7 @@ def _qmm(x_ptr, out_ptr, codes_ptr, s_ptr, srange_ptr, z_ptr, zrange_ptr, T, N, 
         k = g0 * GS + cols
         xv = tl.load(x_ptr + tokens[:, None] * K + k[None, :], mask=(tokens[:, None] < T) & (k[None, :] < K),
                      other=0)  # [BM, BK]
-        acc += tl.dot(xv.to(tl.float32).to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision="ieee")
+        acc += tl.dot(xv.to(tl.float32).to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
     mask = (tokens[:, None] < T) & (rows[None, :] < N)
     tl.store(out_ptr + tokens[:, None] * N + rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -191,8 +191,9 @@ class TritonKernels:
             dot_dtype = tl.float32 if INTERPRET or layout.dtype == torch.float32 else _TL_DTYPES[layout.dtype]
             block_m = 16 if T <= 16 else (32 if T <= 32 else 64)
             grid = (triton.cdiv(T, block_m), triton.cdiv(N, 64))
-            _qmm[grid](x, out, *ptrs, T, *dims, **meta, DOT_DTYPE=dot_dtype, BLOCK_M=block_m, BLOCK_N=64,
-                       BLOCK_G=block_g, num_warps=4)
+            precision = "ieee" if dot_dtype == tl.float32 else "tf32"  # fp32: exact products, not TF32's
+            _qmm[grid](x, out, *ptrs, T, *dims, **meta, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+                       BLOCK_M=block_m, BLOCK_N=64, BLOCK_G=block_g, num_warps=4)
             return out
         weight = self._scratch_for(x.device, N * K, layout.dtype).view(N, K)
         grid = (triton.cdiv(N, 32), triton.cdiv(fmt.groups_per_row, block_g))
