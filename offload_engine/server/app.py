@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
@@ -26,6 +28,7 @@ from . import protocol as p
 from .metrics import Metrics
 from .worker import Done, Failed, Job, Piece, QueueFull, Worker
 
+DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
 ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
 
 
@@ -108,7 +111,9 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         if error["type"] == "json_invalid":
             message = f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])}): send a JSON object"
             return JSONResponse(p.error_body(message), status_code=400)
-        loc = [str(x) for x in error["loc"] if x != "body"]
+        # The field path (e.g. messages.0.role), without the body prefix and pydantic's union-member tags.
+        loc = [str(x) for x in error["loc"][1:] if isinstance(x, int) or re.fullmatch(r"[a-z_]+", x)
+               and x not in ("str", "int", "float", "bool", "list", "dict")]
         param = ".".join(loc) or None
         message = f"{param}: {error['msg']}" if param else error["msg"]
         return JSONResponse(p.error_body(message, param=param), status_code=400)
@@ -218,14 +223,16 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def collect(events: asyncio.Queue, job: Job, request: Request, id_: str, chat: bool):
         """The whole answer as one body; polls for the client going away meanwhile (then cancels the job)."""
         text = []
-        getter = asyncio.ensure_future(events.get())
+        getter, checked = asyncio.ensure_future(events.get()), time.monotonic()
         try:
             while True:
-                done, _ = await asyncio.wait({getter}, timeout=0.25)
-                if not done:
+                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:  # pieces may arrive faster than that: check anyway
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         job.cancel()
                         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+                if not done:
                     continue
                 event, getter = getter.result(), asyncio.ensure_future(events.get())
                 if isinstance(event, Piece):

@@ -12,13 +12,14 @@ import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from ..generate import SamplingParams
 
-Temperature = Annotated[Union[StrictFloat, StrictInt], Field(ge=0, le=2)]
-Probability = Annotated[Union[StrictFloat, StrictInt], Field(ge=0, le=1)]
-Penalty = Annotated[Union[StrictFloat, StrictInt], Field(ge=-2, le=2)]
+# Strict: "0.5" or true is refused, as OpenAI does (a strict float still takes an int).
+Temperature = Annotated[float, Field(strict=True, ge=0, le=2)]
+Probability = Annotated[float, Field(strict=True, ge=0, le=1)]
+Penalty = Annotated[float, Field(strict=True, ge=-2, le=2)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
 
@@ -65,10 +66,10 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    logit_bias: dict[str, Union[StrictFloat, StrictInt]] | None = None
+    logit_bias: dict[str, Annotated[float, Field(strict=True)]] | None = None
     user: StrictStr | None = None
     top_k: Annotated[StrictInt, Field(ge=0)] = 0  # extension
-    repetition_penalty: Annotated[Union[StrictFloat, StrictInt], Field(gt=0)] = 1.0  # extension
+    repetition_penalty: Annotated[float, Field(strict=True, gt=0)] = 1.0  # extension
 
     @field_validator("stop")
     @classmethod
