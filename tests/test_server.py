@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import offload_engine  # noqa: E402
 from offload_engine.chat import encode_chat  # noqa: E402
 from offload_engine.server import BackgroundServer, create_app  # noqa: E402
 
-from conftest import MIXTRAL_CHAT_TEMPLATE, exact_config, make_checkpoint  # noqa: E402
+from conftest import MIXTRAL_CHAT_TEMPLATE, exact_config, make_checkpoint, mixtral_tokenizer_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 30  # seconds, for every HTTP call
@@ -305,25 +304,17 @@ def test_metrics(server, client):
 
 # ---- Mixtral-Instruct's prompt format ----
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
+def mixtral(tmp_path_factory, mixtral_tokenizer):
     """A tiny random model with Mixtral's 32000-token vocabulary, tokenizer and chat template; mistral-common's
     tokenizer for the same vocabulary."""
-    mistral_common = pytest.importorskip("mistral_common")
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-    from transformers import LlamaTokenizer
 
-    source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    if not source.exists():
-        pytest.skip("mistral-common does not ship tokenizer.model.v1")
-    folder = tmp_path_factory.mktemp("mixtral")
-    shutil.copy(source, folder / "tokenizer.model")
-    tokenizer = LlamaTokenizer.from_pretrained(str(folder))
-    tokenizer.chat_template = MIXTRAL_CHAT_TEMPLATE
-    model_dir = make_checkpoint(folder / "model", vocab_size=32000, hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=2, eos_token_id=2)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = make_checkpoint(tmp_path_factory.mktemp("mixtral") / "model", vocab_size=32000, hidden_size=32,
+                                intermediate_size=64, num_hidden_layers=2, eos_token_id=2)
+    mixtral_tokenizer.save_pretrained(model_dir)
     engine = offload_engine.load(model_dir, config=exact_config(experts_on_device=8), progress=False)
-    return engine, MistralTokenizer.from_file(str(source))
+    engine.tokenizer.chat_template = MIXTRAL_CHAT_TEMPLATE  # what the hub's tokenizer_config.json holds
+    return engine, MistralTokenizer.from_file(str(mixtral_tokenizer_model()))
 
 
 CONVERSATIONS = [

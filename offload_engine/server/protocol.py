@@ -55,7 +55,7 @@ class SamplingRequest(BaseModel):
     """The fields both endpoints share."""
 
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr
+    model: StrictStr | None = None  # required by OpenAI; one model is served whatever it names
     max_tokens: PositiveInt | None = None
     temperature: Temperature = 1.0
     top_p: Probability = 1.0
