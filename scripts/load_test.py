@@ -147,16 +147,11 @@ def main() -> int:
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     servers, engine = [], None
     if not args.url:
-        from offload_engine.cli import resolve_setup, summary_line, warm_up
-        from offload_engine.engine import load
+        from offload_engine.cli import load_engine, resolve_setup
         from offload_engine.server import BackgroundServer, create_app
 
-        setup = resolve_setup(argparse.Namespace(demo=args.demo, model=args.model, config=args.config,
-                                                 device=args.device))
-        start = time.perf_counter()
-        engine = load(setup.model_dir, setup.config, setup.device, progress=False)
-        warm_up(engine)
-        print(summary_line(engine, time.perf_counter() - start))
+        engine = load_engine(resolve_setup(argparse.Namespace(demo=args.demo, model=args.model, config=args.config,
+                                                              device=args.device)), log=sys.stdout)
         for reuse in ([True, False] if args.compare_prefix_reuse else [True]):
             app = create_app(engine, model_name="m", max_queue=max(32, args.clients), prefix_reuse=reuse)
             servers.append((reuse, BackgroundServer(app).start()))

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
-from ..cli import UsageError, cli_terms, parse_device, resolve_setup, summary_line, warm_up
+from ..cli import UsageError, cli_terms, load_engine, parse_device, resolve_setup
 from ..memory import NotEnoughMemory
 
 
@@ -62,15 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
         if not 0 <= args.port <= 65535:
             raise UsageError(f"--port must be in 0..65535, got {args.port}")
-        setup = resolve_setup(args)
-        from ..engine import load
+        engine = load_engine(resolve_setup(args))
         from .runner import serve
 
-        print(f"loading {setup.model_dir} on {setup.device} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        engine = load(setup.model_dir, setup.config, setup.device, progress=True)
-        warm_up(engine)
-        print(summary_line(engine, time.perf_counter() - start), file=sys.stderr)
         if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
             print(f"warning: binding {args.host} without --api-key: anyone who can reach it can use the model",
                   file=sys.stderr)
