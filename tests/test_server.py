@@ -254,6 +254,8 @@ def error_of(response: httpx.Response) -> dict:
     ({"messages": HELLO, "logprobs": True}, "logprobs"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages"),
     ({}, "messages"),
 ])
 def test_bad_parameters_get_400_with_an_openai_error(server, body, param):

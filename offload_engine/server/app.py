@@ -115,7 +115,12 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         loc = [str(x) for x in error["loc"][1:] if isinstance(x, int) or re.fullmatch(r"[a-z_]+", x)
                and x not in ("str", "int", "float", "bool", "list", "dict")]
         param = ".".join(loc) or None
-        message = f"{param}: {error['msg']}" if param else error["msg"]
+        if param:
+            message = f"{param}: {error['msg']}"
+        elif error["type"] == "missing":
+            message = "the request has no body: send a JSON object (Content-Type: application/json)"
+        else:
+            message = f"the body must be a JSON object sent with Content-Type: application/json ({error['msg']})"
         return JSONResponse(p.error_body(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -166,7 +171,10 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def chat_completions(body: p.ChatRequest, request: Request):
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions with a prompt")
-        messages = body.chat_messages()
+        try:
+            messages = body.chat_messages()
+        except p.UnsupportedParameter as e:
+            raise APIError(400, str(e), param=e.param)
         if messages[-1]["role"] != "user":
             raise APIError(400, "the last message must be the user's: the model answers it", param="messages")
         try:
@@ -179,7 +187,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def completions(body: p.CompletionRequest, request: Request):
         try:
             ids = engine.encode(body.prompt_input())
-        except ValueError as e:
+        except ValueError as e:  # UnsupportedParameter (a batch) or an empty prompt
             raise APIError(400, str(e), param="prompt")
         vocab = engine.model.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):

@@ -31,18 +31,22 @@ class UnsupportedParameter(ValueError):
         self.param = param
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: StrictStr
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: StrictStr
+    text: StrictStr | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. `name`: a hint the template has no place for
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[StrictStr, list[TextPart], None] = None
+    content: Union[StrictStr, list[ContentPart], None] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
+            if any(part.type != "text" or part.text is None for part in self.content):
+                raise UnsupportedParameter("messages", "only text content parts are supported: this model reads "
+                                                       "no images, audio or files")
             return "".join(part.text for part in self.content)
         return self.content or ""
 
@@ -124,13 +128,14 @@ class ChatRequest(SamplingRequest):
         return super().sampling(max_new_tokens)
 
     def chat_messages(self) -> list[dict[str, str]]:
-        """Messages for the chat template; OpenAI's `developer` role is the newer name of `system`."""
+        """Messages for the chat template; OpenAI's `developer` role is the newer name of `system`. Raises
+        UnsupportedParameter for non-text content."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
 class CompletionRequest(SamplingRequest):
     prompt: Union[StrictStr, Annotated[list[StrictInt], Field(min_length=1)], Annotated[list[StrictStr], Field(
-        min_length=1, max_length=1)]]
+        min_length=1)]]
     logprobs: StrictInt | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
@@ -146,9 +151,10 @@ class CompletionRequest(SamplingRequest):
         return super().sampling(max_new_tokens)
 
     def prompt_input(self) -> str | list[int]:
-        """The prompt text, or token ids as given (a one-string list is that string; batches are refused by the
-        schema)."""
+        """The prompt text, or token ids as given (a one-string list is that string)."""
         if isinstance(self.prompt, list) and isinstance(self.prompt[0], str):
+            if len(self.prompt) > 1:
+                raise UnsupportedParameter("prompt", "one prompt per request: batches of prompts are not supported")
             return self.prompt[0]
         return self.prompt
 
