@@ -285,7 +285,10 @@ def test_api_key(engine):
         with pytest.raises(openai.AuthenticationError) as e:
             wrong.models.list()
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
-        assert error_of(httpx.post(s.url + "/v1/completions", json={}, timeout=TIMEOUT))["code"] == "invalid_api_key"
+        # The key is checked before the body is read: even a malformed body gets 401.
+        r = httpx.post(s.url + "/v1/completions", content=b"{", headers={"Authorization": "Bearer nope"},
+                       timeout=TIMEOUT)
+        assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
         right = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0, timeout=TIMEOUT)
         assert right.completions.create(model="m", prompt="Hi", max_tokens=1).usage.completion_tokens == 1
         assert httpx.get(s.url + "/health", timeout=TIMEOUT).status_code == 200

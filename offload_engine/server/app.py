@@ -17,10 +17,11 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2.exceptions import TemplateError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ..chat import encode_chat
@@ -64,6 +65,22 @@ class CountRequests:
             self.metrics.requests.labels(endpoint=path, status=str(status)).inc()
 
 
+class RequireKey:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer <api_key>`, checked before the body is even read."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                body = p.error_body("invalid or missing API key: send the header 'Authorization: Bearer <key>' "
+                                    "with the key the server was started with", code="invalid_api_key")
+                return await JSONResponse(body, status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class EventStream(StreamingResponse):
     """An SSE response that calls `on_close` however it ends (finished, failed, or the client went away)."""
 
@@ -99,7 +116,9 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
 
     app = FastAPI(title="offload_engine", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker, app.state.metrics, app.state.model_name = worker, metrics, name
-    app.add_middleware(CountRequests, metrics=metrics)
+    if api_key is not None:
+        app.add_middleware(RequireKey, api_key=api_key)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts the 401s too
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -109,7 +128,8 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def invalid_request(request: Request, e: RequestValidationError):
         error = e.errors()[0]
         if error["type"] == "json_invalid":
-            message = f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])}): send a JSON object"
+            reason = error.get("ctx", {}).get("error", error["msg"])
+            message = f"the body is not valid JSON ({reason}): send a JSON object"
             return JSONResponse(p.error_body(message), status_code=400)
         # The field path (e.g. messages.0.role), without the body prefix and pydantic's union-member tags.
         loc = [str(x) for x in error["loc"][1:] if isinstance(x, int) or re.fullmatch(r"[a-z_]+", x)
@@ -134,16 +154,6 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         return JSONResponse(p.error_body(f"internal error: {type(e).__name__}: {e}", "server_error"),
                             status_code=500)
 
-    async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>' with "
-                                "the key the server was started with", code="invalid_api_key")
-
-    auth = [Depends(authorize)]
-
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "waiting": worker.depth(), "running": worker.running is not None}
@@ -156,18 +166,18 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         return {"id": name, "object": "model", "created": 0, "owned_by": "offload_engine",
                 "max_model_len": window}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != name:
             raise APIError(404, f"model {model_id!r} does not exist; this server serves {name!r}",
                            "not_found_error", "model", "model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: p.ChatRequest, request: Request):
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions with a prompt")
@@ -183,7 +193,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
             raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages")
         return await generate(request, body, ids, chat=True)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
         try:
             ids = engine.encode(body.prompt_input())
