@@ -4,8 +4,9 @@
                   [--api-key KEY] [--max-queue N] [--served-model-name NAME] [--no-prefix-reuse]
     offload-serve --demo            # the small demo model shipped in the package
 
-Ctrl-C / SIGTERM shut it down gracefully (the running request is stopped; uvicorn then re-raises the
-signal, so the exit status is the signal's). Exit code 2 with a one-line `error: ...` for a bad model, config or option.
+Ctrl-C / SIGTERM shut it down: running requests get 5 s to finish, then their generation is stopped (uvicorn
+then re-raises the signal, so the exit status is the signal's). Exit code 2 with a one-line `error: ...` for a
+bad model, config or option.
 """
 
 from __future__ import annotations

@@ -11,9 +11,13 @@ from fastapi import FastAPI
 from .app import create_app
 
 
+GRACE_S = 5  # at shutdown, how long running requests may go on before they are cancelled
+
+
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **app_options) -> None:
     """Serve `engine` until Ctrl-C / SIGTERM. `app_options`: model_name, api_key, max_queue, prefix_reuse."""
-    uvicorn.run(create_app(engine, **app_options), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(engine, **app_options), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=GRACE_S)
 
 
 class BackgroundServer:
@@ -21,7 +25,8 @@ class BackgroundServer:
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=GRACE_S))
         self.thread = threading.Thread(target=self.server.run, name="offload-serve-http", daemon=True)
         self.host, self.port = host, port
 
