@@ -157,10 +157,12 @@ def test_next_turn_reuses_the_kv_cache_and_matches_a_full_prefill(engine, server
     second = client.chat.completions.create(model="demo", messages=conversation, max_tokens=12, temperature=0)
     reused = metric(server, "offload_prefix_reused_tokens_total") - before
     assert reused >= first.usage.prompt_tokens, "the first turn's prompt must come from the cache"
+    assert second.usage.prompt_tokens_details.cached_tokens == reused
     assert second.choices[0].message.content == text
     # The same request again does not extend the previous prompt: a fresh prefill, the same answer.
     again = client.chat.completions.create(model="demo", messages=conversation, max_tokens=12, temperature=0)
     assert metric(server, "offload_prefix_reused_tokens_total") - before == reused
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
     assert again.choices[0].message.content == text
 
 

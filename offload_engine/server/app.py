@@ -259,8 +259,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                     raise APIError(500, event.message, "server_error")
                 elif isinstance(event, Done):
                     build = p.chat_response if chat else p.completion_response
-                    return build(id_, name, "".join(text), event.finish_reason, event.prompt_tokens,
-                                 event.completion_tokens)
+                    return build(id_, name, "".join(text), event.finish_reason, event.usage())
         finally:
             getter.cancel()
 
@@ -280,7 +279,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                 yield sse(p.chat_chunk(id_, name, {}, event.finish_reason) if chat
                           else p.completion_response(id_, name, "", event.finish_reason))
                 if include_usage:
-                    yield sse(p.usage_chunk(id_, name, object_, event.prompt_tokens, event.completion_tokens))
+                    yield sse(p.usage_chunk(id_, name, object_, event.usage()))
                 break
         yield sse("[DONE]")
 

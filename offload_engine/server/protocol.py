@@ -169,17 +169,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage block; `cached_tokens`: prompt tokens whose KV cache was reused (prefix reuse)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_response(id_: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
-                  ) -> dict:
+def chat_response(id_: str, model: str, text: str, finish_reason: str, usage_: dict) -> dict:
     return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                          "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None}
+            "usage": usage_, "system_fingerprint": None}
 
 
 def chat_chunk(id_: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
@@ -188,18 +189,18 @@ def chat_chunk(id_: str, model: str, delta: dict, finish_reason: str | None = No
             "system_fingerprint": None}
 
 
-def completion_response(id_: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int | None = None,
-                        completion_tokens: int | None = None) -> dict:
-    """A whole completion, or (without token counts) one streamed chunk of one."""
+def completion_response(id_: str, model: str, text: str, finish_reason: str | None, usage_: dict | None = None
+                        ) -> dict:
+    """A whole completion, or (without usage) one streamed chunk of one."""
     body = {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
             "system_fingerprint": None}
-    if prompt_tokens is not None:
-        body["usage"] = usage(prompt_tokens, completion_tokens or 0)
+    if usage_ is not None:
+        body["usage"] = usage_
     return body
 
 
-def usage_chunk(id_: str, model: str, object_: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(id_: str, model: str, object_: str, usage_: dict) -> dict:
     """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
     return {"id": id_, "object": object_, "created": int(time.time()), "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage_}

@@ -23,6 +23,7 @@ from typing import Callable, Union
 from ..chat import PrefixCache
 from ..generate import SamplingParams, generate_tokens, stream_text
 from .metrics import Metrics
+from .protocol import usage
 
 
 @dataclass
@@ -36,6 +37,9 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     reused_tokens: int  # prompt tokens whose KV cache came from the previous request
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, self.completion_tokens, self.reused_tokens)
 
 
 @dataclass
@@ -53,7 +57,6 @@ class Job:
     emit: Callable[[Event], None]  # called from the worker thread
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    completion_tokens: int = 0
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -152,7 +155,6 @@ class Worker:
                     metrics.generated_tokens.inc()
                 last = now
                 reply.append(token)
-                job.completion_tokens = len(reply)
                 yield token
 
         try:
