@@ -67,12 +67,17 @@ def test_counters_are_consistent_on_a_random_model(tiny_dir, k, prefetch):
             pristine[layer, expert] = (cache.slots[home] if home is not None
                                        else cache.host[layer][cache.host_of[layer][expert]]).clone()
 
-    original_get, original_prefetch = cache.get, cache.prefetch
+    original_acquire, original_use, original_prefetch = cache.acquire, cache.use, cache.prefetch
+    checked = []
 
-    def checked_get(layer, expert, protect=()):
-        buffer = original_get(layer, expert, protect)
-        assert torch.equal(buffer, pristine[layer, expert])
+    def checked_acquire(layer, expert, protect=(), lend=True):
+        original_acquire(layer, expert, protect, lend)
         assert all(p in cache.main[layer] or p in cache.staged[layer] or p in cache.host_of[layer] for p in protect)
+
+    def checked_use(layer, expert):
+        buffer = original_use(layer, expert)
+        assert torch.equal(buffer, pristine[layer, expert])
+        checked.append(expert)
         return buffer
 
     def checked_prefetch(layer, guesses):
@@ -80,11 +85,11 @@ def test_counters_are_consistent_on_a_random_model(tiny_dir, k, prefetch):
         original_prefetch(layer, guesses)
         assert cache.main[layer] == before, "a prefetch must not displace resident experts"
 
-    cache.get, cache.prefetch = checked_get, checked_prefetch
+    cache.acquire, cache.use, cache.prefetch = checked_acquire, checked_use, checked_prefetch
     tokens = torch.randint(0, 160, (30,), generator=torch.Generator().manual_seed(5)).tolist()
     _decode(engine, tokens)
     s = engine.stats()["overall"]
-    assert s["hits"] + s["misses"] == s["lookups"] == 29 * 3 * 2
+    assert s["hits"] + s["misses"] == s["lookups"] == 29 * 3 * 2 == len(checked) - 3 * 2
     assert s["prefetch_issued"] == s["prefetch_used"] + s["prefetch_wasted"]
     # Every expert that comes in pushes one out, except when k < top_k and the resident is still needed
     # (then the newcomer is used in place and dropped).
