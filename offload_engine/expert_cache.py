@@ -24,7 +24,8 @@ Ordering (CUDA; the same calls are no-ops on CPU): copy-ins run on one side stre
 the other PCIe direction. Events order every pair of accesses to one buffer that could conflict:
   * a copy into a slot waits for the last kernels and the last write-back that read it;
   * a copy from a host slot waits for the last write-back into it;
-  * a write-back waits for the copy-in that filled its slot and for the copy-in that read its host slot;
+  * a write-back waits for the copy-in that read its host slot (which, see `_write_back`, also orders it after
+    the copy-in that filled its device slot);
   * kernels wait (`wait_event`, never the host) for the copy-in that filled their slot.
 The host blocks only in `recover`/`close`, and per copy only when `timing` is set (profiling).
 
@@ -103,6 +104,11 @@ class CacheAllocation:
     @property
     def locked_host_bytes(self) -> int:
         return self.host_bytes if self.locked else 0  # one exact-size registration: nothing rounded up
+
+
+# The protocol's ordering steps (the `step` names `_after` is called with); tests remove each in turn.
+ORDERING_STEPS = ("copy_in_after_compute", "copy_in_after_write_back", "copy_in_after_host_write",
+                  "write_back_after_host_read", "compute_after_copy_in")
 
 
 class ExpertCache:
@@ -293,7 +299,8 @@ class ExpertCache:
     def _write_back(self, layer: int, slot: int, host: int) -> None:
         """Queue device slot -> host slot on the write-back stream."""
         s = self.streams
-        self._after(s.d2h, self.slot_written[slot], "write_back_after_copy_in")
+        # This also orders it after the copy that filled `slot`: that expert entered `main` by a swap whose
+        # write-back waited for its copy-in (the read of the host slot it vacated), earlier on this same stream.
         self._after(s.d2h, self.host_read[layer][host], "write_back_after_host_read")
         self._copy(self.host[layer][host], self.slots[slot], s.d2h, ("host", layer, host), ("slot", slot))
         self.slot_written_back[slot] = self.host_written[layer][host] = s.record(s.d2h)
