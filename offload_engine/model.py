@@ -147,7 +147,8 @@ class OffloadedMixtral(nn.Module):
         batch, seq = input_ids.shape
         past = kv_cache.get_seq_length() if kv_cache is not None else 0
         position_ids = torch.arange(past, past + seq, device=self.device)[None]  # [1, S]
-        hidden = self.model.embed_tokens(input_ids.to(self.device))  # [B, S, H]
+        # non_blocking: a pageable host->device copy is staged before it returns, so it needs no stream sync.
+        hidden = self.model.embed_tokens(input_ids.to(self.device, non_blocking=True))  # [B, S, H]
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=kv_cache,
                                   position_ids=position_ids)
         position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
