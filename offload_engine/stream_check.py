@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass(frozen=True)
@@ -119,3 +120,34 @@ def attach(cache) -> RecordingStreams:
         raise ValueError("the stream checker replays a CPU cache; load the engine with device='cpu'")
     cache.streams = RecordingStreams()
     return cache.streams
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the reads that would block the host on a GPU: scalar reads and data-dependent shapes (seen by
+    dispatch) and Tensor.tolist (which bypasses dispatch, so it is wrapped while the counter is active)."""
+
+    SYNCING = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "unique", "_unique2", "masked_select",
+                         "equal", "repeat_interleave"})
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self._tolist = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.SYNCING:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        tolist = self._tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            self.count += 1
+            return tolist(tensor)
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
