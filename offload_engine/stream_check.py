@@ -127,7 +127,7 @@ class SyncCounter(TorchDispatchMode):
     dispatch) and Tensor.tolist (which bypasses dispatch, so it is wrapped while the counter is active)."""
 
     SYNCING = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "unique", "_unique2", "masked_select",
-                         "equal", "repeat_interleave"})
+                         "equal", "repeat_interleave", "where.default"})  # where(cond): nonzero in disguise
 
     def __init__(self):
         super().__init__()
@@ -135,7 +135,7 @@ class SyncCounter(TorchDispatchMode):
         self._tolist = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in self.SYNCING:
+        if func.__name__ in self.SYNCING or func.__name__.split(".")[0] in self.SYNCING:
             self.count += 1
         return func(*args, **(kwargs or {}))
 
