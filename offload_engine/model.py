@@ -132,16 +132,21 @@ class OffloadedMixtral(nn.Module):
         Whatever this raises (KeyboardInterrupt included), the expert cache is back in its idle state before the
         exception leaves (`ExpertCache.recover`); `kv_cache` may then hold part of this call and should be dropped."""
         cache = self.cache
-        if cache.busy:  # an earlier forward was interrupted while recovering: finish that first
+        if cache.busy:  # an earlier forward was interrupted and never recovered: finish that first
             cache.recover()
         cache.busy = True
         try:
             logits = self._forward(input_ids, kv_cache, on_routing)
+            cache.busy = False
+            return logits
         except BaseException:
-            cache.recover()
+            while True:  # a second Ctrl-C must not leave the cache half-restored; the first one is re-raised
+                try:
+                    cache.recover()
+                    break
+                except KeyboardInterrupt:
+                    continue
             raise
-        cache.busy = False
-        return logits
 
     def _forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None, on_routing) -> torch.Tensor:
         batch, seq = input_ids.shape

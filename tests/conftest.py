@@ -102,3 +102,12 @@ def make_chat_checkpoint(path: Path, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def chat_dir(tmp_path_factory) -> Path:
     return make_chat_checkpoint(tmp_path_factory.mktemp("chat"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a busy 2-core machine: OpenMP barriers can wait tens of ms for a descheduled thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,9 +9,12 @@ sampling; plus a few real SIGALRM timers. Hundreds of faults across experts_on_d
 
 from __future__ import annotations
 
+import _thread
 import random
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -35,12 +38,7 @@ class Injected(RuntimeError):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
 
 
 class LineInterrupt:
@@ -80,7 +78,7 @@ def nth_call(n: int, fn, fault):
 
 def run_with_fault(engine, monkeypatch, rng: random.Random, kind: str, prompt: list[int], budget: dict) -> None:
     """One generation with one fault of `kind`; the fault must surface as the exception injected."""
-    expected = KeyboardInterrupt if kind in ("line", "timer") else Injected
+    expected = KeyboardInterrupt if kind in ("line", "timer", "thread_timer") else Injected
     with monkeypatch.context() as m:
         if kind == "compute":
             def oom(*args):
@@ -116,11 +114,20 @@ def run_with_fault(engine, monkeypatch, rng: random.Random, kind: str, prompt: l
             if kind == "line":
                 with LineInterrupt(rng.randint(1, budget["line"])):
                     engine.generate_ids(prompt, max_new_tokens=6)
-            elif kind == "timer":
+            elif kind == "timer":  # a real signal, raising wherever the main thread is
                 signal.signal(signal.SIGALRM, signal.default_int_handler)
                 signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0005, budget["seconds"]))
                 engine.generate_ids(prompt, max_new_tokens=6)
                 signal.setitimer(signal.ITIMER_REAL, 0)
+            elif kind == "thread_timer":  # Ctrl-C as another thread delivers it
+                timer = threading.Timer(rng.uniform(0.0005, budget["seconds"]), _thread.interrupt_main)
+                timer.start()
+                try:
+                    engine.generate_ids(prompt, max_new_tokens=6)
+                finally:
+                    timer.cancel()
+                    timer.join()
+                    time.sleep(0.001)  # a late interrupt lands here, inside the try
             else:
                 engine.generate_ids(prompt, max_new_tokens=6)
         except (KeyboardInterrupt, RuntimeError) as e:
@@ -148,7 +155,6 @@ def measure(engine, prompt: list[int]) -> dict:
     generate_module.sample = counted("sample", sample)
     try:
         with LineInterrupt(None) as lines:
-            import time
             start = time.perf_counter()
             engine.generate_ids(prompt, max_new_tokens=6)
             seconds = time.perf_counter() - start
@@ -182,7 +188,7 @@ def test_faults_leave_the_engine_exact(tiny_dir, monkeypatch, k, prefetch):
     fresh = offload_engine.load(tiny_dir, config=exact_config(experts_on_device=k, prefetch=prefetch), progress=False)
     rng = random.Random(1000 * k + prefetch)
     expected = fresh.generate_ids(PROMPT, max_new_tokens=10)
-    kinds = ["line"] * 10 + ["compute"] * 4 + ["bad_tensor"] * 2 + ["copy"] * 4 + ["sample"] * 2 + ["timer"] * 2
+    kinds = ["line"] * 10 + ["compute"] * 4 + ["bad_tensor"] * 2 + ["copy"] * 4 + ["sample"] * 2 + ["timer", "thread_timer"]
     assert len(kinds) == FAULTS_PER_CONFIG
     rng.shuffle(kinds)
     raised = {kind: 0 for kind in kinds}

@@ -18,13 +18,7 @@ from conftest import exact_config, make_checkpoint
 N_CONFIGS = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a busy 2-core machine: OpenMP barriers can wait tens of ms for a descheduled thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
 
 
 @pytest.fixture(scope="module")
