@@ -349,8 +349,10 @@ class ExpertCache:
             raise RuntimeError(f"expert cache inconsistent: {what}")
 
         E, off = self.num_experts, self.allocation.host_slots
-        if self._journal is not None or self.busy:
-            fail("a forward or a swap did not finish (call recover())")
+        if self.busy:
+            fail("a forward did not finish (call recover())")
+        if self._journal is not None:
+            fail(f"a swap did not finish: {self._journal} (call recover())")
         seen: list[int] = []
         for layer in range(self.num_layers):
             main, host_of = self.main[layer], self.host_of[layer]

@@ -134,8 +134,8 @@ class OffloadedMixtral(nn.Module):
         cache = self.cache
         if cache.busy:  # an earlier forward was interrupted and never recovered: finish that first
             cache.recover()
-        cache.busy = True
         try:
+            cache.busy = True
             logits = self._forward(input_ids, kv_cache, on_routing)
             cache.busy = False
             return logits
