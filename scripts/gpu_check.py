@@ -93,7 +93,7 @@ def copy_overlap(prof, compute_stream: int) -> dict:
             continue
         span = (e.time_range.start, e.time_range.end, getattr(e, "device_resource_id", None))
         if "Memcpy" in e.name:
-            if "Pinned" in e.name:  # the expert copies (routing reads go to pageable memory)
+            if "Pageable" not in e.name:  # the expert copies (page-locked); routing reads go to pageable memory
                 copies["HtoD" if "HtoD" in e.name else "DtoH"].append(span)
         else:
             kernels.append(span)
