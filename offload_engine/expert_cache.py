@@ -10,7 +10,7 @@ Memory model, per layer, for E experts and k = experts_on_device < E:
   * Prefetch rule (the reference system's): a prefetched expert sits in a spare slot ("staged") and displaces
     nothing; when a lookup uses it, it takes the place of the policy's victim, like a miss that was already
     paid for. The victim is never an expert the current layer call still has to look up; if every resident is
-    (fewer slots than experts per token), the newcomer is used in place ("transient") and its slot freed after.
+    (fewer slots than experts per token), the newcomer is used in place ("transient"), its slot freed after.
     Staged experts that were not used are dropped when their layer finishes (counted as wasted); their host copy
     never left, so dropping costs nothing.
 With k >= E every expert is resident and there are no host slots and no copies.
@@ -32,10 +32,11 @@ The host blocks only in `recover`/`close`, and per copy only when `timing` is se
 INVARIANT (`check_invariant`), at every moment no forward is running:
   * per layer, `main` (expert -> device slot) and `host_of` (expert -> host slot) partition the E experts,
     |main| = k, and `host_of`'s values are exactly the layer's E - k host slots; every buffer holds the bytes of
-    the expert mapped to it;
-  * no expert is staged, transient, retiring or lent, no guess is pending, no swap is half done, and the free
-    list holds exactly the spare slots (each device slot is in exactly one of: some layer's main, the free list);
-  * no copy is in flight that a later copy could overtake (after `recover`, none at all).
+    the expert mapped to it (the tests check this through exact tokens; `check_invariant` checks the rest);
+  * no expert is staged, transient, retiring or lent, no guess is pending, no swap is half done, and every
+    device slot is in exactly one of: some layer's main, the free list (which so holds one slot per spare);
+  * every copy still in flight is ordered by events before any later access to its buffers (after `recover`,
+    none is in flight).
 Whatever a forward raises, `recover()` restores this: it waits for every copy and kernel, finishes a swap that
 was interrupted between its write-back and its bookkeeping (the journal), drops staged/transient/retiring slots
 and pending guesses, and rebuilds the free list.
