@@ -165,6 +165,8 @@ def resolve_setup(args: argparse.Namespace) -> Setup:
     if args.demo and not args.config:
         # The demo exercises the expert cache for real: half of each layer's experts offloaded, prefetch on.
         name = {**load_config("cpu").to_dict(), "offload": DEMO_OFFLOAD}
+        if device.type == "cuda" and not fast_bfloat16(device):  # e.g. a T4: no bf16 tensor cores
+            name["dtype"] = "float16"
     window = min(load_config(name).max_context, read_config(model_dir).max_position_embeddings)
     return Setup(model_dir, name, device, window)
 
@@ -178,6 +180,11 @@ def load_engine(setup: Setup, log: TextIO | None = None) -> Engine:
     warm_up(engine)
     print(summary_line(engine, time.perf_counter() - start), file=log, flush=True)
     return engine
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """bf16 tensor cores arrived with Ampere (compute capability 8.0); older GPUs emulate bf16 slowly."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def warm_up(engine: Engine) -> None:

@@ -119,18 +119,24 @@ class Engine:
         return {
             "overall": with_rates(total),
             "per_layer": [with_rates(s) for s in self.cache.stats],
-            "host_syncs": self.model.host_syncs,
+            "host_syncs": self.model.host_syncs + self.cache.host_waits,  # routing reads + cache waits (profiling)
             "experts_on_device": self.cache.k,
             "prefetch": self.cache.prefetch_count,
             "device_bytes": self.cache.device_bytes(),
             "host_bytes": self.cache.host_bytes(),
             "kernels": self.kernels.name,
             "kernel_warmup_s": self.kernel_warmup_s,
+            "host_locked_bytes": self.cache.locked_bytes,  # page-locked (CUDA): exactly host_bytes, 0 on CPU
         }
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
         self.model.host_syncs = 0
+
+    def close(self) -> None:
+        """Wait for the cache's copies, then free its device slots and unlock its host memory (also done when the
+        engine is garbage-collected). The engine cannot run afterwards."""
+        self.cache.close()
 
 
 def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torch.device | None = None,

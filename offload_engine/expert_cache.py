@@ -1,33 +1,58 @@
 """The expert cache (mechanism only): which expert lives in which buffer, the copies that move them, counters.
 
 Memory model, per layer, for E experts and k = experts_on_device < E:
-  * k experts live in device slots ("main"); the other E - k live in host slots (pinned when the device is
-    CUDA). The host holds *only* the non-resident experts, which is what lets Mixtral's 2-bit experts fit
-    beside Colab's 12.7 GB of RAM: a miss swaps, i.e. copies the wanted expert host->device into a spare slot
-    and writes the evicted expert device->host into the host slot just vacated.
+  * k experts live in device slots ("main"); the other E - k live in host slots (page-locked at their exact size
+    when the device is CUDA). The host holds *only* the non-resident experts, which is what lets Mixtral's 2-bit
+    experts fit beside Colab's 12.7 GB of RAM: a miss swaps, i.e. copies the wanted expert host->device into a
+    spare slot and writes the evicted expert device->host into the host slot just vacated.
   * A few spare device slots, shared by all layers (every expert has the same byte size): one for a miss and
     `prefetch` per layer for the two layers whose guesses can be in flight at once.
   * Prefetch rule (the reference system's): a prefetched expert sits in a spare slot ("staged") and displaces
     nothing; when a lookup uses it, it takes the place of the policy's victim, like a miss that was already
-    paid for. The victim is never an expert the current layer call still needs; if every resident is still
-    needed (fewer slots than experts per token), the newcomer is used in place and its slot freed after. Staged experts that were not used are dropped when their layer finishes (counted as wasted);
-    their host copy never left, so dropping costs nothing.
+    paid for. The victim is never an expert the current layer call still has to look up; if every resident is
+    (fewer slots than experts per token), the newcomer is used in place ("transient"), its slot freed after.
+    Staged experts that were not used are dropped when their layer finishes (counted as wasted); their host copy
+    never left, so dropping costs nothing.
 With k >= E every expert is resident and there are no host slots and no copies.
 
-CUDA: all copies run on one side stream, in order. Each slot has a `ready` event (its last copy-in finished)
-and a `free` event (the last kernel that read it finished); a copy into or out of a slot waits for `free`,
-and compute waits for `ready` only when it actually needs that expert. On CPU the copies are plain copies.
+A layer call: `acquire` each expert it needs (this queues every demand copy before any compute), `prefetch` the
+next layer's guesses (queued behind the demand copies), then per expert `use` -> kernels -> `computed`. An
+acquired expert may be evicted before it computes (a later miss of the same call chose it): its slot is then
+"retiring", kept until `computed` returns it.
+
+Ordering (CUDA; the same calls are no-ops on CPU): copy-ins run on one side stream, write-backs on another, in
+the other PCIe direction. Events order every pair of accesses to one buffer that could conflict:
+  * a copy into a slot waits for the last kernels and the last write-back that read it;
+  * a copy from a host slot waits for the last write-back into it;
+  * a write-back waits for the copy-in that read its host slot (which, see `_write_back`, also orders it after
+    the copy-in that filled its device slot);
+  * kernels wait (`wait_event`, never the host) for the copy-in that filled their slot.
+The host blocks only in `recover`/`close`, and per copy only when `timing` is set (profiling).
+
+INVARIANT (`check_invariant`), at every moment no forward is running:
+  * per layer, `main` (expert -> device slot) and `host_of` (expert -> host slot) partition the E experts,
+    |main| = k, and `host_of`'s values are exactly the layer's E - k host slots; every buffer holds the bytes of
+    the expert mapped to it (the tests check this through exact tokens; `check_invariant` checks the rest);
+  * no expert is staged, transient, retiring or lent, no guess is pending, no swap is half done, and every
+    device slot is in exactly one of: some layer's main, the free list (which so holds one slot per spare);
+  * every copy still in flight is ordered by events before any later access to its buffers (after `recover`,
+    none is in flight).
+Whatever a forward raises, `recover()` restores this: it waits for every copy and kernel, finishes a swap that
+was interrupted between its write-back and its bookkeeping (the journal), drops staged/transient/retiring slots
+and pending guesses, and rebuilds the free list.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
 
 from .policy import make_policy
+from .streams import make_streams, pin, unpin
 
 
 @dataclass
@@ -44,37 +69,82 @@ class LayerStats:
     needed_after_guess: int = 0  # experts used by layers for which a guess had been made
     bytes_h2d: int = 0
     bytes_d2h: int = 0
-    wait_s: float = 0.0  # host time spent waiting for an in-flight copy (CUDA only)
+    wait_s: float = 0.0  # host time spent waiting for an in-flight copy (CUDA, only when `timing` is set)
 
     def add(self, other: "LayerStats") -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
+@dataclass(frozen=True)
+class CacheAllocation:
+    """What an ExpertCache allocates, computed from shapes alone (the memory plan uses it before allocating)."""
+    device_slots: int  # main + spare
+    spare_slots: int
+    host_slots: int  # per layer
+    num_layers: int
+    expert_bytes: int
+    locked: bool  # host slots page-locked (CUDA)
+
+    @staticmethod
+    def build(num_layers: int, num_experts: int, expert_bytes: int, experts_on_device: int, prefetch: int,
+              cuda: bool) -> "CacheAllocation":
+        k = min(experts_on_device, num_experts)
+        offloaded = num_experts - k
+        spares = (1 + 2 * prefetch) if offloaded else 0
+        return CacheAllocation(num_layers * k + spares, spares, offloaded, num_layers, expert_bytes, cuda)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.device_slots * self.expert_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.num_layers * self.host_slots * self.expert_bytes
+
+    @property
+    def locked_host_bytes(self) -> int:
+        return self.host_bytes if self.locked else 0  # one exact-size registration: nothing rounded up
+
+
+# The protocol's ordering steps (the `step` names `_after` is called with); tests remove each in turn.
+ORDERING_STEPS = ("copy_in_after_compute", "copy_in_after_write_back", "copy_in_after_host_write",
+                  "write_back_after_host_read", "compute_after_copy_in")
+
+
 class ExpertCache:
     def __init__(self, num_layers: int, num_experts: int, expert_nbytes: int, experts_on_device: int,
-                 prefetch: int, device: torch.device, policy: str = "lru"):
+                 prefetch: int, device: torch.device, policy: str = "lru", streams=None):
         self.num_layers, self.num_experts, self.nbytes = num_layers, num_experts, expert_nbytes
         self.k = min(experts_on_device, num_experts)
         self.prefetch_count = prefetch if self.k < num_experts else 0
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        offloaded = num_experts - self.k
-        spares = (1 + 2 * self.prefetch_count) if offloaded else 0
+        self.streams = streams if streams is not None else make_streams(self.device)
+        self.allocation = CacheAllocation.build(num_layers, num_experts, expert_nbytes, self.k, self.prefetch_count,
+                                                self.cuda)
+        offloaded, spares = self.allocation.host_slots, self.allocation.spare_slots
         # [L*k + spares, nbytes]: main slots of layer l start at l*k; slots change layers as experts swap.
-        self.slots = torch.empty(num_layers * self.k + spares, expert_nbytes, dtype=torch.uint8, device=self.device)
+        self.slots = torch.empty(self.allocation.device_slots, expert_nbytes, dtype=torch.uint8, device=self.device)
         self.free_slots = list(range(num_layers * self.k, num_layers * self.k + spares))
-        # [E - k, nbytes] per layer; pinned so that copies are truly asynchronous.
-        self.host = [torch.empty(offloaded, expert_nbytes, dtype=torch.uint8, pin_memory=self.cuda)
-                     for _ in range(num_layers)] if offloaded else []
+        # [L, E - k, nbytes] in one exact-size buffer, page-locked on CUDA so that copies are truly asynchronous.
+        self._host_buffer = torch.empty(num_layers if offloaded else 0, offloaded, expert_nbytes, dtype=torch.uint8)
+        self.locked_bytes = 0
+        if self.cuda:
+            for stream in (self.streams.h2d, self.streams.d2h):
+                self.slots.record_stream(stream)  # freeing the slots must wait for copies queued on the side streams
+            self.locked_bytes = pin(self._host_buffer)
+            self._release = weakref.finalize(self, _release, self.streams, self._host_buffer)
+        self.host = list(self._host_buffer)  # per layer: [E - k, nbytes]
         self.main: list[dict[int, int]] = []  # layer -> {expert: device slot}
-        self.staged: list[dict[int, int]] = []  # layer -> {expert: spare slot holding a prefetched copy}
-        self.transient: list[dict[int, int]] = [{} for _ in range(num_layers)]  # used in place, see get()
         self.host_of: list[dict[int, int]] = []  # layer -> {expert: host slot}
+        self.staged = [{} for _ in range(num_layers)]  # layer -> {expert: spare slot holding a prefetched copy}
+        self.transient = [{} for _ in range(num_layers)]  # layer -> {expert: slot}, used in place (see above)
+        self.retiring = [{} for _ in range(num_layers)]  # layer -> {expert: slot}, evicted but not yet computed
+        self.lent = [set() for _ in range(num_layers)]  # acquired by the running layer call, not yet computed
         self.policies = []
         for layer in range(num_layers):
             self.main.append({e: layer * self.k + e for e in range(self.k)})
-            self.staged.append({})
             self.host_of.append({e: e - self.k for e in range(self.k, num_experts)})
             layer_policy = make_policy(policy, num_experts)
             for e in range(self.k):  # initial residents, expert k-1 most recent
@@ -82,10 +152,16 @@ class ExpertCache:
             self.policies.append(layer_policy)
         self.pending_guess: list[list[int] | None] = [None] * num_layers
         self.stats = [LayerStats() for _ in range(num_layers)]
-        if self.cuda:
-            self.copy_stream = torch.cuda.Stream(self.device)
-            self.ready = [None] * len(self.slots)  # torch.cuda.Event | None
-            self.freed = [None] * len(self.slots)
+        self._journal: tuple | None = None  # a swap whose write-back is queued but whose bookkeeping may not be
+        self.busy = False  # a forward is running (or was interrupted before `recover` finished)
+        self.timing = False  # profiling: block the host on in-flight copies to measure wait_s
+        self.host_waits = 0  # host-blocking waits (syncs) made by the cache
+        n = len(self.slots)
+        self.slot_written = [None] * n  # event: the last copy into the slot finished
+        self.slot_computed = [None] * n  # event: the last kernels reading the slot finished
+        self.slot_written_back = [None] * n  # event: the last write-back reading the slot finished
+        self.host_read = [[None] * offloaded for _ in range(num_layers)]  # event: last copy-in from the host slot
+        self.host_written = [[None] * offloaded for _ in range(num_layers)]  # event: last write-back into it
 
     # ---- loading: every expert is written once into its initial home ----
     def fill(self, layer: int, expert: int, write: Callable[[torch.Tensor], None]) -> None:
@@ -99,42 +175,72 @@ class ExpertCache:
             write(scratch)
             self.slots[self.main[layer][expert]].copy_(scratch)
 
-    # ---- lookups ----
-    def get(self, layer: int, expert: int, protect: Sequence[int] = ()) -> torch.Tensor:
-        """The device buffer holding `expert`, loading it if needed. Never evicts an expert in `protect`."""
+    # ---- a layer call: acquire all, then use/computed each ----
+    def can_acquire(self, layer: int, expert: int) -> bool:
+        """Whether `acquire` finds `expert` without needing a free slot (or a free slot exists)."""
+        return expert in self.main[layer] or expert in self.staged[layer] or bool(self.free_slots)
+
+    def acquire(self, layer: int, expert: int, protect: Sequence[int] = (), lend: bool = True) -> None:
+        """Make `expert` resident (or transient) for this layer call, queuing its copy; never evicts `protect`.
+        `lend`: the expert stays lent until `computed` (its slot survives a later eviction in this call)."""
         stats = self.stats[layer]
         stats.lookups += 1
         main = self.main[layer]
         if expert in main:
             stats.hits += 1
-            slot = main[expert]
         else:
-            if expert in self.staged[layer]:
+            slot = self.staged[layer].get(expert)
+            if slot is not None:
                 stats.hits += 1
                 stats.prefetch_used += 1
-                slot = self.staged[layer].pop(expert)
             else:
                 stats.misses += 1
                 slot = self._copy_in(layer, expert)
             candidates = [e for e in main if e not in protect]
             if candidates:  # it takes the victim's place
-                self._evict(layer, self.policies[layer].victim(candidates), self.host_of[layer].pop(expert))
-                main[expert] = slot
+                victim = self.policies[layer].victim(candidates)
+                self._journal = (layer, expert, slot, victim, main[victim], self.host_of[layer][expert])
+                self._finish_swap()
             else:  # every resident is still needed by this call (k < experts needed): use it in place, once
                 self.transient[layer][expert] = slot
+                self.staged[layer].pop(expert, None)
+        if lend:
+            self.lent[layer].add(expert)
         self.policies[layer].touch(expert)
-        self._wait_ready(layer, slot)
+
+    def use(self, layer: int, expert: int) -> torch.Tensor:
+        """The device buffer of an acquired expert; the compute stream waits for its copy (the host does not)."""
+        slot = self._slot_of(layer, expert)
+        event = self.slot_written[slot]
+        if self.timing and not self.streams.done(event):  # profiling: measure the stall prefetching tries to avoid
+            start = time.perf_counter()
+            self.streams.host_wait(event)
+            self.host_waits += 1
+            self.stats[layer].wait_s += time.perf_counter() - start
+        self._after(self.streams.compute, event, "compute_after_copy_in")
         return self.slots[slot]
 
     def computed(self, layer: int, expert: int) -> None:
-        """The kernels reading `expert` are queued: a later copy into or out of its slot must wait for them."""
-        transient = self.transient[layer].pop(expert, None)
-        slot = self.main[layer][expert] if transient is None else transient
-        if self.cuda:
-            self.freed[slot] = torch.cuda.Event()
-            self.freed[slot].record()
-        if transient is not None:  # its host copy never left: just give the slot back
+        """The kernels reading `expert` are queued: later copies into or out of its slot must wait for them."""
+        slot = self._slot_of(layer, expert)
+        self.streams.read(self.streams.compute, ("slot", slot))
+        self.slot_computed[slot] = self.streams.record(self.streams.compute)
+        self.lent[layer].discard(expert)
+        # Used in place, or evicted while still needed: its host copy is current, so the slot is simply freed.
+        if self.transient[layer].pop(expert, None) is not None or self.retiring[layer].pop(expert, None) is not None:
             self.free_slots.append(slot)
+
+    def get(self, layer: int, expert: int, protect: Sequence[int] = ()) -> torch.Tensor:
+        """acquire + use, one expert at a time: the device buffer holding `expert`, valid until the layer's next
+        lookup (call `computed` once its kernels are queued)."""
+        self.acquire(layer, expert, protect, lend=False)
+        return self.use(layer, expert)
+
+    def _slot_of(self, layer: int, expert: int) -> int:
+        for where in (self.transient[layer], self.retiring[layer], self.main[layer]):
+            if expert in where:
+                return where[expert]
+        raise KeyError(f"expert {expert} of layer {layer} was not acquired")
 
     # ---- speculation ----
     def prefetch(self, layer: int, guesses: Sequence[int]) -> None:
@@ -159,64 +265,131 @@ class ExpertCache:
 
     def end_layer(self, layer: int) -> None:
         """Drop this layer's unused prefetches: their host copy is still in place, so nothing is written back."""
-        for slot in self.staged[layer].values():
-            self.free_slots.append(slot)
+        staged = self.staged[layer]
+        while staged:
+            self.free_slots.append(staged.popitem()[1])
             self.stats[layer].prefetch_wasted += 1
-        self.staged[layer].clear()
 
     # ---- copies ----
+    def _after(self, stream, event, step: str) -> None:
+        """`stream` waits for `event`: one ordering step of the protocol (named, so a test can remove it)."""
+        self.streams.wait(stream, event)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, stream, dst_id, src_id) -> None:
+        self.streams.copy(dst, src, stream, dst_id, src_id)
+
     def _copy_in(self, layer: int, expert: int) -> int:
+        """Queue host slot -> a free device slot on the copy-in stream; returns the slot."""
         if not self.free_slots:  # only if a caller skipped end_layer: reclaim another layer's unused prefetches
             for other in range(self.num_layers):
                 if other != layer:
                     self.end_layer(other)
-        slot = self.free_slots.pop()
-        self._copy(self.slots[slot], self.host[layer][self.host_of[layer][expert]], slot, into_slot=True)
+        slot, host, s = self.free_slots.pop(), self.host_of[layer][expert], self.streams
+        try:
+            self._after(s.h2d, self.slot_computed[slot], "copy_in_after_compute")
+            self._after(s.h2d, self.slot_written_back[slot], "copy_in_after_write_back")
+            self._after(s.h2d, self.host_written[layer][host], "copy_in_after_host_write")
+            self._copy(self.slots[slot], self.host[layer][host], s.h2d, ("slot", slot), ("host", layer, host))
+            self.slot_written[slot] = self.host_read[layer][host] = s.record(s.h2d)
+        except BaseException:
+            self.free_slots.append(slot)  # the expert's host copy is untouched: nothing else to undo
+            raise
         self.stats[layer].bytes_h2d += self.nbytes
         return slot
 
-    def _evict(self, layer: int, victim: int, host_slot: int) -> None:
-        """Move `victim` to `host_slot` (just vacated by the expert coming in) and free its device slot."""
-        slot = self.main[layer].pop(victim)
-        self._copy(self.host[layer][host_slot], self.slots[slot], slot, into_slot=False)
-        self.host_of[layer][victim] = host_slot
-        self.free_slots.append(slot)
+    def _write_back(self, layer: int, slot: int, host: int) -> None:
+        """Queue device slot -> host slot on the write-back stream."""
+        s = self.streams
+        # This also orders it after the copy that filled `slot`: that expert entered `main` by a swap whose
+        # write-back waited for its copy-in (the read of the host slot it vacated), earlier on this same stream.
+        self._after(s.d2h, self.host_read[layer][host], "write_back_after_host_read")
+        self._copy(self.host[layer][host], self.slots[slot], s.d2h, ("host", layer, host), ("slot", slot))
+        self.slot_written_back[slot] = self.host_written[layer][host] = s.record(s.d2h)
+
+    def _finish_swap(self) -> None:
+        """Apply the journalled swap: `expert` (now in `slot`) takes `victim`'s place, `victim` goes to the host
+        slot `expert` vacates. Every step is idempotent, so `recover` can redo it after an interruption anywhere:
+        the victim's slot still holds its bytes until the journal is cleared."""
+        layer, expert, slot, victim, victim_slot, host = self._journal
+        self._write_back(layer, victim_slot, host)
+        main, host_of = self.main[layer], self.host_of[layer]
+        main.pop(victim, None)
+        host_of[victim] = host
+        host_of.pop(expert, None)
+        main[expert] = slot
+        self.staged[layer].pop(expert, None)
+        if victim in self.lent[layer]:  # acquired earlier in this call and not yet computed: keep its slot
+            self.retiring[layer][victim] = victim_slot
+        elif victim_slot not in self.free_slots:
+            self.free_slots.append(victim_slot)
         self.policies[layer].evicted(victim)
         self.stats[layer].evictions += 1
         self.stats[layer].bytes_d2h += self.nbytes
+        self._journal = None
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, slot: int, into_slot: bool) -> None:
-        if not self.cuda:
-            dst.copy_(src)
-            return
-        with torch.cuda.stream(self.copy_stream):
-            if self.freed[slot] is not None:  # kernels still reading this slot must finish first
-                self.copy_stream.wait_event(self.freed[slot])
-            dst.copy_(src, non_blocking=True)
-            if into_slot:
-                self.ready[slot] = torch.cuda.Event()
-                self.ready[slot].record(self.copy_stream)
-            else:  # the slot is free once its contents are out
-                self.freed[slot] = torch.cuda.Event()
-                self.freed[slot].record(self.copy_stream)
+    # ---- failure and shutdown ----
+    def recover(self) -> None:
+        """Back to the idle state after an interrupted forward (see INVARIANT); safe to call again if interrupted."""
+        self.streams.synchronize()  # nothing in flight may read or write a slot that changes hands below
+        if self._journal is not None:
+            self._finish_swap()
+            self.streams.synchronize()
+        for layer in range(self.num_layers):
+            self.stats[layer].prefetch_wasted += len(self.staged[layer])
+            for table in (self.staged, self.transient, self.retiring, self.lent):
+                table[layer].clear()
+        self.pending_guess = [None] * self.num_layers
+        resident = {slot for main in self.main for slot in main.values()}
+        self.free_slots = [slot for slot in range(len(self.slots)) if slot not in resident]
+        self.busy = False
+        self.check_invariant()
 
-    def _wait_ready(self, layer: int, slot: int) -> None:
-        if not self.cuda or self.ready[slot] is None:
-            return
-        event = self.ready[slot]
-        if not event.query():  # still in flight: this is the stall prefetching tries to avoid
-            start = time.perf_counter()
-            event.synchronize()
-            self.stats[layer].wait_s += time.perf_counter() - start
-        torch.cuda.current_stream(self.device).wait_event(event)
-        self.ready[slot] = None
+    def check_invariant(self) -> None:
+        """Raise RuntimeError naming the first broken part of the INVARIANT in the module docstring."""
+        def fail(what: str) -> None:
+            raise RuntimeError(f"expert cache inconsistent: {what}")
+
+        E, off = self.num_experts, self.allocation.host_slots
+        if self.busy:
+            fail("a forward did not finish (call recover())")
+        if self._journal is not None:
+            fail(f"a swap did not finish: {self._journal} (call recover())")
+        seen: list[int] = []
+        for layer in range(self.num_layers):
+            main, host_of = self.main[layer], self.host_of[layer]
+            if len(main) != self.k or set(main) | set(host_of) != set(range(E)) or set(main) & set(host_of):
+                fail(f"layer {layer}: resident {sorted(main)} and host {sorted(host_of)} do not partition the experts")
+            if sorted(host_of.values()) != list(range(off)):
+                fail(f"layer {layer}: host slots {sorted(host_of.values())} are not 0..{off - 1}")
+            for name in ("staged", "transient", "retiring", "lent"):
+                if getattr(self, name)[layer]:
+                    fail(f"layer {layer}: {name} {getattr(self, name)[layer]} left over")
+            if self.pending_guess[layer] is not None:
+                fail(f"layer {layer}: a guess is pending")
+            seen += main.values()
+        if sorted(seen + self.free_slots) != list(range(len(self.slots))) or len(self.free_slots) != self.allocation.spare_slots:
+            fail(f"device slots are lost or shared (free: {sorted(self.free_slots)})")
+
+    def close(self) -> None:
+        """Wait for every copy, then release the device slots and unlock and free the host slots."""
+        if self.cuda:
+            self._release()
+        self.slots = self._host_buffer = torch.empty(0, dtype=torch.uint8)
+        self.host, self.locked_bytes = [], 0
 
     # ---- statistics ----
     def reset_stats(self) -> None:
         self.stats = [LayerStats() for _ in range(self.num_layers)]
+        self.host_waits = 0
 
     def device_bytes(self) -> int:
         return self.slots.numel()
 
     def host_bytes(self) -> int:
-        return sum(h.numel() for h in self.host)
+        return self._host_buffer.numel()
+
+
+def _release(streams, host_buffer: torch.Tensor) -> None:
+    """Finalizer (close, or the cache garbage-collected): no copy may still read or write the host slots."""
+    streams.synchronize()
+    unpin(host_buffer)

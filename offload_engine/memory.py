@@ -1,23 +1,30 @@
-"""Device memory arithmetic: how many experts per layer fit beside the trunk, the KV cache and a working margin.
+"""Memory arithmetic: how many experts per layer fit beside the trunk, the KV cache and a working margin on the
+device, and whether the offloaded rest fits the host's RAM (page-locked) beside the process itself.
 
-Everything is computed from shapes and the byte layouts, before anything is allocated, so that asking for
-more than fits is an error up front rather than an out-of-memory crash halfway through loading.
+Everything is computed from shapes and the byte layouts (the expert cache's own `CacheAllocation`), before
+anything is allocated, so that asking for more than fits is an error up front rather than an out-of-memory
+crash, or a host swapping itself to death, halfway through loading.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from transformers import MixtralConfig
 
 from .config import EngineConfig
+from .expert_cache import CacheAllocation
 from .experts import ExpertLayout
 from .quantize import MatrixLayout
 
 GiB = 1024**3
 # CUDA context, allocator fragmentation, activations and one expert's dequantized matrices at a time.
 BASE_MARGIN = int(0.75 * GiB)
+# Pageable host memory besides the pinned expert slots: Python, torch and the CUDA runtime's host side, the
+# tokenizer, and the loader's transient buffers (one tensor at a time; source shards are unmapped per expert).
+HOST_MARGIN = 2 * GiB
 
 
 class NotEnoughMemory(MemoryError):
@@ -34,12 +41,19 @@ class MemoryPlan:
     margin_bytes: int
     total_bytes: int  # everything above with `experts_on_device` experts per layer
     context: int
+    host_pinned_bytes: int = 0  # the offloaded experts, page-locked at their exact size
+    host_margin_bytes: int = HOST_MARGIN  # pageable: the process itself
+
+    @property
+    def host_total_bytes(self) -> int:
+        return self.host_pinned_bytes + self.host_margin_bytes
 
     def summary(self) -> str:
         g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
         return (f"{self.experts_on_device} experts/layer x {self.expert_bytes / 2**20:.1f} MiB; trunk {g(self.trunk_bytes)}, "
                 f"KV cache ({self.context} tokens) {g(self.kv_cache_bytes)}, spare slots {g(self.spare_bytes)}, "
-                f"margin {g(self.margin_bytes)}; total {g(self.total_bytes)}")
+                f"margin {g(self.margin_bytes)}; total {g(self.total_bytes)}; host RAM {g(self.host_pinned_bytes)} "
+                f"pinned + {g(self.host_margin_bytes)} process = {g(self.host_total_bytes)}")
 
 
 def _head_dim(hf: MixtralConfig) -> int:
@@ -61,9 +75,11 @@ def kv_cache_bytes(hf: MixtralConfig, cfg: EngineConfig, context: int) -> int:
     return 2 * hf.num_hidden_layers * hf.num_key_value_heads * _head_dim(hf) * context * cfg.torch_dtype.itemsize
 
 
-def plan_memory(hf: MixtralConfig, cfg: EngineConfig, free_bytes: int, context: int | None = None) -> MemoryPlan:
+def plan_memory(hf: MixtralConfig, cfg: EngineConfig, free_bytes: int, context: int | None = None,
+                host_free_bytes: int | None = None) -> MemoryPlan:
     """The largest experts-per-layer count that fits `free_bytes` of device memory (or the configured count,
-    checked). Raises NotEnoughMemory with the numbers when even the requested/minimal configuration does not fit."""
+    checked), and, given `host_free_bytes`, whose offloaded experts fit the host's RAM. Raises NotEnoughMemory with
+    the numbers when even the requested/minimal configuration does not fit."""
     context = context or cfg.max_context
     E, L = hf.num_local_experts, hf.num_hidden_layers
     expert = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, cfg.quant.experts, cfg.torch_dtype).nbytes
@@ -92,14 +108,35 @@ def plan_memory(hf: MixtralConfig, cfg: EngineConfig, free_bytes: int, context: 
                 f"experts_on_device={requested} needs {total(k) / GiB:.2f} GiB of device memory but "
                 f"{free_bytes / GiB:.2f} GiB is free; " + (f"at most {fits} fit(s): set offload.experts_on_device "
                 f"to {fits} or 'auto'" if fits else "not even 1 fits: use fewer bits or a larger GPU"))
-    return MemoryPlan(k, expert, trunk_bytes(hf, cfg), kv_cache_bytes(hf, cfg, context), spares(k), margin,
-                      total(k), context)
+    pinned = CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, cuda=True).locked_host_bytes
+    plan = MemoryPlan(k, expert, trunk_bytes(hf, cfg), kv_cache_bytes(hf, cfg, context), spares(k), margin,
+                      total(k), context, pinned)
+    if host_free_bytes is not None and plan.host_total_bytes > host_free_bytes:
+        raise NotEnoughMemory(
+            f"host RAM: {E - k} offloaded experts per layer need {pinned / GiB:.2f} GiB page-locked + "
+            f"{HOST_MARGIN / GiB:.2f} GiB for the process = {plan.host_total_bytes / GiB:.2f} GiB, but "
+            f"{host_free_bytes / GiB:.2f} GiB is available and at most {k} experts per layer fit on the GPU; "
+            f"use a machine with more RAM, a GPU with more memory, or fewer bits for the experts")
+    return plan
+
+
+def available_host_bytes() -> int:
+    """RAM the kernel can give this process without swapping (MemAvailable), or free pages where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def resolve_experts_on_device(cfg: EngineConfig, hf: MixtralConfig, device: torch.device) -> int:
-    """On CUDA: plan against the free memory. On CPU the 'device' is host RAM, so 'auto' keeps every expert."""
+    """On CUDA: plan against the free device memory and the available host RAM. On CPU the 'device' is host RAM
+    and nothing is page-locked, so 'auto' keeps every expert."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return plan_memory(hf, cfg, free).experts_on_device
+        return plan_memory(hf, cfg, free, host_free_bytes=available_host_bytes()).experts_on_device
     requested = cfg.offload.experts_on_device
     return hf.num_local_experts if requested == "auto" else min(requested, hf.num_local_experts)

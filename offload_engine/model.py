@@ -7,6 +7,7 @@ A token's path, as `OffloadedMixtral.forward` spells it out:
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -43,19 +44,44 @@ class MoELayer(nn.Module):
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)  # the router
         self.cache, self.layout, self.kernels = cache, layout, kernels
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, order: list[int]) -> torch.Tensor:
-        """x: [T, H] normed hidden states; weights, experts: [T, K]; order: the distinct experts, in lookup order."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, routed: list[int],
+                then: Callable[[], None] | None = None) -> torch.Tensor:
+        """x: [T, H] normed hidden states; weights, experts: [T, K]; routed: `experts` already read to the host
+        (flat, T*K). `then()` runs once every demand copy is queued (the next layer's speculative copies)."""
+        cache, layer = self.cache, self.layer_idx
+        order = list(dict.fromkeys(routed))  # distinct experts in order of first use
+        # Each expert's (token, k) positions from one device sort, sliced at offsets counted on the host: no
+        # host sync per expert. Stable, so each expert's tokens stay ascending (the reference's summation order).
+        positions = torch.sort(experts.view(-1), stable=True).indices  # [T*K], grouped by expert id
+        counts = Counter(routed)
+        starts, offset = {}, 0
+        for expert in sorted(counts):
+            starts[expert], offset = offset, offset + counts[expert]
         out = torch.zeros_like(x)
-        layer = self.layer_idx
-        self.cache.begin_layer(layer, order)
+        flat_weights = weights.view(-1)  # [T*K]
+
+        def run(expert: int) -> None:
+            pos = positions[starts[expert] : starts[expert] + counts[expert]]  # [n]
+            token_idx = pos // experts.shape[-1]  # [n]
+            y = expert_forward(self.layout, cache.use(layer, expert), x[token_idx], self.kernels)  # [n, H]
+            cache.computed(layer, expert)
+            out.index_add_(0, token_idx, y * flat_weights[pos, None].to(y.dtype))
+
+        cache.begin_layer(layer, order)
+        ran = 0
         for i, expert in enumerate(order):
-            # Prefill groups tokens by expert: each expert is fetched once and runs on all its tokens.
-            token_idx, slot_idx = torch.where(experts == expert)  # [n], [n]
-            buffer = self.cache.get(layer, expert, protect=order[i + 1 :])
-            y = expert_forward(self.layout, buffer, x[token_idx], self.kernels)  # [n, H]
-            self.cache.computed(layer, expert)
-            out.index_add_(0, token_idx, y * weights[token_idx, slot_idx, None].to(y.dtype))
-        self.cache.end_layer(layer)
+            # All demand copies go out before any compute, unless the spare slots run out (a long prefill): then
+            # the experts already fetched run first and give back the slots of those evicted meanwhile.
+            if not cache.can_acquire(layer, expert):
+                for earlier in order[ran:i]:
+                    run(earlier)
+                ran = i
+            cache.acquire(layer, expert, protect=order[i + 1 :])
+        if then is not None:
+            then()
+        for expert in order[ran:]:
+            run(expert)
+        cache.end_layer(layer)
         return out
 
 
@@ -112,11 +138,33 @@ class OffloadedMixtral(nn.Module):
         """input_ids [B, S] -> logits [B, S, V] (float32). `kv_cache` is extended in place when given.
         `on_routing(layer, experts per token, guess)` observes each layer's decisions (profiling, tests):
         the experts each token was routed to, and the experts speculatively guessed for this layer before it
-        ran (empty with prefetch off)."""
+        ran (empty with prefetch off).
+
+        Whatever this raises (KeyboardInterrupt included), the expert cache is back in its idle state before the
+        exception leaves (`ExpertCache.recover`); `kv_cache` may then hold part of this call and should be dropped."""
+        cache = self.cache
+        if cache.busy:  # an earlier forward was interrupted and never recovered: finish that first
+            cache.recover()
+        try:
+            cache.busy = True
+            logits = self._forward(input_ids, kv_cache, on_routing)
+            cache.busy = False
+            return logits
+        except BaseException:
+            while True:  # a second Ctrl-C must not leave the cache half-restored; the first one is re-raised
+                try:
+                    cache.recover()
+                    break
+                except KeyboardInterrupt:
+                    continue
+            raise
+
+    def _forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None, on_routing) -> torch.Tensor:
         batch, seq = input_ids.shape
         past = kv_cache.get_seq_length() if kv_cache is not None else 0
         position_ids = torch.arange(past, past + seq, device=self.device)[None]  # [1, S]
-        hidden = self.model.embed_tokens(input_ids.to(self.device))  # [B, S, H]
+        # non_blocking: a pageable host->device copy is staged before it returns, so it needs no stream sync.
+        hidden = self.model.embed_tokens(input_ids.to(self.device, non_blocking=True))  # [B, S, H]
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=kv_cache,
                                   position_ids=position_ids)
         position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
@@ -124,8 +172,8 @@ class OffloadedMixtral(nn.Module):
         guessed: list[int] = []  # the guess for the layer about to run
         if guess is not None:
             guessed = guess.tolist()
-            self.cache.prefetch(0, guessed)
             self.host_syncs += 1
+            self.cache.prefetch(0, guessed)
         for l, layer in enumerate(self.layers):
             attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
                                           position_embeddings=position_embeddings, cache=kv_cache)
@@ -134,19 +182,18 @@ class OffloadedMixtral(nn.Module):
             x = layer.post_attention_layernorm(flat)
             weights, experts = route(layer.mlp.gate(x), layer.mlp.top_k)  # [T, K], [T, K]
             guess = self._speculate(l + 1, flat)
-            # One device->host read per layer: the routing decides which experts to fetch, and the guess for
-            # the next layer rides along in the same transfer.
+            # The one device->host read of the layer: the routing decides which experts to fetch, and the guess
+            # for the next layer rides along in the same transfer. Everything else stays on the device.
             both = experts.reshape(-1) if guess is None else torch.cat([experts.reshape(-1), guess])
             both = both.tolist()
             self.host_syncs += 1
             routed, next_guess = both[: experts.numel()], both[experts.numel() :]
-            if guess is not None:
-                self.cache.prefetch(l + 1, next_guess)
-            order = list(dict.fromkeys(routed))  # distinct experts in order of first use
             if on_routing is not None:
                 k = layer.mlp.top_k
                 on_routing(l, [routed[i : i + k] for i in range(0, len(routed), k)], guessed)
             guessed = next_guess
-            hidden = hidden + layer.mlp(x, weights, experts, order).view_as(hidden)
+            # The next layer's speculative copies are queued after this layer's demand copies.
+            then = (lambda l=l, g=next_guess: self.cache.prefetch(l + 1, g)) if guess is not None else None
+            hidden = hidden + layer.mlp(x, weights, experts, routed, then).view_as(hidden)
         hidden = self.model.norm(hidden)
         return self.lm_head(hidden).float()

@@ -132,6 +132,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
             if (src_dir / name).exists():
                 shutil.copyfile(src_dir / name, tmp / name)
         manifest["aux_files"] = [n for n in AUX_FILES if (tmp / n).exists()]
+        # hqq's optimizer runs in fp16 on CUDA and fp32 on CPU: the bytes depend on where they were made.
+        manifest["quantized_on"] = quant_device.type
         # The manifest is what marks a directory as pre-quantized, so it is the last file written.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if dst.exists():

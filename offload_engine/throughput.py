@@ -15,8 +15,10 @@ on the device, per token:
                  an expert the layer does not use is not resident. The oracle covers every miss (or those of layers
                  1+, as the simulator's) and wastes nothing.
   S  copy stream = (m + wasted) * th + m * td * writeback. The engine swaps: the host holds only the offloaded
-                   experts, so every miss also writes its victim back, on the same (single) copy stream. With
-                   ``duplex`` (write-backs on a second stream, the other PCIe direction): max of the two terms.
+                   experts, so every miss also writes its victim back. On one copy stream the two directions take
+                   turns (the sum); ``duplex``: write-backs on a second stream use the other PCIe direction at the
+                   same time, max of the two terms. The engine runs duplex since issue 15 (expert_cache.py);
+                   ``duplex=False`` models the single-stream engine before it.
   T  = max(C + (m - covered) * th,  S)
 
 i.e. a demand miss stalls compute for its host->device copy; prefetched copies and write-backs overlap compute but not

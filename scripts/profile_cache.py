@@ -100,6 +100,7 @@ class Recorder:
     def __init__(self, engine: Engine):
         self.engine, self.model, self.cache = engine, engine.model, engine.cache
         self.cuda = engine.device.type == "cuda"
+        self.cache.timing = self.cuda  # CUDA: block on in-flight copies to measure the wait (counted as syncs)
         n_layers = len(self.model.layers)
         self.prefill_stats = [LayerStats() for _ in range(n_layers)]
         self.routing: list[list[list[int]]] = []

@@ -128,3 +128,12 @@ def mixtral_tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixtral_tokenizer")
     shutil.copy(mixtral_tokenizer_model(), folder / "tokenizer.model")
     return LlamaTokenizer.from_pretrained(str(folder))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a busy 2-core machine: OpenMP barriers can wait tens of ms for a descheduled thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

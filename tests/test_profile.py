@@ -53,15 +53,6 @@ def _decode_with_routing(engine, prompt: list[int], steps: int) -> np.ndarray:
     return np.stack(trace)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops on a busy 2-core machine: OpenMP barriers can wait tens of ms for a descheduled thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("k,policy", [(1, "lru"), (2, "lru"), (3, "lru"), (5, "lru"), (3, "lrfu")])
 def test_simulator_counts_equal_engine_counters(tiny_dir, k, policy, one_thread):
     engine = offload_engine.load(tiny_dir, config=exact_config(experts_on_device=k, prefetch=0, policy=policy),

@@ -1,0 +1,108 @@
+"""Streams and events behind the expert cache: the mechanism that orders copies and kernels on a device.
+
+The cache speaks only this small interface, so the same cache code runs with
+  * `CudaStreams`: two side streams (host->device copy-ins, device->host write-backs, so both PCIe directions
+    work at once) beside the compute stream, ordered by CUDA events recorded on the engine's own device;
+  * `HostStreams`: CPU, where a copy is a plain synchronous copy and there is nothing to order;
+  * `stream_check.RecordingStreams`: stand-ins that log every copy and compute read for a happens-before check.
+
+Buffers are named for the log: ("slot", i) is device slot i, ("host", layer, j) host slot j of a layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import torch
+
+Event = Any  # torch.cuda.Event, a stand-in, or None (nothing to wait for)
+Stream = Any
+
+
+class HostStreams:
+    """CPU: copies happen when they are issued, so every event is None and every wait is a no-op."""
+
+    compute = h2d = d2h = None
+    device = torch.device("cpu")
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Stream, dst_id: Hashable, src_id: Hashable) -> None:
+        dst.copy_(src)
+
+    def record(self, stream: Stream) -> Event:
+        return None
+
+    def wait(self, stream: Stream, event: Event) -> None:
+        pass
+
+    def read(self, stream: Stream, buffer_id: Hashable) -> None:
+        pass
+
+    def done(self, event: Event) -> bool:
+        return True
+
+    def host_wait(self, event: Event) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class CudaStreams:
+    """One device's compute stream (whatever is current) plus a copy-in and a write-back stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.h2d = torch.cuda.Stream(self.device)
+        self.d2h = torch.cuda.Stream(self.device)
+
+    @property
+    def compute(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Stream, dst_id: Hashable, src_id: Hashable) -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    def record(self, stream: Stream) -> Event:
+        event = torch.cuda.Event()
+        event.record(stream)  # the stream fixes the event's device: never the current device's stream
+        return event
+
+    def wait(self, stream: Stream, event: Event) -> None:
+        if event is not None:
+            stream.wait_event(event)  # device-side: the host does not block
+
+    def read(self, stream: Stream, buffer_id: Hashable) -> None:
+        pass  # the kernels themselves were queued by the caller
+
+    def done(self, event: Event) -> bool:
+        return event is None or event.query()
+
+    def host_wait(self, event: Event) -> None:
+        if event is not None:
+            event.synchronize()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+def make_streams(device: torch.device) -> HostStreams | CudaStreams:
+    return CudaStreams(device) if torch.device(device).type == "cuda" else HostStreams()
+
+
+def pin(buffer: torch.Tensor) -> int:
+    """Page-lock `buffer` in place at its exact size (torch's pinned allocator would round each allocation up to a
+    power of two: 5.9 GiB asked becomes 8 GiB locked). Returns the bytes locked."""
+    nbytes = buffer.numel() * buffer.element_size()
+    if nbytes:
+        # cudaHostRegisterPortable (1): pinned for every CUDA context, like torch's own pinned memory.
+        error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 1))
+        if error:
+            raise RuntimeError(f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory for the offloaded "
+                               f"experts (cudaError {error}); free host RAM or keep more experts on the GPU")
+    return nbytes
+
+
+def unpin(buffer: torch.Tensor) -> None:
+    if buffer.numel():
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())

@@ -1,0 +1,146 @@
+"""The CUDA stream protocol, replayed on CPU (issue 15): stand-in streams log every copy and compute read, a
+happens-before check finds any conflicting pair not ordered by events, on the real cache and model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import offload_engine
+from offload_engine.expert_cache import ORDERING_STEPS, ExpertCache
+from offload_engine.stream_check import SyncCounter, attach
+
+from conftest import exact_config, make_checkpoint
+
+N_CONFIGS = 40
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny checkpoints with different top-k and expert counts (num_local_experts, num_experts_per_tok)."""
+    shapes = [(8, 1), (8, 2), (8, 3), (6, 2)]
+    return {shape: make_checkpoint(tmp_path_factory.mktemp(f"e{shape[0]}k{shape[1]}"), seed=sum(shape), num_hidden_layers=3,
+                                   num_local_experts=shape[0], num_experts_per_tok=shape[1])
+            for shape in shapes}
+
+
+def random_configs(checkpoints, n: int, seed: int = 0):
+    rng = random.Random(seed)
+    shapes = sorted(checkpoints)
+    for _ in range(n):
+        experts, top_k = rng.choice(shapes)
+        k = rng.randint(1, experts - 1)
+        prefetch = rng.randint(0, min(2, experts - k))
+        policy = rng.choice(["lru", "lru", "lfu", "lrfu"])
+        prompts = [rng.randint(1, 20) for _ in range(rng.randint(1, 2))]
+        yield dict(shape=(experts, top_k), k=k, prefetch=prefetch, policy=policy, prompts=prompts, seed=rng.randint(0, 999))
+
+
+def run_recorded(checkpoints, config, new_tokens: int = 6):
+    engine = offload_engine.load(checkpoints[config["shape"]], progress=False,
+                                 config=exact_config(experts_on_device=config["k"], prefetch=config["prefetch"],
+                                                     policy=config["policy"]))
+    recorder = attach(engine.cache)
+    gen = torch.Generator().manual_seed(config["seed"])
+    tokens = [engine.generate_ids(torch.randint(0, 160, (n,), generator=gen).tolist(), max_new_tokens=new_tokens)
+              for n in config["prompts"]]
+    engine.cache.check_invariant()
+    return engine, recorder, tokens
+
+
+def test_protocol_has_no_race_on_random_configurations(checkpoints):
+    copies = 0
+    for config in random_configs(checkpoints, N_CONFIGS):
+        _, recorder, _ = run_recorded(checkpoints, config)
+        assert not recorder.races, f"{config}: {recorder.report()}"
+        copies += sum(entry[0] == "copy" for entry in recorder.log)
+    assert copies > 500, "the configurations should move experts a lot"
+
+
+@pytest.mark.parametrize("step", ORDERING_STEPS)
+def test_removing_any_ordering_step_is_caught(checkpoints, monkeypatch, step):
+    used = set()
+    original = ExpertCache._after
+
+    def mutated(self, stream, event, name):
+        used.add(name)
+        if name != step:
+            original(self, stream, event, name)
+
+    monkeypatch.setattr(ExpertCache, "_after", mutated)
+    races = 0
+    for config in random_configs(checkpoints, N_CONFIGS):
+        races += len(run_recorded(checkpoints, config)[1].races)
+        if races:
+            break
+    assert used == set(ORDERING_STEPS), "every named step should be exercised"
+    assert races, f"without '{step}' the checker should find a race"
+
+
+def test_demand_copies_go_before_speculation_and_before_compute(checkpoints):
+    """Decode with k=1, top-2, prefetch 2: while layer l runs, its demand copies are queued before the speculative
+    copies for layer l+1, and all of them before layer l's first expert computes."""
+    engine = offload_engine.load(checkpoints[8, 2], progress=False, config=exact_config(experts_on_device=1, prefetch=2))
+    recorder, cache = attach(engine.cache), engine.cache
+    for name in ("begin_layer", "use"):
+        original = getattr(cache, name)
+        setattr(cache, name, lambda layer, arg, name=name, original=original:
+                (recorder.log.append((name, layer)), original(layer, arg))[1])
+    engine.generate_ids([3, 1, 4, 1, 5], max_new_tokens=12)
+    calls, demand, speculative = [], 0, 0
+    for entry in recorder.log:  # split the log into layer calls: [("begin_layer", l), ...]
+        if entry[0] == "begin_layer":
+            calls.append([])
+        elif calls:
+            calls[-1].append(entry)
+    decode = calls[3:]  # the prefill may run out of spare slots and interleave copies with compute
+    assert len(decode) == 11 * 3
+    for i, ops in enumerate(decode):
+        layer = i % 3
+        copies = [(n, e[3][1]) for n, e in enumerate(ops)  # (the next token's layer-0 guess may come last)
+                  if e[0] == "copy" and e[1] == "h2d" and e[3][1] in (layer, layer + 1)]
+        first_use = next(n for n, e in enumerate(ops) if e == ("use", layer))
+        assert [l for _, l in copies] == sorted(l for _, l in copies), f"a demand copy waited behind a guess: {ops}"
+        assert all(n < first_use for n, l in copies if l == layer), f"a demand copy came after a compute: {ops}"
+        demand += sum(l == layer for _, l in copies)
+        speculative += sum(l == layer + 1 for _, l in copies)
+    assert demand > 0 and speculative > 0
+
+
+def test_write_backs_run_on_their_own_stream(checkpoints):
+    engine, recorder, _ = run_recorded(checkpoints, dict(shape=(8, 2), k=2, prefetch=1, policy="lru", prompts=[5],
+                                                         seed=1))
+    copies = [entry for entry in recorder.log if entry[0] == "copy"]
+    write_backs = [c for c in copies if c[2][0] == "host"]
+    assert write_backs and all(c[1] == "d2h" and c[3][0] == "slot" for c in write_backs)
+    assert all(c[1] == "h2d" for c in copies if c[2][0] == "slot")
+    assert len({engine.cache.streams.h2d, engine.cache.streams.d2h, engine.cache.streams.compute}) == 3
+    assert engine.stats()["overall"]["bytes_d2h"] == len(write_backs) * engine.cache.nbytes
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_host_syncs_per_decode_token_on_mixtral_shapes(tmp_path, prefetch):
+    """Mixtral's routing shapes (32 layers, 8 experts, top-2): one routing read per layer per token, plus the layer-0
+    guess with prefetch; no host-blocking wait in the cache. The count the engine reports equals the count seen."""
+    model_dir = make_checkpoint(tmp_path / "deep", num_hidden_layers=32, hidden_size=32, intermediate_size=32)
+    engine = offload_engine.load(model_dir, progress=False, config=exact_config(experts_on_device=4, prefetch=prefetch))
+    recorder = attach(engine.cache)
+    counter = SyncCounter()
+    kv_cache = DynamicCache(config=engine.model.config)
+    engine.model(torch.tensor([[5, 6, 7, 8]]), kv_cache)
+    engine.reset_stats()
+    steps = 8
+    with counter:
+        for token in range(steps):
+            engine.model(torch.tensor([[token + 10]]), kv_cache)
+    per_token = counter.count / steps
+    assert engine.stats()["host_syncs"] == counter.count
+    assert per_token == 32 + (1 if prefetch else 0)
+    assert recorder.host_syncs == 0 and engine.cache.host_waits == 0
+    print(f"host syncs per decode token, 32 layers top-2 of 8, prefetch {prefetch}: {per_token:.0f}")
