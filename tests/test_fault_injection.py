@@ -199,5 +199,6 @@ def test_faults_leave_the_engine_exact(tiny_dir, monkeypatch, k, prefetch):
         engine.cache.check_invariant()
         assert engine.generate_ids(PROMPT, max_new_tokens=10) == expected, f"after a {kind} fault"
     # A fault drawn past the end of this run's calls does not fire (a warmer cache copies less; timers may be late).
-    assert raised["line"] == 10 and raised["sample"] + raised["compute"] + raised["bad_tensor"] >= 6
+    # (A line fault is drawn among the lines a fresh engine runs; a warmer cache runs a few less, so one may not fire.)
+    assert raised["line"] >= 8 and raised["sample"] + raised["compute"] + raised["bad_tensor"] >= 6, raised
     assert raised["copy"] >= (0 if k == 8 else 1), raised
