@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 from jinja2.exceptions import TemplateError
 from transformers import DynamicCache
 
+from .concurrency import BusyGuard, locked_iter
 from .generate import SamplingParams, generate_tokens, stream_text
 
 if TYPE_CHECKING:
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 
 class ChatSession:
+    """One conversation. Turns take the engine's lock (other threads' calls wait); one session used by two
+    threads at once, or a new turn while the previous stream is still open, is refused with a RuntimeError."""
+
     def __init__(self, engine: "Engine", system: str | None = None):
         if engine.tokenizer is None or getattr(engine.tokenizer, "chat_template", None) is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model directory has none")
@@ -30,10 +34,15 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         self.notices: list[str] = []  # things the user should know, e.g. that old turns were dropped
         self.last_reply_ids: list[int] = []  # the tokens of the latest reply, as generated
+        self._busy = BusyGuard("this ChatSession")
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
+        with self._busy():
+            self._clear()
+
+    def _clear(self) -> None:
         self.messages = []
         self.kv_cache = DynamicCache(config=self.engine.model.config)
         self.cached_ids: list[int] = []  # exactly the tokens whose keys/values are in kv_cache
@@ -43,6 +52,10 @@ class ChatSession:
         return "".join(self.stream(message, **sampling))
 
     def stream(self, message: str, **sampling) -> Iterator[str]:
+        with self._busy():  # checked before waiting for the engine: a second user of this session fails at once
+            yield from locked_iter(self.engine.lock, self._turn(message, sampling))
+
+    def _turn(self, message: str, sampling: dict) -> Iterator[str]:
         if not message or not message.strip():
             raise ValueError("the message is empty: type something to send")
         params = SamplingParams.from_kwargs(**sampling)

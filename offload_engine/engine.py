@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .chat import ChatSession
+from .concurrency import EngineLock, locked_iter
 from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
 from .config import EngineConfig, load_config
 from .expert_cache import ExpertCache, LayerStats
@@ -30,10 +31,14 @@ def default_device() -> torch.device:
 
 
 class Engine:
+    """Thread-safe: calls are serialized by `lock` (see concurrency.py); a stream holds it until it is exhausted,
+    closed or garbage-collected, so finish or close() streams you abandon."""
+
     def __init__(self, model: OffloadedMixtral, config: EngineConfig, tokenizer=None, model_dir: Path | None = None):
         self.model, self.config, self.tokenizer, self.model_dir = model, config, tokenizer, model_dir
         self.cache: ExpertCache = model.cache
         self.device = model.device
+        self.lock = EngineLock()  # one forward at a time: the expert cache is shared mutable state
 
     # ---- forward ----
     def logits(self, input_ids: torch.Tensor | list) -> torch.Tensor:
@@ -43,7 +48,8 @@ class Engine:
             ids = ids[None]
         if ids.numel() == 0:
             raise ValueError("input_ids is empty: pass at least one token")
-        return self.model(ids).cpu()
+        with self.lock:
+            return self.model(ids).cpu()
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """A string through the tokenizer (with BOS), or token ids as given."""
@@ -81,14 +87,14 @@ class Engine:
     def generate_ids(self, prompt: str | list[int], **sampling) -> list[int]:
         """Generated token ids (EOS excluded). Sampling options: see SamplingParams (greedy by default)."""
         tokens, _ = self._tokens(prompt, sampling)
-        return list(tokens)
+        return list(locked_iter(self.lock, tokens))
 
     def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
         """Text pieces as they are generated; joined, they equal `generate(...)`."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; use generate_ids() with token ids")
         tokens, params = self._tokens(prompt, sampling)
-        return stream_text(tokens, self.tokenizer, params.stop)
+        return locked_iter(self.lock, stream_text(tokens, self.tokenizer, params.stop))
 
     def generate(self, prompt: str | list[int], **sampling) -> str:
         """The generated text (prompt excluded, stop string removed)."""
@@ -122,8 +128,9 @@ class Engine:
         }
 
     def reset_stats(self) -> None:
-        self.cache.reset_stats()
-        self.model.host_syncs = 0
+        with self.lock:
+            self.cache.reset_stats()
+            self.model.host_syncs = 0
 
 
 def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torch.device | None = None,

@@ -128,7 +128,16 @@ class StreamDecoder:
 
 
 def stream_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> Iterator[str]:
-    """Text pieces for a token stream, ending before the first stop string (which is not emitted)."""
+    """Text pieces for a token stream, ending before the first stop string (which is not emitted). A generator
+    `tokens` is closed when this stream ends or is closed, which stops generation."""
+    try:
+        yield from _text_pieces(tokens, tokenizer, stop)
+    finally:
+        if hasattr(tokens, "close"):
+            tokens.close()
+
+
+def _text_pieces(tokens: Iterable[int], tokenizer, stop: Sequence[str]) -> Iterator[str]:
     decoder = StreamDecoder(tokenizer)
     held = ""  # text that might be the start of a stop string
     hold_back = max((len(s) for s in stop), default=1) - 1
@@ -139,7 +148,7 @@ def stream_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> I
             if hits:
                 if held[: min(hits)]:
                     yield held[: min(hits)]
-                return  # closing `tokens` stops generation
+                return
         if len(held) > hold_back:
             cut = len(held) - hold_back
             yield held[:cut]
