@@ -14,13 +14,13 @@ from transformers import DynamicCache
 from .chat import ChatSession
 from .concurrency import EngineLock, locked_iter
 from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
-from .config import EngineConfig, load_config
+from .config import ConfigError, EngineConfig, load_config
 from .expert_cache import ExpertCache, LayerStats
 from .experts import ExpertLayout
-from .generate import SamplingParams, generate_tokens, stream_text
+from .generate import ParameterTypeError, SamplingParams, check_token_ids, generate_tokens, stream_text
 from .memory import resolve_experts_on_device
 from .model import ATTENTION_PROJECTIONS, OffloadedMixtral
-from .quantize import quantize_matrix
+from .quantize import MatrixLayout, QuantizationError, quantize_matrix
 
 MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
 ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
@@ -43,7 +43,20 @@ class Engine:
     # ---- forward ----
     def logits(self, input_ids: torch.Tensor | list) -> torch.Tensor:
         """Full forward without KV reuse: [batch, seq] token ids -> [batch, seq, vocab] float32 logits."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        vocab = self.model.config.vocab_size
+        if hasattr(input_ids, "dtype"):  # a tensor or array
+            shape = tuple(input_ids.shape)
+            ids = torch.tensor(check_token_ids(input_ids, vocab), dtype=torch.long).view(shape)
+        else:
+            nested = isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple))
+            rows = input_ids if nested else [input_ids]
+            rows = [check_token_ids(row, vocab) for row in rows]
+            if len({len(row) for row in rows}) > 1:
+                raise ValueError(f"input_ids rows differ in length ({sorted({len(r) for r in rows})}); pad them or "
+                                 f"run them one at a time")
+            ids = torch.tensor(rows, dtype=torch.long)
+        if ids.dim() not in (1, 2):
+            raise ValueError(f"input_ids must be [seq] or [batch, seq] token ids, got shape {tuple(ids.shape)}")
         if ids.dim() == 1:
             ids = ids[None]
         if ids.numel() == 0:
@@ -58,10 +71,12 @@ class Engine:
                 raise ValueError("this model has no tokenizer files; pass token ids instead of text")
             ids = self.tokenizer(prompt)["input_ids"]
         else:
-            ids = [int(t) for t in prompt]
+            ids = check_token_ids(prompt, self.model.config.vocab_size)
+            if len(getattr(prompt, "shape", (0,))) > 1:
+                raise ValueError(f"a prompt is one sequence of token ids, got shape {list(prompt.shape)}")
         if not ids or (isinstance(prompt, str) and not prompt.strip()):
             raise ValueError("the prompt is empty: give some text or token ids")
-        return ids
+        return check_token_ids(ids, self.model.config.vocab_size)
 
     # ---- generation ----
     @property
@@ -159,6 +174,7 @@ def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torc
 
 def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, progress: bool) -> Engine:
     """Allocate the cache and trunk, then let `source` fill them (from full-precision or pre-quantized weights)."""
+    check_config_for_model(cfg, hf_config)
     dtype = cfg.torch_dtype
     layout = ExpertLayout.build(hf_config.hidden_size, hf_config.intermediate_size, cfg.quant.experts, dtype)
     k = resolve_experts_on_device(cfg, hf_config, device)
@@ -169,6 +185,24 @@ def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, pro
     source(model, layout, progress)
     model.finish_loading()
     return Engine(model, cfg)
+
+
+def check_config_for_model(cfg: EngineConfig, hf_config) -> None:
+    """The config rules that need the model's shapes, checked before anything is allocated."""
+    E = hf_config.num_local_experts
+    if cfg.offload.prefetch > E:
+        raise ConfigError(f"offload.prefetch is {cfg.offload.prefetch}, but this model has {E} experts per layer: "
+                          f"use 0 (off) to {E}")
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    H, I = hf_config.hidden_size, hf_config.intermediate_size
+    q_out, kv_out = hf_config.num_attention_heads * head_dim, hf_config.num_key_value_heads * head_dim
+    for part, shapes in (("experts", [(I, H), (H, I)]), ("attention", [(q_out, H), (kv_out, H), (H, q_out)])):
+        spec = getattr(cfg.quant, part)
+        for shape in shapes:
+            try:
+                MatrixLayout.build(shape, spec, cfg.torch_dtype)
+            except QuantizationError as e:
+                raise ConfigError(f"quant.{part}.group_size {spec.group_size} does not fit this model: {e}") from None
 
 
 def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineConfig, device: torch.device):

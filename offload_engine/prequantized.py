@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import BinaryIO, Union
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, SafetensorsCheckpoint, read_config, resolve_model_dir
-from .config import CONFIG_DIR, ConfigError, EngineConfig, load_config
+from .config import CONFIG_DIR, ConfigError, EngineConfig, load_config, read_yaml
 from .engine import MANIFEST, Engine, build_engine, default_device, load_tokenizer
 from .experts import ExpertLayout
 from .model import ATTENTION_PROJECTIONS, OffloadedMixtral
@@ -225,7 +224,7 @@ def _explicit_dict(config: ConfigLike) -> dict:
     path = Path(config)
     if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
         path = CONFIG_DIR / f"{config}.yaml"
-    return yaml.safe_load(path.read_text()) or {}
+    return read_yaml(path)
 
 
 def _merge(base: dict, override: dict) -> dict:
