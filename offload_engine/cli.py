@@ -112,7 +112,7 @@ def sampling_options(args: argparse.Namespace, max_new_tokens: int) -> dict:
 def cli_terms(error: Exception) -> str:
     """An API error message in the words of this command line (its option names)."""
     text = one_line(error)
-    for name in ("max_new_tokens", "top_p", "top_k", "repetition_penalty", "temperature"):
+    for name in ("max_new_tokens", "top_p", "top_k", "repetition_penalty", "temperature", "seed"):
         text = re.sub(rf"\b{name}\b=?", "--" + name.replace("_", "-") + " ", text).replace("  ", " ")
     return text
 
