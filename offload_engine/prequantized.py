@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, NoReturn, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -99,10 +99,22 @@ def _layouts(hf, cfg: EngineConfig) -> dict:
 
 MODEL_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+# config.json fields that change outputs without changing any tensor's shape: recorded too, so that an edited
+# config.json is refused by name instead of silently giving other tokens. (Training-only fields such as
+# router_jitter_noise or attention_dropout do not matter at inference.)
+OUTPUT_KEYS = ("head_dim", "num_experts_per_tok", "rms_norm_eps", "rope_parameters", "sliding_window",
+               "max_position_embeddings", "hidden_act", "eos_token_id")
 
 
 def _model_summary(hf) -> dict:
-    return {k: getattr(hf, k) for k in MODEL_KEYS}
+    """The config.json fields the weights depend on, as plain JSON data (compared with the manifest on load)."""
+    summary = {k: getattr(hf, k) for k in MODEL_KEYS}
+    for key in OUTPUT_KEYS:
+        value = getattr(hf, key, None)
+        if key == "rope_parameters" and value is None:  # older transformers: rope_theta alone
+            value = {"rope_theta": getattr(hf, "rope_theta", None), "rope_type": "default"}
+        summary[key] = value
+    return json.loads(json.dumps(summary))  # tuples -> lists, as they read back from the manifest
 
 
 # ---- conversion ----
@@ -212,7 +224,27 @@ def _read_manifest(model_dir: Path) -> dict:
     missing = [k for k in ("config", "model", "layouts", "files", "tensors") if k not in manifest]
     if missing:
         raise PrequantizedError(f"{path} lacks the key(s) {', '.join(missing)}; it is damaged, re-download it")
+    for key, kind, what in (("config", dict, "a mapping"), ("model", dict, "a mapping"), ("layouts", dict, "a mapping"),
+                            ("files", dict, "a mapping of file names to entries"),
+                            ("tensors", dict, "a mapping of tensor names to entries"),
+                            ("aux_files", list, "a list of file names")):
+        if key in manifest and not isinstance(manifest[key], kind):
+            _malformed(path, f"'{key}' must be {what}, got {json.dumps(manifest[key])[:40]}")
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("nbytes"), int):
+            _malformed(path, f"the entry of file {name} has no integer 'nbytes'")
+    for name, entry in manifest["tensors"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("crc32"), int):
+            _malformed(path, f"the entry of tensor {name} has no integer 'crc32'")
+    missing = [k for k in MODEL_KEYS if k not in manifest["model"]]
+    if missing:
+        _malformed(path, f"'model' lacks {', '.join(missing)}")
     return manifest
+
+
+def _malformed(path: Path, problem: str) -> NoReturn:
+    raise PrequantizedError(f"{path} is malformed: {problem}; the checkpoint is damaged, re-download it or quantize "
+                            f"the original checkpoint again")
 
 
 def _explicit_dict(config: ConfigLike) -> dict:
@@ -247,7 +279,10 @@ def _describe_quant(cfg: EngineConfig) -> str:
 
 def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineConfig:
     """The checkpoint's config with the caller's `offload.*` / `max_context`; quant settings and dtype are fixed."""
-    stored = load_config(manifest["config"])
+    try:
+        stored = load_config(manifest["config"])
+    except ConfigError as e:
+        _malformed(where / MANIFEST, f"its 'config' is not a valid engine config ({e})")
     if config is None:
         return stored
     load_config(config)  # validates it, with the usual errors
@@ -262,9 +297,18 @@ def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineCon
 
 def validate(model_dir: Path, manifest: dict, hf, cfg: EngineConfig) -> dict[str, tuple[int, dict]]:
     """Check every file against the manifest and the layouts this code computes; -> file: (data start, header)."""
-    if manifest["model"] != _model_summary(hf):
+    recorded, current = manifest["model"], _model_summary(hf)
+    shapes = [k for k in MODEL_KEYS if recorded[k] != current[k]]
+    if shapes:
         raise PrequantizedError(f"{model_dir / 'config.json'} describes a different model than {MANIFEST} "
-                                f"({_model_summary(hf)} vs {manifest['model']}); the files do not belong together")
+                                f"({', '.join(f'{k}: {current[k]} vs {recorded[k]}' for k in shapes)}); the files "
+                                f"do not belong together")
+    for key in OUTPUT_KEYS:  # a manifest written before a field was recorded does not check it
+        if key in recorded and recorded[key] != current[key]:
+            raise PrequantizedError(
+                f"{model_dir / 'config.json'}: {key} is {json.dumps(current[key])}, but the checkpoint was quantized "
+                f"with {key} = {json.dumps(recorded[key])} (recorded in {MANIFEST}); this changes the outputs: "
+                f"restore config.json's {key}, or quantize the original checkpoint again")
     if manifest["layouts"] != _layouts(hf, cfg):
         raise PrequantizedError(
             f"the packed layouts in {model_dir / MANIFEST} differ from the ones this offload_engine computes for "
