@@ -206,3 +206,19 @@ def test_ctrl_c_after_the_stream_ended_does_not_quit(terminal_chat, monkeypatch)
     scripted_input(monkeypatch, ["hello", "again", EOFError])
     assert chat.loop() == 0
     assert len(chat.session.messages) == 4 and "conversation is kept" in err.getvalue()
+
+
+def test_soak_script_short_run(capsys):
+    """A short soak on the demo model: valid, invalid and interrupted calls; no crash, nothing accepted that should
+    be refused, slots accounted for at rest, and greedy tokens equal a fresh engine's afterwards. (Interrupts inside
+    cache copies and prefetch are exercised by the cache's own fault-injection tests.)"""
+    from offload_engine.checkpoint import DEMO_DIR
+
+    if not (DEMO_DIR / "config.json").exists():
+        pytest.skip("the demo model is not installed")
+    soak = script("soak")
+    code = soak.main(["--iterations", "120", "--check-every", "40", "--prefetch", "0", "--hooks", "expert", "sample",
+                      "abandon", "--interrupt-rate", "0.3", "--invalid-rate", "0.3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASS" in out and "crashed 0" in out and "not_rejected 0" in out
