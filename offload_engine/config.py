@@ -2,6 +2,7 @@
 
     dtype: float16            # float32 | bfloat16 | float16
     max_context: 4096         # tokens of KV cache to plan memory for
+    kernels: auto             # quantized matmuls: auto | fused | reference (see offload_engine.kernels)
     quant:
       attention: {bits: 4, group_size: 64}
       experts:   {bits: 2, group_size: 16}
@@ -24,6 +25,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
+KERNEL_CHOICES = ("auto", "fused", "reference")  # auto: fused where this device can run them
 
 
 class ConfigError(ValueError):
@@ -84,6 +86,7 @@ class OffloadConfig:
 class EngineConfig:
     dtype: str = "float16"
     max_context: int = 4096  # tokens the KV cache is planned for; chat drops old turns beyond it
+    kernels: str = "auto"  # quantized matmul backend: auto | fused | reference
     quant: QuantConfig = field(default_factory=QuantConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
@@ -92,6 +95,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not _is_int(self.max_context) or self.max_context < 16:
             raise ConfigError(f"max_context must be an integer >= 16, got {self.max_context!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Union
@@ -19,7 +20,8 @@ from .expert_cache import ExpertCache, LayerStats
 from .experts import ExpertLayout
 from .generate import ParameterTypeError, SamplingParams, check_token_ids, generate_tokens, stream_text
 from .memory import resolve_experts_on_device
-from .model import ATTENTION_PROJECTIONS, OffloadedMixtral
+from .kernels import REFERENCE, Kernels, select_kernels, warm_up
+from .model import ATTENTION_PROJECTIONS, OffloadedMixtral, attention_shapes
 from .quantize import MatrixLayout, QuantizationError, quantize_matrix
 
 MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
@@ -34,10 +36,13 @@ class Engine:
     """Thread-safe: calls are serialized by `lock` (see concurrency.py); a stream holds it until it is exhausted,
     closed or garbage-collected, so finish or close() streams you abandon."""
 
-    def __init__(self, model: OffloadedMixtral, config: EngineConfig, tokenizer=None, model_dir: Path | None = None):
+    def __init__(self, model: OffloadedMixtral, config: EngineConfig, tokenizer=None, model_dir: Path | None = None,
+                 kernel_warmup_s: float = 0.0):
         self.model, self.config, self.tokenizer, self.model_dir = model, config, tokenizer, model_dir
         self.cache: ExpertCache = model.cache
         self.device = model.device
+        self.kernels: Kernels = model.kernels
+        self.kernel_warmup_s = kernel_warmup_s  # compiling the fused kernels at load
         self.lock = EngineLock()  # one forward at a time: the expert cache is shared mutable state
 
     # ---- forward ----
@@ -140,6 +145,8 @@ class Engine:
             "prefetch": self.cache.prefetch_count,
             "device_bytes": self.cache.device_bytes(),
             "host_bytes": self.cache.host_bytes(),
+            "kernels": self.kernels.name,
+            "kernel_warmup_s": self.kernel_warmup_s,
         }
 
     def reset_stats(self) -> None:
@@ -179,12 +186,29 @@ def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, pro
     layout = ExpertLayout.build(hf_config.hidden_size, hf_config.intermediate_size, cfg.quant.experts, dtype)
     k = resolve_experts_on_device(cfg, hf_config, device)
     cfg = cfg.replace(experts_on_device=k)
+    attention = [MatrixLayout.build(shape, cfg.quant.attention, dtype) for shape in attention_shapes(hf_config).values()]
+    kernels, warmup_s = _ready_kernels(cfg.kernels, device, [*layout.matrices.values(), *attention])
     cache = ExpertCache(hf_config.num_hidden_layers, hf_config.num_local_experts, layout.nbytes, k,
                         cfg.offload.prefetch, device, cfg.offload.policy)
-    model = OffloadedMixtral(hf_config, cache, layout, dtype, device)
+    model = OffloadedMixtral(hf_config, cache, layout, dtype, device, kernels)
     source(model, layout, progress)
     model.finish_loading()
-    return Engine(model, cfg)
+    return Engine(model, cfg, kernel_warmup_s=warmup_s)
+
+
+def _ready_kernels(choice: str, device: torch.device, layouts: list[MatrixLayout]) -> tuple[Kernels, float]:
+    """The configured kernels, compiled for every matrix shape now so that the first reply does not stall.
+    Under `auto`, kernels that fail to compile here give way to the reference ones with one warning."""
+    kernels = select_kernels(choice, device, layouts)
+    try:
+        return kernels, warm_up(kernels, layouts, device)
+    except Exception as e:  # a broken compiler toolchain, a Triton/driver mismatch, ...
+        if choice == "fused":
+            raise ConfigError(f"kernels: fused failed to compile on {device} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); use kernels: auto or reference") from e
+        warnings.warn(f"fused kernels failed to compile on {device} ({type(e).__name__}); using the reference "
+                      "kernels (dequantize + matmul), which are several times slower", RuntimeWarning, stacklevel=3)
+        return REFERENCE, 0.0
 
 
 def check_config_for_model(cfg: EngineConfig, hf_config) -> None:
@@ -193,10 +217,8 @@ def check_config_for_model(cfg: EngineConfig, hf_config) -> None:
     if cfg.offload.prefetch > E:
         raise ConfigError(f"offload.prefetch is {cfg.offload.prefetch}, but this model has {E} experts per layer: "
                           f"use 0 (off) to {E}")
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     H, I = hf_config.hidden_size, hf_config.intermediate_size
-    q_out, kv_out = hf_config.num_attention_heads * head_dim, hf_config.num_key_value_heads * head_dim
-    for part, shapes in (("experts", [(I, H), (H, I)]), ("attention", [(q_out, H), (kv_out, H), (H, q_out)])):
+    for part, shapes in (("experts", [(I, H), (H, I)]), ("attention", attention_shapes(hf_config).values())):
         spec = getattr(cfg.quant, part)
         for shape in shapes:
             try:
@@ -208,9 +230,7 @@ def check_config_for_model(cfg: EngineConfig, hf_config) -> None:
 def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineConfig, device: torch.device):
     """Fill a model from a full-precision checkpoint, quantizing tensor by tensor (on the GPU when there is one)."""
     H, L, E = hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_local_experts
-    head_dim = getattr(hf_config, "head_dim", None) or H // hf_config.num_attention_heads
-    q_out, kv_out = hf_config.num_attention_heads * head_dim, hf_config.num_key_value_heads * head_dim
-    attention_shapes = {"q_proj": (q_out, H), "k_proj": (kv_out, H), "v_proj": (kv_out, H), "o_proj": (H, q_out)}
+    shapes = attention_shapes(hf_config)
     quant_device = device if device.type == "cuda" else torch.device("cpu")
 
     def fill(model: OffloadedMixtral, layout: ExpertLayout, progress: bool) -> None:
@@ -225,7 +245,7 @@ def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineC
                 model.set_tensor(f"{prefix}.{norm}.weight", checkpoint.get(f"{prefix}.{norm}.weight", (H,)))
             model.set_tensor(f"{prefix}.mlp.gate.weight", checkpoint.router(l, hf_config))
             for proj in ATTENTION_PROJECTIONS:
-                weight = checkpoint.get(f"{prefix}.self_attn.{proj}.weight", attention_shapes[proj])
+                weight = checkpoint.get(f"{prefix}.self_attn.{proj}.weight", shapes[proj])
                 attn_layout, buffer = quantize_matrix(weight.to(quant_device, cfg.torch_dtype), cfg.quant.attention,
                                                       cfg.torch_dtype)
                 model.set_attention(l, proj, attn_layout, buffer)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import QuantSpec
+from .kernels import REFERENCE, Kernels
 from .quantize import MatrixLayout, dequantize, quantize_into
 
 MATRICES = ("w1", "w3", "w2")  # gate, up, down: the names the checkpoints use on disk
@@ -54,8 +55,12 @@ class ExpertLayout:
         }
 
 
-def expert_forward(layout: ExpertLayout, buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU expert: w2(silu(w1 x) * w3 x), weights dequantized from `buffer`.  x: [T, H] -> [T, H]."""
-    gate = F.linear(x, layout.weight(buffer, "w1"))  # [T, I]
-    up = F.linear(x, layout.weight(buffer, "w3"))  # [T, I]
-    return F.linear(F.silu(gate) * up, layout.weight(buffer, "w2"))  # [T, H]
+def expert_forward(layout: ExpertLayout, buffer: torch.Tensor, x: torch.Tensor,
+                   kernels: Kernels | None = None) -> torch.Tensor:
+    """SwiGLU expert: w2(silu(w1 x) * w3 x), straight from the packed `buffer`.  x: [T, H] -> [T, H].
+
+    `kernels` (offload_engine.kernels) runs each quantized matmul; None means the reference kernels."""
+    kernels = kernels or REFERENCE
+    gate = kernels.linear(x, layout.matrices["w1"], buffer)  # [T, I]
+    up = kernels.linear(x, layout.matrices["w3"], buffer)  # [T, I]
+    return kernels.linear(F.silu(gate) * up, layout.matrices["w2"], buffer)  # [T, H]

@@ -18,20 +18,30 @@ from transformers.masking_utils import create_causal_mask
 
 from .expert_cache import ExpertCache
 from .experts import ExpertLayout, expert_forward
+from .kernels import REFERENCE, Kernels
 from .prefetch import guess_experts, route
 from .quantize import MatrixLayout, QuantLinear
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def attention_shapes(config: MixtralConfig) -> dict[str, tuple[int, int]]:
+    """[out, in] of each attention projection."""
+    H = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return {"q_proj": (q_out, H), "k_proj": (kv_out, H), "v_proj": (kv_out, H), "o_proj": (H, q_out)}
+
+
 class MoELayer(nn.Module):
     """Mixtral's sparse MoE block with its experts behind the expert cache; called explicitly by the model."""
 
-    def __init__(self, layer_idx: int, config: MixtralConfig, cache: ExpertCache, layout: ExpertLayout):
+    def __init__(self, layer_idx: int, config: MixtralConfig, cache: ExpertCache, layout: ExpertLayout,
+                 kernels: Kernels):
         super().__init__()
         self.layer_idx, self.top_k = layer_idx, config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)  # the router
-        self.cache, self.layout = cache, layout
+        self.cache, self.layout, self.kernels = cache, layout, kernels
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, order: list[int]) -> torch.Tensor:
         """x: [T, H] normed hidden states; weights, experts: [T, K]; order: the distinct experts, in lookup order."""
@@ -42,7 +52,7 @@ class MoELayer(nn.Module):
             # Prefill groups tokens by expert: each expert is fetched once and runs on all its tokens.
             token_idx, slot_idx = torch.where(experts == expert)  # [n], [n]
             buffer = self.cache.get(layer, expert, protect=order[i + 1 :])
-            y = expert_forward(self.layout, buffer, x[token_idx])  # [n, H]
+            y = expert_forward(self.layout, buffer, x[token_idx], self.kernels)  # [n, H]
             self.cache.computed(layer, expert)
             out.index_add_(0, token_idx, y * weights[token_idx, slot_idx, None].to(y.dtype))
         self.cache.end_layer(layer)
@@ -51,14 +61,15 @@ class MoELayer(nn.Module):
 
 class OffloadedMixtral(nn.Module):
     def __init__(self, config: MixtralConfig, cache: ExpertCache, layout: ExpertLayout, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, kernels: Kernels = REFERENCE):
         super().__init__()
         config._attn_implementation = "sdpa"
         self.config, self.cache, self.dtype, self.device = config, cache, dtype, torch.device(device)
+        self.kernels = kernels  # quantized matmuls of experts and attention (offload_engine.kernels)
         with init_empty_weights():  # the trunk's tensors stay on the meta device until loaded one by one
             hf = MixtralForCausalLM(config)
             for i, layer in enumerate(hf.model.layers):
-                layer.mlp = MoELayer(i, config, cache, layout)
+                layer.mlp = MoELayer(i, config, cache, layout, kernels)
         self.model, self.lm_head = hf.model, hf.lm_head
         self.layers = self.model.layers
         self.prefetch = cache.prefetch_count
@@ -76,7 +87,7 @@ class OffloadedMixtral(nn.Module):
             weight = layout.views(buffer)["weight"]
             self.set_tensor(f"model.layers.{layer}.self_attn.{proj}.weight", weight)
         else:
-            setattr(attention, proj, QuantLinear(layout, buffer.to(self.device)))
+            setattr(attention, proj, QuantLinear(layout, buffer.to(self.device), self.kernels))
 
     def finish_loading(self) -> None:
         if self.config.tie_word_embeddings:

@@ -183,17 +183,20 @@ def quantize_matrix(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -
 
 
 class QuantLinear(torch.nn.Module):
-    """A bias-free linear layer whose weight lives in a packed buffer and is dequantized at each call."""
+    """A bias-free linear layer whose weight lives in a packed buffer, multiplied by `kernels`
+    (offload_engine.kernels; None = the reference: dequantize at each call, then F.linear)."""
 
-    def __init__(self, layout: MatrixLayout, buffer: torch.Tensor):
+    def __init__(self, layout: MatrixLayout, buffer: torch.Tensor, kernels=None):
         super().__init__()
-        self.layout = layout
+        if kernels is None:
+            from .kernels import REFERENCE as kernels
+        self.layout, self.kernels = layout, kernels
         self.register_buffer("packed", buffer)
         self.out_features, self.in_features = layout.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize(self.layout, self.layout.views(self.packed))  # [out, in]
-        return torch.nn.functional.linear(x, weight)
+        y = self.kernels.linear(x.reshape(-1, self.in_features), self.layout, self.packed)  # [tokens, out]
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

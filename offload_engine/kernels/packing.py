@@ -1,0 +1,95 @@
+"""Where each quantized weight lives in a `MatrixLayout`'s bytes: the facts every fused kernel needs.
+
+hqq quantizes a [N, K] matrix (axis=1) in groups of `g` consecutive weights of a row, i.e. it reshapes the matrix
+to [n_groups, g] with group i = n * G + k // g (G = K / g groups per row). It then packs `pack` codes into one
+word along the *group* axis: the codes tensor is [S, g] words, S = ceil(n_groups / pack), and word (p, j) holds
+group q * S + p in bits [bits * (pack - 1 - q), +bits) for q = 0 .. pack - 1. So the code of weight (n, k) is
+
+    i = n * G + k // g;   word = codes[i % S, k % g];   q = (word >> (bits * (pack - 1 - i // S))) & (2^bits - 1)
+
+and its scale and zero are those of group i (8-bit codes with a float range, or float16: see quantize.py).
+The fused kernels read these words directly, so no layout change is needed, and they need K to be a multiple of
+g (a group must not straddle two rows: the group-sum identity works row by row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hqq.core.quantize import Quantizer
+
+from ..quantize import SCALE_GROUP, MatrixLayout
+
+# hqq's packing name -> (codes per word, word dtype)
+_WORDS = {"8bit_u8": (1, torch.uint8), "4bit_u8": (2, torch.uint8), "3bit_32": (10, torch.int32),
+          "2bit_u8": (4, torch.uint8), "1bit_u8": (8, torch.uint8)}
+
+
+class UnsupportedLayout(ValueError):
+    """A matrix layout that the fused kernels cannot read; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class PackedFormat:
+    """The constants a fused kernel is specialised on (all derived from a `MatrixLayout`)."""
+
+    out_features: int  # N
+    in_features: int  # K
+    bits: int
+    group_size: int  # g
+    pack: int  # codes per word
+    packed_rows: int  # S: rows of the [S, g] codes tensor
+    quant_meta: bool  # 8-bit scale/zero codes (else float16 scales and zeros)
+    scale_group: int = SCALE_GROUP  # scales sharing one (min, step) pair when quant_meta
+
+    @property
+    def groups_per_row(self) -> int:  # G
+        return self.in_features // self.group_size
+
+    @property
+    def n_groups(self) -> int:
+        return self.out_features * self.groups_per_row
+
+    @property
+    def shifts(self) -> list[int]:
+        """Bit offset of slot q = 0 .. pack - 1 inside a word."""
+        return [self.bits * (self.pack - 1 - q) for q in range(self.pack)]
+
+    @staticmethod
+    def of(layout: MatrixLayout) -> "PackedFormat":
+        spec = layout.spec
+        if spec.bits is None:
+            raise UnsupportedLayout("an unquantized matrix has no packed format")
+        n, k = layout.shape
+        if k % spec.group_size:
+            raise UnsupportedLayout(
+                f"fused kernels need in_features ({k}) to be a multiple of group_size ({spec.group_size}) for a "
+                f"matrix of shape {layout.shape}; choose a group_size that divides {k}, or kernels: reference")
+        pack, _ = _WORDS[Quantizer.bit_to_packing[spec.bits]]
+        codes = next(s for s in layout.segments if s.name == "codes")
+        return PackedFormat(n, k, spec.bits, spec.group_size, pack, codes.shape[0], spec.quant_meta)
+
+
+def unpack_codes(codes: torch.Tensor, fmt: PackedFormat) -> torch.Tensor:
+    """All codes of a matrix as [N, G, g] integers, built from broadcast shifts (one fused pass when compiled)."""
+    shifts = torch.tensor(fmt.shifts, dtype=codes.dtype, device=codes.device).view(fmt.pack, 1, 1)
+    mask = (1 << fmt.bits) - 1
+    q = (codes.view(1, fmt.packed_rows, fmt.group_size) >> shifts) & mask  # [pack, S, g]: group q*S + p
+    return q.reshape(-1, fmt.group_size)[: fmt.n_groups].view(fmt.out_features, fmt.groups_per_row, fmt.group_size)
+
+
+def scales_and_zeros(views: dict[str, torch.Tensor], fmt: PackedFormat,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero as float32 [N, G], rounded through the compute dtype exactly as the reference
+    path (quantize.dequantize) rounds them, so that fused and reference kernels use the same numbers."""
+    if fmt.quant_meta:
+        scale_range = views["scale_range"].float()  # [scale groups, 2]: (min, step)
+        scale = views["scale_q"].view(scale_range.shape[0], -1).float() * scale_range[:, 1:] + scale_range[:, :1]
+        zero_range = views["zero_range"]
+        zero = views["zero_q"].float() * zero_range[1] + zero_range[0]
+    else:
+        scale, zero = views["scale"].float(), views["zero"].float()
+    scale = scale.reshape(-1)[: fmt.n_groups].to(dtype).float()
+    zero = zero.reshape(-1)[: fmt.n_groups].to(dtype).float()
+    return scale.view(fmt.out_features, -1), zero.view(fmt.out_features, -1)

@@ -1,0 +1,106 @@
+"""Fused CPU kernels (torch.compile of the group-sum formulation) against the reference dequantize + F.linear,
+and the engine with `kernels: fused` against `kernels: reference`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_checkpoint
+from kernel_cases import FORMATS, assert_close_to_reference, layout_for, random_packed
+
+import offload_engine
+from offload_engine.config import ConfigError
+from offload_engine.kernels import REFERENCE, select_kernels
+from offload_engine.kernels.cpu import GEMV_MAX_TOKENS, compiler_problem, shared_cpu_kernels
+from offload_engine.kernels.packing import UnsupportedLayout
+
+pytestmark = pytest.mark.skipif(compiler_problem() is not None, reason=f"no C++ compiler: {compiler_problem()}")
+TOKENS = (1, 3, GEMV_MAX_TOKENS + 3)  # the compiled GEMV (T = 1 and dynamic T) and the dequantize + BLAS path
+
+
+@pytest.mark.parametrize("bits,group_size,quant_meta", FORMATS)
+def test_cpu_kernels_equal_reference_for_every_format(bits, group_size, quant_meta):
+    # 104 rows: no block divides it; 3 groups per row; an offset like w3's inside an expert buffer
+    layout = layout_for((104, 3 * group_size), bits, group_size, quant_meta, torch.float32, offset=48)
+    buffer = random_packed(layout, seed=bits * 1000 + group_size)
+    kernels = shared_cpu_kernels()
+    for tokens in TOKENS:
+        x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens))
+        assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,group_size,quant_meta", [(2, 16, True), (4, 64, False), (3, 16, True)])
+def test_cpu_kernels_in_half_precision_stay_within_the_references_rounding(dtype, bits, group_size, quant_meta):
+    layout = layout_for((96, 4 * group_size), bits, group_size, quant_meta, dtype)
+    buffer = random_packed(layout, seed=7)
+    for tokens in (1, GEMV_MAX_TOKENS + 3):
+        x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
+        assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+
+
+@pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336)])
+def test_cpu_gemv_on_mixtral_expert_shapes(shape):
+    layout = layout_for(shape, 2, 16, True, torch.float32)
+    buffer = random_packed(layout, seed=shape[0])
+    x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(0))
+    assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+
+
+def test_cpu_kernels_on_a_matrix_quantized_by_hqq():
+    from offload_engine.quantize import quantize_into
+
+    layout = layout_for((64, 256), 2, 16, True, torch.float32)
+    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    quantize_into(torch.randn(64, 256) * 0.02, layout, buffer)
+    x = torch.randn(2, 256)
+    assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+
+
+def test_layouts_the_fused_kernels_cannot_read_are_named_at_load_time():
+    odd = layout_for((32, 48), 2, 32, True, torch.float32)  # a group of 32 straddles rows of 48
+    with pytest.raises(UnsupportedLayout, match="multiple of group_size"):
+        shared_cpu_kernels().linear(torch.randn(1, 48), odd, random_packed(odd))
+    with pytest.raises(ConfigError, match="group_size"):
+        select_kernels("fused", torch.device("cpu"), [odd])
+    with pytest.warns(RuntimeWarning, match="reference"):
+        mixed = select_kernels("auto", torch.device("cpu"), [odd, layout_for((32, 64), 2, 16, True, torch.float32)])
+    buffer = random_packed(odd)
+    x = torch.randn(2, 48)
+    assert torch.equal(mixed.linear(x, odd, buffer), REFERENCE.linear(x, odd, buffer))
+    assert select_kernels("reference", torch.device("cpu"), [odd]) is REFERENCE
+
+
+QUANTIZED = {"dtype": "float32", "quant": {"attention": {"bits": 4, "group_size": 32},
+                                           "experts": {"bits": 2, "group_size": 16}}}
+
+
+@pytest.fixture(scope="module")
+def gentle_dir(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("kernels"), std=0.04)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_engine_with_fused_kernels_equals_reference_kernels(gentle_dir, k, prefetch):
+    offload = {"experts_on_device": k, "prefetch": prefetch}
+    fused = offload_engine.load(gentle_dir, config={**QUANTIZED, "kernels": "fused", "offload": offload},
+                                progress=False)
+    reference = offload_engine.load(gentle_dir, config={**QUANTIZED, "kernels": "reference", "offload": offload},
+                                    progress=False)
+    assert fused.stats()["kernels"] == "fused-cpu" and reference.stats()["kernels"] == "reference"
+    ids = torch.randint(0, 160, (1, 12), generator=torch.Generator().manual_seed(k))  # prefill: dequantize path
+    assert (fused.logits(ids) - reference.logits(ids)).abs().max().item() < 1e-4
+    prompt = ids[0, :5].tolist()  # decode: one token per expert, the GEMV path
+    assert fused.generate_ids(prompt, max_new_tokens=12) == reference.generate_ids(prompt, max_new_tokens=12)
+
+
+def test_auto_picks_the_fused_kernels_on_cpu_and_unquantized_models_need_none(gentle_dir):
+    engine = offload_engine.load(gentle_dir, config=QUANTIZED, progress=False)
+    assert engine.config.kernels == "auto" and engine.stats()["kernels"] == "fused-cpu"
+    assert engine.stats()["kernel_warmup_s"] >= 0
+    plain = offload_engine.load(gentle_dir, config={"dtype": "float32", "kernels": "fused", "quant": {
+        "attention": {"bits": None}, "experts": {"bits": None}}}, progress=False)
+    assert plain.stats()["kernels"] == "reference"  # nothing is quantized: plain F.linear
+    with pytest.raises(ConfigError, match="kernels must be one of"):
+        offload_engine.load(gentle_dir, config={**QUANTIZED, "kernels": "triton"}, progress=False)
