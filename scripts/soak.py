@@ -2,7 +2,8 @@
 """Bounded soak: thousands of short generations with random valid and invalid parameters and random interrupts.
 
     PYTHONPATH=. python scripts/soak.py [MODEL] [--iterations N] [--experts-on-device K] [--prefetch P]
-        [--interrupt-rate R] [--invalid-rate R] [--seed S] [--threads N]
+        [--interrupt-rate R] [--invalid-rate R] [--hooks expert copy sample abandon] [--seed S] [--threads N]
+        [--kernels auto|fused|reference]
 
 MODEL defaults to the packaged demo model. Each iteration picks one of:
   * a valid call (generate_ids / stream / a chat turn, random greedy or sampled parameters, 1-8 new tokens);
@@ -157,13 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--kernels", default="auto", help="config key kernels: auto | fused | reference")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
     if args.iterations < 1 or args.check_every < 1:
         ap.error("--iterations and --check-every must be >= 1")
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
-    config = {"dtype": "float32", "offload": {"experts_on_device": args.experts_on_device, "prefetch": args.prefetch}}
+    config = {"dtype": "float32", "kernels": args.kernels,
+              "offload": {"experts_on_device": args.experts_on_device, "prefetch": args.prefetch}}
     engine = offload_engine.load(args.model, config, device="cpu", progress=False)
     vocab = engine.model.config.vocab_size
     interrupter = Interrupter(engine)
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; device cpu, float32, batch 1")
     print(f"model: {args.model}; {engine.cache.k}/{engine.cache.num_experts} experts/layer on device, prefetch "
-          f"{engine.cache.prefetch_count}; {len(engine.cache.slots)} device slots")
+          f"{engine.cache.prefetch_count}; {len(engine.cache.slots)} device slots; kernels {args.kernels}")
     print(f"{args.iterations} iterations in {elapsed:.1f} s: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"{'iteration':>9} {'RSS MiB':>8} {'free':>5} {'held':>5} {'total':>5} {'staged':>6} {'transient':>9} ok")
     for c in checkpoints:

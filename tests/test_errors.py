@@ -208,17 +208,15 @@ def test_ctrl_c_after_the_stream_ended_does_not_quit(terminal_chat, monkeypatch)
     assert len(chat.session.messages) == 4 and "conversation is kept" in err.getvalue()
 
 
-def test_soak_script_short_run(capsys):
-    """A short soak on the demo model: valid, invalid and interrupted calls; no crash, nothing accepted that should
-    be refused, slots accounted for at rest, and greedy tokens equal a fresh engine's afterwards. (Interrupts inside
-    cache copies and prefetch are exercised by the cache's own fault-injection tests.)"""
-    from offload_engine.checkpoint import DEMO_DIR
-
-    if not (DEMO_DIR / "config.json").exists():
-        pytest.skip("the demo model is not installed")
+def test_soak_script_short_run(chat_dir, capsys):
+    """A short soak on a tiny chat model: valid, invalid and interrupted calls (ids, streams, chat turns); no crash,
+    nothing accepted that should be refused, slots accounted for at rest, greedy tokens equal to a fresh engine's
+    afterwards. Interrupts here land between forwards (sampler) or abandon streams; interrupts inside a forward
+    (expert compute, cache copies) are the expert cache's own fault-injection tests."""
     soak = script("soak")
-    code = soak.main(["--iterations", "120", "--check-every", "40", "--prefetch", "0", "--hooks", "expert", "sample",
-                      "abandon", "--interrupt-rate", "0.3", "--invalid-rate", "0.3"])
+    code = soak.main([str(chat_dir), "--iterations", "150", "--check-every", "50", "--experts-on-device", "2",
+                      "--prefetch", "1", "--hooks", "sample", "abandon", "--interrupt-rate", "0.3",
+                      "--invalid-rate", "0.3", "--kernels", "reference"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "PASS" in out and "crashed 0" in out and "not_rejected 0" in out
