@@ -68,10 +68,38 @@ def read_config(model_dir: Path) -> MixtralConfig:
             f"{config_path} describes a {raw.get('model_type')!r} model; offload_engine runs Mixtral "
             f"(model_type 'mixtral') checkpoints only"
         )
-    config = MixtralConfig.from_dict(raw)
+    try:
+        config = MixtralConfig.from_dict(raw)
+    except Exception as e:  # transformers' own field validation (huggingface_hub's strict dataclasses, ValueError)
+        message = " ".join(str(e).split())
+        raise CheckpointError(f"{config_path} has an invalid field: {message}; fix config.json or re-download it") from e
     if config.hidden_act != "silu":
         raise CheckpointError(f"{config_path}: hidden_act {config.hidden_act!r} is not Mixtral's 'silu'")
+    check_model_config(config, config_path)
     return config
+
+
+def check_model_config(config: MixtralConfig, config_path: Path) -> None:
+    """config.json's own cross-field rules, so that a bad edit fails here, naming the field, not in a forward."""
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok",
+             "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings")
+    for key in sizes:
+        value = getattr(config, key, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{config_path}: {key} must be a positive integer, got {value!r}")
+    E, K = config.num_local_experts, config.num_experts_per_tok
+    if K > E:
+        raise CheckpointError(f"{config_path}: num_experts_per_tok ({K}) exceeds num_local_experts ({E})")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if heads % kv_heads:
+        raise CheckpointError(f"{config_path}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                              f"({kv_heads})")
+    if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
+        raise CheckpointError(f"{config_path}: hidden_size ({config.hidden_size}) is not divisible by "
+                              f"num_attention_heads ({heads}) and no head_dim is given")
+    eps = config.rms_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CheckpointError(f"{config_path}: rms_norm_eps must be a small positive number, got {eps!r}")
 
 
 def read_weight_map(index_path: Path) -> dict[str, str]:

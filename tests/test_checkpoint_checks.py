@@ -94,3 +94,16 @@ def test_malformed_manifest_entries_are_named(copy, edit, message):
     edit_json(copy / MANIFEST, edit)
     with pytest.raises(PrequantizedError, match=f"is malformed: {message}"):
         offload_engine.load(copy, progress=False)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_experts_per_tok", 9, "num_experts_per_tok \\(9\\) exceeds num_local_experts \\(8\\)"),
+    ("num_key_value_heads", 3, "must be a multiple of num_key_value_heads"),
+    ("vocab_size", 0, "vocab_size must be a positive integer"),
+    ("rms_norm_eps", -1, "rms_norm_eps"),
+])
+def test_config_json_cross_field_rules(tiny_dir, tmp_path, field, value, message):
+    bad = Path(shutil.copytree(tiny_dir, tmp_path / "bad"))
+    edit_json(bad / "config.json", lambda c: c.update({field: value}))
+    with pytest.raises(offload_engine.CheckpointError, match=rf"config.json.*{message}"):
+        offload_engine.load(bad, progress=False)
