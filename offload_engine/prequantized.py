@@ -102,18 +102,22 @@ MODEL_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_loca
 # config.json fields that change outputs without changing any tensor's shape: recorded too, so that an edited
 # config.json is refused by name instead of silently giving other tokens. (Training-only fields such as
 # router_jitter_noise or attention_dropout do not matter at inference.)
-OUTPUT_KEYS = ("head_dim", "num_experts_per_tok", "rms_norm_eps", "rope_parameters", "sliding_window",
+OUTPUT_KEYS = ("head_dim", "num_experts_per_tok", "rms_norm_eps", "rope_theta", "rope_parameters", "sliding_window",
                "max_position_embeddings", "hidden_act", "eos_token_id")
 
 
-def _model_summary(hf) -> dict:
-    """The config.json fields the weights depend on, as plain JSON data (compared with the manifest on load)."""
+def _model_summary(hf, raw: dict | None = None) -> dict:
+    """The config.json fields the weights depend on, as plain JSON data (compared with the manifest on load).
+    `raw`: config.json as written, on load: a top-level rope_theta there (transformers 4 style) is what the user
+    sees and edits, even where transformers 5 reads rope_parameters instead."""
     summary = {k: getattr(hf, k) for k in MODEL_KEYS}
     for key in OUTPUT_KEYS:
-        value = getattr(hf, key, None)
-        if key == "rope_parameters" and value is None:  # older transformers: rope_theta alone
-            value = {"rope_theta": getattr(hf, "rope_theta", None), "rope_type": "default"}
-        summary[key] = value
+        summary[key] = getattr(hf, key, None)
+    if summary["rope_parameters"] is None:  # older transformers: rope_theta alone
+        summary["rope_parameters"] = {"rope_theta": getattr(hf, "rope_theta", None), "rope_type": "default"}
+    summary["rope_theta"] = summary["rope_parameters"].get("rope_theta")  # the one in effect
+    if raw is not None and "rope_theta" in raw:
+        summary["rope_theta"] = raw["rope_theta"]
     return json.loads(json.dumps(summary))  # tuples -> lists, as they read back from the manifest
 
 
@@ -297,7 +301,7 @@ def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineCon
 
 def validate(model_dir: Path, manifest: dict, hf, cfg: EngineConfig) -> dict[str, tuple[int, dict]]:
     """Check every file against the manifest and the layouts this code computes; -> file: (data start, header)."""
-    recorded, current = manifest["model"], _model_summary(hf)
+    recorded, current = manifest["model"], _model_summary(hf, json.loads((model_dir / "config.json").read_text()))
     shapes = [k for k in MODEL_KEYS if recorded[k] != current[k]]
     if shapes:
         raise PrequantizedError(f"{model_dir / 'config.json'} describes a different model than {MANIFEST} "

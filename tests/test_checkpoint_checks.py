@@ -41,17 +41,17 @@ def test_manifest_records_the_output_fields(quantized_dir):
 
 @pytest.mark.parametrize("field, value", [
     ("num_experts_per_tok", 3), ("rms_norm_eps", 1e-3), ("rope_theta", 500.0), ("sliding_window", 64),
-    ("max_position_embeddings", 256), ("eos_token_id", 7),
+    ("max_position_embeddings", 256), ("eos_token_id", 7), ("top_level_rope_theta", 500.0),
 ])
 def test_an_edited_output_field_is_refused_by_name(copy, field, value):
     def edit(config: dict) -> None:
         if field == "rope_theta" and "rope_parameters" in config:  # transformers 5 nests it
             config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": value}
-        else:
-            config[field] = value
+        else:  # a top-level rope_theta (transformers 4 style) is what a user would edit
+            config[field.removeprefix("top_level_")] = value
 
     edit_json(copy / "config.json", edit)
-    name = "rope_parameters" if field == "rope_theta" else field
+    name = field.removeprefix("top_level_")
     with pytest.raises(PrequantizedError, match=rf"config.json: {name} is .* quantized with {name} = "):
         offload_engine.load(copy, progress=False)
 
