@@ -63,6 +63,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import offload_engine.model as model_module  # noqa: E402
 from offload_engine import load, load_config  # noqa: E402
+from offload_engine.checkpoint import read_config, resolve_model_dir  # noqa: E402
 from offload_engine.cli import parse_device  # noqa: E402
 from offload_engine.engine import Engine  # noqa: E402
 from offload_engine.errors import UsageError, add_debug_flag, user_errors  # noqa: E402
@@ -368,12 +369,18 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             ap.error("--plot needs matplotlib: pip install matplotlib (or pip install 'offload_engine[plot]')")
 
+    if args.prompts is not None and not Path(args.prompts).is_file():  # before minutes of loading
+        raise UsageError(f"--prompts {args.prompts} does not exist; give a text file with one prompt per line")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     overrides = {k: v for k, v in {"experts_on_device": args.experts_on_device, "prefetch": args.prefetch,
                                    "policy": args.policy}.items() if v is not None}
     cfg = cfg.replace(**overrides) if overrides else cfg
+    window = min(cfg.max_context, read_config(resolve_model_dir(args.model)).max_position_embeddings)
+    if args.max_new_tokens >= window:  # checked again per prompt; this catches it before loading
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context window "
+                         f"({window} tokens); lower it")
     engine = load(args.model, config=cfg, device=args.device, progress=not args.quiet)
     prompts = read_prompts(args.prompts, engine, args.num_random_prompts, args.prompt_tokens, args.seed)
     body = profile(engine, prompts, args.max_new_tokens, args.ignore_eos)

@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 bad_prompt = False
             hook = rng.choice(args.hooks) if kind == "interrupt" else None
-            if hook in ("expert", "copy", "sample"):
-                interrupter.arm(hook, rng.randint(1, 40))
+            if hook in ("expert", "copy", "sample"):  # the n-th call, within the calls one short generation makes
+                interrupter.arm(hook, rng.randint(1, {"expert": 40, "copy": 6, "sample": 4}[hook]))
             try:
                 one_call(engine, rng, prompt, sampling, abandon=hook == "abandon", bad_prompt=bad_prompt)
                 counts["not_rejected" if kind == "invalid" else "abandoned" if hook == "abandon" else "ok"] += 1

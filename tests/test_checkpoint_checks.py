@@ -13,7 +13,7 @@ import offload_engine
 from offload_engine.engine import MANIFEST
 from offload_engine.prequantized import OUTPUT_KEYS, PrequantizedError, quantize_checkpoint
 
-QUANT = {"dtype": "float32", "offload": {"experts_on_device": 8, "prefetch": 0}}
+QUANT = {"dtype": "float32", "kernels": "reference", "offload": {"experts_on_device": 8, "prefetch": 0}}
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,10 @@ def test_profile_cache_bad_arguments(profile_cache, tiny_dir, capsys, args, mess
 def test_profile_cache_bad_prompt_file_and_model(profile_cache, tiny_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("1 2 3\n4 5 999\n")
-    code, line = status_and_error(profile_cache.main, [str(tiny_dir), "--quiet", "--prompts", str(prompts)], capsys)
+    config = tmp_path / "quick.yaml"
+    config.write_text("dtype: float32\nkernels: reference\n")
+    code, line = status_and_error(profile_cache.main, [str(tiny_dir), "--quiet", "--prompts", str(prompts),
+                                                       "--config", str(config)], capsys)
     assert code == 2 and "token id 999" in line and "prompts.txt" in line
     code, line = status_and_error(profile_cache.main, [str(tmp_path / "nothing")], capsys)
     assert code == 2 and "nothing" in line
