@@ -6,6 +6,8 @@ turn renders the conversation with the tokenizer's chat template (Mixtral-Instru
 tokens already in the KV cache stay valid even when a generated reply would re-tokenize differently. The
 cache keeps its longest prefix shared with the new ids (cropped if needed) and only the rest is prefilled.
 When old turns are dropped to fit the context window the whole conversation is re-tokenized.
+
+`encode_chat` and `PrefixCache` are shared with the HTTP server (offload_engine/server/).
 """
 
 from __future__ import annotations
@@ -23,6 +25,94 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 
+def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The chat template's text for `messages` (raises jinja2's TemplateError for a conversation it refuses)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def fold_system(tokenizer, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`messages` as the template takes them: Mixtral-Instruct's template has no system role, and the usual
+    practice (mistral-common's too) is to prepend the system prompt to the first user message."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    try:
+        render_chat(tokenizer, messages)
+        return messages
+    except TemplateError:
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            raise
+        first = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+        return [first, *messages[2:]]
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation (ending with a user turn) through the chat template, message by message.
+
+    Each message's text (what it adds to the rendered conversation) is tokenized on its own after a leading BOS,
+    as mistral-common's `encode_chat_completion` does: sentencepiece then gives `[INST]` and a reply their
+    leading "▁" wherever they sit, so Mixtral-Instruct sees exactly the prompts it was tuned on. A template
+    whose rendering of a conversation is not a prefix of the next one's is tokenized as one text."""
+    messages = fold_system(tokenizer, messages)
+    text = render_chat(tokenizer, messages)
+    cuts: list[int] = []  # where each message's text ends in `text`
+    try:
+        for end in range(1, len(messages)):
+            if messages[end - 1]["role"] != "system":  # a system message alone renders nothing by itself
+                before = render_chat(tokenizer, messages[:end], add_generation_prompt=False)
+                if not text.startswith(before) or (cuts and len(before) < cuts[-1]):
+                    raise TemplateError("not a prefix")
+                cuts.append(len(before))
+    except TemplateError:
+        cuts = []
+    bos = getattr(tokenizer, "bos_token", None)
+    ids: list[int] = []
+    for start, end in zip([0, *cuts], [*cuts, len(text)]):
+        segment = text[start:end]
+        if bos and segment.startswith(bos):
+            ids.append(tokenizer.bos_token_id)
+            segment = segment[len(bos):]
+        if segment:
+            ids.extend(tokenizer(segment, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+class PrefixCache:
+    """A KV cache and exactly the token ids whose keys/values it holds, reused across requests that share a
+    prefix: `reuse(ids)` crops it to the longest shared prefix, `sync(ids)` records what it holds afterwards."""
+
+    def __init__(self, model_config):
+        self.model_config = model_config
+        self.clear()
+
+    def clear(self) -> None:
+        self.kv_cache = DynamicCache(config=self.model_config)
+        self.ids: list[int] = []
+
+    def reuse(self, ids: list[int]) -> int:
+        """Crop the KV cache to the longest prefix it shares with `ids`; return that prefix's length."""
+        keep = 0
+        for cached, new in zip(self.ids, ids):
+            if cached != new:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # at least one token must be prefilled to get next-token logits
+        if keep == 0:
+            self.clear()
+        elif keep < len(self.ids):
+            self.kv_cache.crop(keep - len(self.ids))
+        self.ids = self.ids[:keep]
+        return keep
+
+    def sync(self, candidate_ids: list[int]) -> None:
+        """Record which tokens the KV cache holds (a prefix of `candidate_ids`); an interrupted forward leaves
+        layers uneven: start afresh."""
+        lengths = {layer.get_seq_length() for layer in self.kv_cache.layers}
+        if len(lengths) != 1:
+            self.clear()
+        else:
+            self.ids = list(candidate_ids[: lengths.pop()])
+
+
 class ChatSession:
     """One conversation. Turns take the engine's lock (other threads' calls wait); one session used by two
     threads at once, or a new turn while the previous stream is still open, is refused with a RuntimeError."""
@@ -37,6 +127,14 @@ class ChatSession:
         self._busy = BusyGuard("this ChatSession")
         self.reset()
 
+    @property
+    def kv_cache(self) -> DynamicCache:
+        return self.prefix.kv_cache
+
+    @property
+    def cached_ids(self) -> list[int]:
+        return self.prefix.ids
+
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         with self._busy():
@@ -44,8 +142,7 @@ class ChatSession:
 
     def _clear(self) -> None:
         self.messages = []
-        self.kv_cache = DynamicCache(config=self.engine.model.config)
-        self.cached_ids: list[int] = []  # exactly the tokens whose keys/values are in kv_cache
+        self.prefix = PrefixCache(self.engine.model.config)
         self.history_ids: list[int] = []  # the conversation so far, as the model saw it
 
     def send(self, message: str, **sampling) -> str:
@@ -69,7 +166,7 @@ class ChatSession:
         if len(ids) > budget:
             raise ValueError(f"the message is {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} the "
                              f"context window of {self.engine.context_window} tokens is exceeded: shorten it")
-        keep = self._reuse_prefix(ids)
+        keep = self.prefix.reuse(ids)
         reply_ids: list[int] = []
         eos = self.engine.eos_ids
         tokens = generate_tokens(self.engine.model, ids[keep:], params, self.kv_cache, eos, ids[:keep], feed_eos=True)
@@ -89,7 +186,7 @@ class ChatSession:
             self.messages = messages + [{"role": "assistant", "content": text}]
             self.last_reply_ids = reply_ids
             self.history_ids = ids + reply_ids + eos[:1]  # the template closes every reply with EOS
-            self._sync_cache(self.history_ids)
+            self.prefix.sync(self.history_ids)
 
     # ---- helpers ----
     def _extend(self, messages: list[dict[str, str]]) -> list[int]:
@@ -104,45 +201,10 @@ class ChatSession:
         """The chat template applied to `messages`: token ids, or the text with `tokenize=False`."""
         if not messages:
             return ""
-        tokenizer = self.engine.tokenizer
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        try:
-            encoded = tokenizer.apply_chat_template(full, tokenize=tokenize, add_generation_prompt=True)
-        except TemplateError:
-            if not self.system:
-                raise
-            # Mixtral-Instruct's template has no system role: the usual practice is to prepend it to the
-            # first user message.
-            first = {"role": "user", "content": f"{self.system}\n\n{messages[0]['content']}"}
-            encoded = tokenizer.apply_chat_template([first, *messages[1:]], tokenize=tokenize,
-                                                    add_generation_prompt=True)
-        if not tokenize:
-            return encoded
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-    def _reuse_prefix(self, ids: list[int]) -> int:
-        """Crop the KV cache to the longest prefix it shares with `ids`; return that prefix's length."""
-        keep = 0
-        for cached, new in zip(self.cached_ids, ids):
-            if cached != new:
-                break
-            keep += 1
-        keep = min(keep, len(ids) - 1)  # at least one token must be prefilled to get next-token logits
-        if keep == 0:
-            self.kv_cache = DynamicCache(config=self.engine.model.config)
-        elif keep < len(self.cached_ids):
-            self.kv_cache.crop(keep - len(self.cached_ids))
-        self.cached_ids = self.cached_ids[:keep]
-        return keep
-
-    def _sync_cache(self, candidate_ids: list[int]) -> None:
-        """Record which tokens the KV cache holds; an interrupted forward leaves layers uneven: start afresh."""
-        lengths = {layer.get_seq_length() for layer in self.kv_cache.layers}
-        if len(lengths) != 1:
-            self.kv_cache = DynamicCache(config=self.engine.model.config)
-            self.cached_ids = []
-        else:
-            self.cached_ids = candidate_ids[: lengths.pop()]
+        if tokenize:
+            return encode_chat(self.engine.tokenizer, full)
+        return render_chat(self.engine.tokenizer, fold_system(self.engine.tokenizer, full))
 
     def _notice(self, text: str) -> None:
         self.notices.append(text)

@@ -168,6 +168,17 @@ def resolve_setup(args: argparse.Namespace) -> Setup:
     return Setup(model_dir, name, device, window)
 
 
+def load_engine(setup: Setup, log: TextIO | None = None) -> Engine:
+    """Load and warm up the model of `setup`, with progress and the one-line summary on `log` (stderr)."""
+    log = log or sys.stderr
+    print(f"loading {setup.model_dir} on {setup.device} ...", file=log, flush=True)
+    start = time.perf_counter()
+    engine = load(setup.model_dir, setup.config, setup.device, progress=True)
+    warm_up(engine)
+    print(summary_line(engine, time.perf_counter() - start), file=log, flush=True)
+    return engine
+
+
 def warm_up(engine: Engine) -> None:
     """A throwaway prefill + decode step: the first ones pay for lazy kernel/thread-pool/allocator set-up (seconds
     on CPU), which would otherwise show up as a misleadingly slow first reply. Its cache counters are cleared."""
@@ -186,7 +197,8 @@ def summary_line(engine: Engine, seconds: float) -> str:
     return (f"loaded {engine.model_dir} in {seconds:.1f} s: {engine.device}, {cfg.dtype}; attention "
             f"{quant_text(cfg.quant.attention, cfg.dtype)}, experts {quant_text(cfg.quant.experts, cfg.dtype)}; "
             f"{cache.k}/{cache.num_experts} experts/layer on device ({size_text(cache.device_bytes())}), {prefetch}; "
-            f"context {engine.context_window}")
+            f"context {engine.context_window}; kernels {engine.kernels.name}"
+            + (f" (compiled in {engine.kernel_warmup_s:.1f} s)" if engine.kernel_warmup_s >= 0.1 else ""))
 
 
 def size_text(nbytes: int) -> str:
@@ -349,11 +361,7 @@ def run(args: argparse.Namespace) -> int:
     if setup.window is not None:  # check the reply budget now rather than after minutes of loading
         early_max, _ = fit_max_new_tokens(requested_max, setup.window)
     sampling_options(args, early_max)
-    print(f"loading {setup.model_dir} on {setup.device} ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    engine = load(setup.model_dir, setup.config, setup.device, progress=True)
-    warm_up(engine)
-    print(summary_line(engine, time.perf_counter() - start), file=sys.stderr)
+    engine = load_engine(setup)
     max_new_tokens, note = fit_max_new_tokens(requested_max, engine.context_window)
     if note:
         print(note, file=sys.stderr)

@@ -25,8 +25,9 @@ copied at every token, no write-back, no prefetch) is ``h = 0, writeback = False
 
 Compute traffic is counted, not guessed: :func:`expert_traffic` runs the engine's own ``expert_forward`` (and
 ``QuantLinear`` for attention) on meta tensors under a dispatch mode that sums the bytes every kernel reads and writes.
-Kernel ``"engine"`` is today's decode path (dequantize the whole matrix with torch ops, then matmul); ``"fused"`` is a
-dequantize-in-registers GEMV that reads only the packed bytes (what the reference system's Triton kernels do).
+Kernel ``"engine"`` is the reference path (``kernels: reference``: dequantize the whole matrix with torch ops, then
+matmul); ``"fused"`` is the engine's Triton GEMV (offload_engine.kernels), which reads only the packed bytes, plus
+its split-K partial sums (``kernels.fused_traffic``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from transformers import MixtralConfig
 
 from .config import EngineConfig, QuantSpec, load_config
 from .experts import ExpertLayout, expert_forward
+from .kernels import REFERENCE, fused_traffic
 from .memory import GiB, plan_memory
 from .quantize import MatrixLayout, QuantLinear
 
@@ -183,16 +185,20 @@ def traffic_bytes(fn: Callable, *args) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def expert_traffic(hidden: int, intermediate: int, spec: QuantSpec, dtype: torch.dtype, kernel: str = "engine") -> int:
-    """Bytes one expert moves for one token: the engine's ``expert_forward``, or a fused kernel reading packed bytes."""
+def expert_traffic(hidden: int, intermediate: int, spec: QuantSpec, dtype: torch.dtype, kernel: str = "engine",
+                   sms: int = 40) -> int:
+    """Bytes one expert moves for one token: with the reference kernels (``"engine"``, counted by running
+    ``expert_forward`` on meta tensors) or with the fused ones (``"fused"``: the Triton GEMVs' reads and writes,
+    split-K partial sums included, for a GPU with ``sms`` SMs, plus the SwiGLU's elementwise traffic)."""
     layout = ExpertLayout.build(hidden, intermediate, spec, dtype)
-    if kernel == "fused":  # packed weights + activations (x, gate, up, their product, output)
-        return layout.nbytes + (2 * hidden + 3 * intermediate) * dtype.itemsize
+    if kernel == "fused":
+        swiglu = 5 * intermediate * dtype.itemsize  # silu(gate): read + write; * up: read 2, write 1
+        return sum(fused_traffic(m, 1, sms) for m in layout.matrices.values()) + swiglu
     if kernel != "engine":
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device="meta")
     x = torch.empty(1, hidden, dtype=dtype, device="meta")
-    return traffic_bytes(expert_forward, layout, buffer, x)
+    return traffic_bytes(expert_forward, layout, buffer, x, REFERENCE)
 
 
 def _head_dim(hf: MixtralConfig) -> int:
@@ -208,10 +214,12 @@ def trunk_traffic(hf: MixtralConfig, cfg: EngineConfig, context: int, kernel: st
     attention = 0
     for shape in shapes:
         layout = MatrixLayout.build(shape, cfg.quant.attention, dtype)
-        if kernel == "fused" or layout.spec.bits is None:
+        if layout.spec.bits is None:
             attention += layout.nbytes
+        elif kernel == "fused":
+            attention += fused_traffic(layout)
         else:
-            linear = QuantLinear(layout, torch.empty(layout.nbytes, dtype=torch.uint8, device="meta"))
+            linear = QuantLinear(layout, torch.empty(layout.nbytes, dtype=torch.uint8, device="meta"), REFERENCE)
             attention += traffic_bytes(linear, torch.empty(1, shape[1], dtype=dtype, device="meta"))
     kv_read = 2 * kv_out * context * dtype.itemsize
     router = hf.num_local_experts * H * dtype.itemsize

@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call would otherwise retry for ~25 s before failing
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_triton_kernels.py). Triton reads this when
+# a kernel is decorated, including its own standard library at import, so it must be set before anything imports
+# triton (torch and transformers may).
+if not Path("/proc/driver/nvidia").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -102,3 +107,24 @@ def make_chat_checkpoint(path: Path, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def chat_dir(tmp_path_factory) -> Path:
     return make_chat_checkpoint(tmp_path_factory.mktemp("chat"))
+
+
+def mixtral_tokenizer_model() -> Path:
+    """Mixtral-8x7B's sentencepiece model (tokenizer.model.v1), as mistral-common ships it; skips without it."""
+    mistral_common = pytest.importorskip("mistral_common")
+    source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not source.exists():
+        pytest.skip("mistral-common does not ship tokenizer.model.v1")
+    return source
+
+
+@pytest.fixture(scope="session")
+def mixtral_tokenizer(tmp_path_factory):
+    """Mixtral's tokenizer (32000 tokens) through transformers, from mistral-common's copy of tokenizer.model."""
+    import shutil
+
+    from transformers import LlamaTokenizer
+
+    folder = tmp_path_factory.mktemp("mixtral_tokenizer")
+    shutil.copy(mixtral_tokenizer_model(), folder / "tokenizer.model")
+    return LlamaTokenizer.from_pretrained(str(folder))

@@ -143,6 +143,7 @@ def test_two_turn_chat_with_commands(runs):
     # Loading: progress bar and the one-line summary.
     assert "quantizing layers" in result.stderr
     assert "loaded " in result.stderr and "2/8 experts/layer on device" in result.stderr
+    assert "kernels " in result.stderr  # which quantized matmuls run (fused or reference)
 
 
 def test_prompt_mode_answers_once_for_scripts(runs):

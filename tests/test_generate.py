@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -68,19 +66,6 @@ def test_stream_joins_to_the_decoded_tokens(engine):
 
 TEXTS = ["Grüße aus Zürich — naïve café, 東京 and Москва 😀!", "  two  spaces, then\nnew lines\n\n and a tab\t.",
          "emoji at the end 🎉"]
-
-
-@pytest.fixture(scope="module")
-def mixtral_tokenizer(tmp_path_factory):
-    mistral_common = pytest.importorskip("mistral_common")
-    from transformers import LlamaTokenizer
-
-    source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    if not source.exists():
-        pytest.skip("mistral-common does not ship tokenizer.model.v1")
-    folder = tmp_path_factory.mktemp("mixtral_tokenizer")
-    shutil.copy(source, folder / "tokenizer.model")
-    return LlamaTokenizer.from_pretrained(str(folder))
 
 
 @pytest.mark.parametrize("text", TEXTS)

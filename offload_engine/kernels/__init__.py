@@ -122,10 +122,22 @@ def warm_up(kernels: Kernels, layouts: Iterable[MatrixLayout], device: torch.dev
     return time.perf_counter() - start
 
 
-def fused_traffic(layout: MatrixLayout, tokens: int = 1, k_splits: int = 1) -> int:
-    """Device-memory bytes one fused GEMV moves: the packed matrix once, x and y per token, and the fp32 partial
-    sums of a split-K launch (written, then read back by the reduction)."""
+GEMV_BLOCK_N, GEMV_BLOCK_K = 32, 128  # rows per program, weights along K per step (Triton GEMV)
+
+
+def gemv_k_splits(out_features: int, in_features: int, group_size: int, sms: int) -> int:
+    """How many K slices the Triton GEMV splits a matrix into: enough programs to give each SM ~4, never slicing
+    K thinner than one step. (Pure arithmetic, shared by the launcher and the throughput model.)"""
+    row_blocks = -(-out_features // GEMV_BLOCK_N)
+    steps = -(-(in_features // group_size) // max(1, GEMV_BLOCK_K // group_size))
+    return max(1, min(-(-4 * sms // row_blocks), steps))
+
+
+def fused_traffic(layout: MatrixLayout, tokens: int = 1, sms: int = 40) -> int:
+    """Device-memory bytes one fused GEMV moves on a GPU with `sms` SMs: the packed matrix once, x and y per
+    token, and the fp32 partial sums of a split-K launch (written, then read back by the reduction)."""
     out_features, in_features = layout.shape
     activations = tokens * (in_features + out_features) * layout.dtype.itemsize
-    partials = 2 * k_splits * tokens * out_features * 4 if k_splits > 1 else 0
+    splits = gemv_k_splits(out_features, in_features, layout.spec.group_size, sms) if layout.spec.bits else 1
+    partials = 2 * splits * tokens * out_features * 4 if splits > 1 else 0
     return layout.nbytes + activations + partials

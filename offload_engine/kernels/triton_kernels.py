@@ -23,11 +23,12 @@ import triton
 import triton.language as tl
 
 from ..quantize import MatrixLayout
+from . import GEMV_BLOCK_K as BLOCK_K
+from . import GEMV_BLOCK_N, gemv_k_splits
 from .packing import PackedFormat
 
 GEMV_MAX_TOKENS = 8
 DOT_MAX_TOKENS = 64
-BLOCK_K = 128  # weights along K per step (BLOCK_G = BLOCK_K // g groups)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -96,7 +97,7 @@ def _gemv(x_ptr, out_ptr, codes_ptr, s_ptr, srange_ptr, z_ptr, zrange_ptr, T, N,
 def _qmm(x_ptr, out_ptr, codes_ptr, s_ptr, srange_ptr, z_ptr, zrange_ptr, T, N, K, S, R,
          BITS: tl.constexpr, PACK: tl.constexpr, GS: tl.constexpr, QUANT_META: tl.constexpr,
          SCALE_GROUP: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr, DOT_DTYPE: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     """out[T, N] = x[T, K] @ W.T, one [BLOCK_M, BLOCK_N] tile per program."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     G = K // GS
@@ -112,7 +113,7 @@ def _qmm(x_ptr, out_ptr, codes_ptr, s_ptr, srange_ptr, z_ptr, zrange_ptr, T, N, 
         k = g0 * GS + cols
         xv = tl.load(x_ptr + tokens[:, None] * K + k[None, :], mask=(tokens[:, None] < T) & (k[None, :] < K),
                      other=0)  # [BM, BK]
-        acc += tl.dot(xv.to(tl.float32).to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision="ieee")
+        acc += tl.dot(xv.to(tl.float32).to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
     mask = (tokens[:, None] < T) & (rows[None, :] < N)
     tl.store(out_ptr + tokens[:, None] * N + rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -178,22 +179,21 @@ class TritonKernels:
         T = x.shape[0]
         block_g = max(1, BLOCK_K // fmt.group_size)
         if T <= GEMV_MAX_TOKENS:
-            block_n = 32
-            n_blocks = triton.cdiv(N, block_n)
-            split = self._split_k(x.device, n_blocks, fmt.groups_per_row, block_g)
+            split = gemv_k_splits(N, K, fmt.group_size, self._sms(x.device))
             per_split = triton.cdiv(triton.cdiv(fmt.groups_per_row, split), block_g) * block_g
             split = triton.cdiv(fmt.groups_per_row, per_split)
             partial = torch.empty(split, T, N, dtype=torch.float32, device=x.device)
-            _gemv[(n_blocks, split, T)](x, partial, *ptrs, T, *dims, per_split, **meta, BLOCK_N=block_n,
-                                        BLOCK_G=block_g, num_warps=4)
+            _gemv[(triton.cdiv(N, GEMV_BLOCK_N), split, T)](x, partial, *ptrs, T, *dims, per_split, **meta,
+                                                            BLOCK_N=GEMV_BLOCK_N, BLOCK_G=block_g, num_warps=4)
             return partial.sum(0).to(layout.dtype)
         if T <= DOT_MAX_TOKENS and self._dot_ok(x):
             out = torch.empty(T, N, dtype=layout.dtype, device=x.device)
             dot_dtype = tl.float32 if INTERPRET or layout.dtype == torch.float32 else _TL_DTYPES[layout.dtype]
             block_m = 16 if T <= 16 else (32 if T <= 32 else 64)
             grid = (triton.cdiv(T, block_m), triton.cdiv(N, 64))
-            _qmm[grid](x, out, *ptrs, T, *dims, **meta, DOT_DTYPE=dot_dtype, BLOCK_M=block_m, BLOCK_N=64,
-                       BLOCK_G=block_g, num_warps=4)
+            precision = "ieee" if dot_dtype == tl.float32 else "tf32"  # fp32: exact products, not TF32's
+            _qmm[grid](x, out, *ptrs, T, *dims, **meta, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+                       BLOCK_M=block_m, BLOCK_N=64, BLOCK_G=block_g, num_warps=4)
             return out
         weight = self._scratch_for(x.device, N * K, layout.dtype).view(N, K)
         grid = (triton.cdiv(N, 32), triton.cdiv(fmt.groups_per_row, block_g))
@@ -208,10 +208,9 @@ class TritonKernels:
         return torch.cuda.get_device_capability(x.device)[0] >= 8
 
     @staticmethod
-    def _split_k(device: torch.device, n_blocks: int, groups: int, block_g: int) -> int:
-        """Enough programs to fill the GPU (~4 per SM) without slicing K thinner than one step."""
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        return max(1, min(triton.cdiv(4 * sms, n_blocks), triton.cdiv(groups, block_g)))
+    def _sms(device: torch.device) -> int:
+        """Streaming multiprocessors (the interpreter on CPU pretends to have 4, so that K gets split in tests)."""
+        return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
     def _scratch_for(self, device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat scratch buffer of at least `numel` elements, kept for the next long prefill."""

@@ -1,0 +1,84 @@
+"""`offload-serve`: serve a checkpoint over OpenAI's HTTP API.
+
+    offload-serve MODEL [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--host 127.0.0.1] [--port 8000]
+                  [--api-key KEY] [--max-queue N] [--served-model-name NAME] [--no-prefix-reuse]
+    offload-serve --demo            # the small demo model shipped in the package
+
+Ctrl-C / SIGTERM shut it down: running requests get 5 s to finish, then their generation is stopped (uvicorn
+then re-raises the signal, so the exit status is the signal's). Exit code 2 with a one-line `error: ...` for a
+bad model, config or option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..cli import UsageError, cli_terms, load_engine, parse_device, resolve_setup
+from ..memory import NotEnoughMemory
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="offload-serve", description="Serve a Mixtral checkpoint whose experts are offloaded to host memory "
+                                          "over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).",
+        epilog="One request is generated at a time; others wait in a FIFO queue. GET /metrics gives Prometheus "
+               "metrics, GET /health a liveness check.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="local model directory or Hugging Face repo id (omit with --demo)")
+    p.add_argument("--demo", action="store_true", help="serve the small demo model shipped in the package")
+    p.add_argument("--config", metavar="NAME_OR_PATH",
+                   help="packaged config name (t4-16gb, 12gb, 8gb, 24gb, cpu) or a YAML path; default: t4-16gb "
+                        "on CUDA, cpu otherwise")
+    p.add_argument("--device", type=parse_device, metavar="DEVICE",
+                   help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("OFFLOAD_SERVE_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $OFFLOAD_SERVE_API_KEY; none)")
+    p.add_argument("--max-queue", type=int, default=32, metavar="N",
+                   help="requests that may wait while one is generated; more get HTTP 429 (default 32)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model id in /v1/models and responses (default: the MODEL argument, or 'demo')")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="always prefill the whole prompt (default: reuse the previous request's KV cache when the "
+                        "new prompt extends it, as the next turn of a conversation does)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo == (args.model is not None):
+        parser.error("give a MODEL (a checkpoint directory or hub repo id) or --demo, not both"
+                     if args.demo else "give a MODEL (a checkpoint directory or hub repo id), or --demo")
+    try:
+        from . import require_extra
+
+        require_extra()
+        if args.max_queue < 0:
+            raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
+        if not 0 <= args.port <= 65535:
+            raise UsageError(f"--port must be in 0..65535, got {args.port}")
+        engine = load_engine(resolve_setup(args))
+        from .runner import serve
+
+        if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+            print(f"warning: binding {args.host} without --api-key: anyone who can reach it can use the model",
+                  file=sys.stderr)
+        name = args.served_model_name or ("demo" if args.demo else args.model)
+        serve(engine, args.host, args.port, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+              prefix_reuse=not args.no_prefix_reuse)
+        return 0
+    except (UsageError, ValueError, NotEnoughMemory, OSError, ImportError) as e:
+        print(f"error: {cli_terms(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

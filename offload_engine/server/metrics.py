@@ -1,0 +1,71 @@
+"""Prometheus metrics of one server: requests, tokens, latencies, the queue, and the engine's expert cache.
+
+Each server has its own registry, so several can live in one process (tests). The expert-cache figures are read
+from the cache's counters when /metrics is scraped; they are cumulative since the engine was loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..expert_cache import LayerStats
+
+# Time to first token on a CPU demo model is milliseconds; on Mixtral with experts offloaded, seconds.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class CacheCollector:
+    """Expert-cache hit rate, prefetch precision and bytes copied, summed over layers at scrape time.
+
+    Reads the counters directly rather than through Engine.stats(): a scrape must not wait for a generation."""
+
+    def __init__(self, layer_stats: Callable[[], list[LayerStats]]):
+        self.layer_stats = layer_stats
+
+    def collect(self):
+        total = LayerStats()
+        for stats in self.layer_stats():
+            total.add(stats)
+        yield GaugeMetricFamily("offload_expert_cache_hit_rate", "Expert-cache hits / lookups since loading",
+                                value=total.hits / total.lookups if total.lookups else 0.0)
+        yield CounterMetricFamily("offload_expert_cache_lookups", "Expert-cache lookups", value=total.lookups)
+        yield GaugeMetricFamily("offload_prefetch_precision",
+                                "Prefetched experts that the layer then used / experts prefetched (guessed)",
+                                value=total.guessed_correct / total.guessed if total.guessed else 0.0)
+        copied = CounterMetricFamily("offload_bytes_copied", "Expert bytes copied between host and device",
+                                     labels=["direction"])
+        copied.add_metric(["host_to_device"], total.bytes_h2d)
+        copied.add_metric(["device_to_host"], total.bytes_d2h)
+        yield copied
+
+
+class Metrics:
+    def __init__(self, queue_depth: Callable[[], int], layer_stats: Callable[[], list[LayerStats]]):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("offload_requests", "Requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=registry)
+        self.prompt_tokens = Counter("offload_prompt_tokens", "Prompt tokens of the requests served",
+                                     registry=registry)
+        self.reused_tokens = Counter("offload_prefix_reused_tokens",
+                                     "Prompt tokens whose KV cache was reused from the previous request",
+                                     registry=registry)
+        self.generated_tokens = Counter("offload_generated_tokens", "Tokens generated", registry=registry)
+        self.disconnects = Counter("offload_generations_stopped_by_disconnect",
+                                   "Requests whose client went away before the end: generation stopped",
+                                   registry=registry)
+        self.ttft = Histogram("offload_time_to_first_token_seconds",
+                              "From the request's arrival (queue wait included) to its first generated token",
+                              buckets=TTFT_BUCKETS, registry=registry)
+        self.token_latency = Histogram("offload_time_per_output_token_seconds",
+                                       "Time between consecutive generated tokens", buckets=TOKEN_BUCKETS,
+                                       registry=registry)
+        self.queue_depth = Gauge("offload_queue_depth", "Requests waiting for the engine", registry=registry)
+        self.queue_depth.set_function(queue_depth)
+        registry.register(CacheCollector(layer_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,170 @@
+"""Decode tokens/s of a Mixtral-8x7B-shaped engine with random weights, replaying real Mixtral routing.
+
+    python scripts/bench_decode.py [--device cuda] [--config t4-16gb] [--kernels auto] [--tokens 64]
+                                   [--prefetch 0 1] [--shape mixtral-8x7b|small] [--trace PATH ...]
+
+The engine is built exactly as `load` builds it (memory plan, `auto` experts per layer, expert cache, kernels,
+warm-up) but filled with random bytes instead of a checkpoint: speed does not depend on the values, and no
+93 GB download is needed. Each layer's router is replaced by the routing that Mixtral-8x7B-Instruct really chose
+for consecutive decode tokens (../shared/data/routing, one problem after another), so the expert cache sees real
+locality. The replacement router also answers the speculative calls made one layer early with the true experts,
+so prefetch here is an *oracle* (exact guesses): the prefetch rows are an upper bound, the prefetch-0 rows are
+plain LRU. Prints the command, machine, dtype, batch, k, and per run tokens/s, hit rate and copy volume.
+
+`--shape small` (hidden 1024, intermediate 3584, 4 layers, vocab 32000) runs anywhere, e.g. to check the script
+on CPU; the Mixtral shape needs ~25 GB of host RAM at k=5 on a 16 GB GPU and a CUDA GPU to be meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import DynamicCache, MixtralConfig  # noqa: E402
+
+from offload_engine.config import load_config  # noqa: E402
+from offload_engine.engine import build_engine  # noqa: E402
+from offload_engine.model import ATTENTION_PROJECTIONS, attention_shapes  # noqa: E402
+from offload_engine.quantize import MatrixLayout  # noqa: E402
+from offload_engine.simulate import default_trace_paths, load_traces  # noqa: E402
+
+SHAPES = {"mixtral-8x7b": {}, "small": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=4)}
+
+
+def random_source(hf: MixtralConfig, cfg, seed: int = 0):
+    """A `build_engine` source that fills the trunk and every expert with random (but finite) values."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def sane(buffer: torch.Tensor, layouts) -> torch.Tensor:
+        for layout in layouts:  # keep scales small so activations stay finite through 32 layers
+            views = layout.views(buffer)
+            if "scale_range" in views:
+                views["scale_range"][:, 0], views["scale_range"][:, 1] = 1e-3, 1e-6
+                views["zero_range"].copy_(torch.tensor([1.0, 1 / 255]))
+        return buffer
+
+    def fill(model, layout, progress: bool) -> None:
+        H, V = hf.hidden_size, hf.vocab_size
+        small = lambda *shape: torch.randn(*shape, generator=gen) * 0.02  # noqa: E731
+        model.set_tensor("model.embed_tokens.weight", small(V, H))
+        model.set_tensor("lm_head.weight", small(V, H))
+        model.set_tensor("model.norm.weight", torch.ones(H))
+        expert = sane(torch.randint(0, 256, (layout.nbytes,), dtype=torch.uint8, generator=gen),
+                      layout.matrices.values())
+        for l in range(hf.num_hidden_layers):
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                model.set_tensor(f"model.layers.{l}.{norm}.weight", torch.ones(H))
+            model.set_tensor(f"model.layers.{l}.mlp.gate.weight", small(hf.num_local_experts, H))
+            for proj, shape in zip(ATTENTION_PROJECTIONS, attention_shapes(hf).values()):
+                attn = MatrixLayout.build(shape, cfg.quant.attention, cfg.torch_dtype)
+                if attn.spec.bits is None:
+                    model.set_tensor(f"model.layers.{l}.self_attn.{proj}.weight", small(*shape))
+                else:
+                    buffer = torch.randint(0, 256, (attn.nbytes,), dtype=torch.uint8, generator=gen)
+                    model.set_attention(l, proj, attn, sane(buffer, [attn]))
+            for e in range(hf.num_local_experts):
+                model.cache.fill(l, e, lambda buffer: buffer.copy_(expert))
+
+    return fill
+
+
+class ReplayRouter(torch.nn.Module):
+    """Stands in for one layer's router: logits that pick the experts real Mixtral picked for the current token."""
+
+    def __init__(self, routing: np.ndarray, layer: int, num_experts: int, device: torch.device):
+        super().__init__()
+        self.routing, self.layer, self.num_experts, self.device = routing, layer, num_experts, device
+        self.token = 0  # set by the driver before each forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, E]
+        logits = torch.zeros(x.shape[0], self.num_experts, device=x.device, dtype=x.dtype)
+        chosen = torch.as_tensor(self.routing[self.token % len(self.routing), self.layer], device=x.device)
+        logits[:, chosen] = torch.tensor([2.0, 1.0], device=x.device, dtype=x.dtype)
+        return logits
+
+
+def routing_from_traces(paths, layers: int, num_experts: int) -> np.ndarray:
+    """[tokens, layers, 2] expert ids from the shared traces, problems concatenated; missing records (-1) filled."""
+    traces = load_traces(*paths)
+    routing = np.concatenate([traces[name] for name in sorted(traces)], axis=0)[:, :layers, :2].astype(np.int64)
+    rng = np.random.default_rng(0)
+    for t, l in zip(*np.nonzero((routing < 0).any(axis=2))):
+        keep = [e for e in routing[t, l] if e >= 0]
+        others = [e for e in range(num_experts) if e not in keep]
+        routing[t, l] = (keep + list(rng.choice(others, 2 - len(keep), replace=False)))[:2]
+    return routing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default="t4-16gb")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "fused", "reference"])
+    parser.add_argument("--shape", default="mixtral-8x7b", choices=sorted(SHAPES))
+    parser.add_argument("--experts-on-device", default=None, help="override the config's (an int or auto)")
+    parser.add_argument("--prefetch", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--tokens", type=int, default=64, help="decode tokens timed (after 8 warm-up tokens)")
+    parser.add_argument("--trace", nargs="*", help="routing npz files (default: ../shared/data/routing/*.npz)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    hf = MixtralConfig(**SHAPES[args.shape])
+    paths = args.trace or default_trace_paths()
+    if not paths:
+        sys.exit("error: no routing traces: pass --trace FILE.npz (../shared/data/routing is missing)")
+    routing = routing_from_traces(paths, hf.num_hidden_layers, hf.num_local_experts)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}")
+    print(f"model: {args.shape} shapes, random weights; routing replayed from {len(paths)} trace file(s), "
+          f"{len(routing)} tokens; batch 1; {args.tokens} decode tokens after 8 warm-up tokens\n")
+    print("| config | dtype | kernels | k | prefetch | tok/s | hit rate | MB host->device per token |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for prefetch in args.prefetch:
+        cfg = load_config(args.config)
+        overrides = {"prefetch": prefetch}
+        if args.experts_on_device:
+            k = args.experts_on_device
+            overrides["experts_on_device"] = k if k == "auto" else int(k)
+        cfg = dataclasses.replace(cfg.replace(**overrides), kernels=args.kernels)
+        engine = build_engine(hf, cfg, device, random_source(hf, cfg), progress=False)
+        routers = []
+        for l, layer in enumerate(engine.model.layers):
+            layer.mlp.gate = ReplayRouter(routing, l, hf.num_local_experts, device)
+            routers.append(layer.mlp.gate)
+        ids = list(range(1, 9))
+        kv = DynamicCache(config=hf)
+        seconds, token = 0.0, 0
+        for step in range(8 + args.tokens):
+            for router in routers:
+                router.token = step
+            if step == 8:
+                engine.reset_stats()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            engine.model(torch.tensor([ids[-1:] if step else ids]), kv)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= 8:
+                seconds += time.perf_counter() - start
+                token += 1
+        stats = engine.stats()["overall"]
+        print(f"| {args.config} | {cfg.dtype} | {engine.kernels.name} | {engine.cache.k} | {prefetch} "
+              f"{'(oracle)' if prefetch else ''} | {token / seconds:.2f} | {100 * stats['hit_rate']:.1f} % | "
+              f"{stats['bytes_h2d'] / token / 1e6:.0f} |")
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

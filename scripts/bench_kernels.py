@@ -1,0 +1,120 @@
+"""Quantized matmul kernels, timed one by one: the reference (dequantize + F.linear) against the fused backend.
+
+    python scripts/bench_kernels.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--tokens 1]
+                                    [--repeats 10] [--threads N]
+
+Times, on Mixtral-8x7B's shapes (random packed bytes: speed does not depend on the values):
+  * each matrix of one expert at 2-bit g16 with 8-bit scales/zeros (w1/w3 14336x4096, w2 4096x14336) and the
+    4-bit g64 attention projections (q/o 4096x4096, k/v 1024x4096);
+  * one whole expert forward (w1, w3, SwiGLU, w2), the unit the engine runs per token and expert.
+For each: milliseconds (best of --repeats after a warm-up that also compiles), the speed-up over the reference,
+and the bandwidth achieved on the packed bytes (bytes of the packed matrix / time). On CUDA the last column is
+that bandwidth as a share of the GPU's datasheet memory bandwidth (given by --datasheet-gbs or a known table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from offload_engine.config import QuantSpec  # noqa: E402
+from offload_engine.experts import ExpertLayout, expert_forward  # noqa: E402
+from offload_engine.kernels import REFERENCE, select_kernels  # noqa: E402
+from offload_engine.quantize import MatrixLayout  # noqa: E402
+
+DATASHEET_GBS = {"T4": 320, "A10": 600, "L4": 300, "A100": 1555, "H100": 3350, "H200": 4800, "3060": 360,
+                 "3090": 936, "4090": 1008}
+
+
+def machine(device: torch.device) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def best_ms(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up (compiles)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def random_buffer(nbytes: int, layouts: list[MatrixLayout], device: torch.device) -> torch.Tensor:
+    buffer = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    for layout in layouts:  # sane scale/zero ranges so the outputs are finite
+        views = layout.views(buffer)
+        views["scale_range"][:, 0], views["scale_range"][:, 1] = 0.01, 1e-4
+        views["zero_range"].copy_(torch.tensor([0.0, 3 / 255]))
+    return buffer.to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--tokens", type=int, default=1, help="rows of x (1 = a decode step)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--datasheet-gbs", type=float, help="the GPU's memory bandwidth, GB/s")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
+    print("machine:", machine(device))
+    print(f"dtype {dtype}; tokens {args.tokens}; Mixtral-8x7B shapes; best of {args.repeats}")
+    datasheet = args.datasheet_gbs
+    if datasheet is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        datasheet = next((gbs for key, gbs in DATASHEET_GBS.items() if key in name), None)
+
+    expert = ExpertLayout.build(4096, 14336, QuantSpec(2, 16), dtype)
+    attention = {"q/o_proj 4096x4096 (4-bit g64)": MatrixLayout.build((4096, 4096), QuantSpec(4, 64), dtype),
+                 "k/v_proj 1024x4096 (4-bit g64)": MatrixLayout.build((1024, 4096), QuantSpec(4, 64), dtype)}
+    expert_buffer = random_buffer(expert.nbytes, list(expert.matrices.values()), device)
+    cases = [(f"expert {name} {layout.shape[0]}x{layout.shape[1]} (2-bit g16)", layout, expert_buffer)
+             for name, layout in expert.matrices.items() if name != "w3"]
+    cases += [(name, layout, random_buffer(layout.nbytes, [layout], device)) for name, layout in attention.items()]
+    fused = select_kernels("fused", device, [layout for _, layout, _ in cases])
+    print(f"fused backend: {fused.name}\n")
+    print("| kernel | packed MB | reference ms | fused ms | speed-up | fused GB/s on packed bytes |"
+          + (" of datasheet |" if datasheet else ""))
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if datasheet else ""))
+
+    def row(name: str, nbytes: int, ref_ms: float, fused_ms: float) -> None:
+        gbs = nbytes / fused_ms / 1e6
+        share = f" {100 * gbs / datasheet:.0f} % of {datasheet:.0f} |" if datasheet else ""
+        print(f"| {name} | {nbytes / 1e6:.1f} | {ref_ms:.2f} | {fused_ms:.2f} | {ref_ms / fused_ms:.1f}x | "
+              f"{gbs:.1f} |{share}")
+
+    with torch.inference_mode():
+        for name, layout, buffer in cases:
+            x = torch.randn(args.tokens, layout.shape[1], dtype=dtype, device=device)
+            ref = best_ms(lambda: REFERENCE.linear(x, layout, buffer), args.repeats, device)
+            got = best_ms(lambda: fused.linear(x, layout, buffer), args.repeats, device)
+            row(name, layout.nbytes, ref, got)
+        x = torch.randn(args.tokens, 4096, dtype=dtype, device=device)
+        ref = best_ms(lambda: expert_forward(expert, expert_buffer, x, REFERENCE), args.repeats, device)
+        got = best_ms(lambda: expert_forward(expert, expert_buffer, x, fused), args.repeats, device)
+        row("whole expert (w1, w3, SwiGLU, w2)", expert.nbytes, ref, got)
+
+
+if __name__ == "__main__":
+    main()
