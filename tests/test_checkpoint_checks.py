@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import exact_config
+
 import offload_engine
 from offload_engine.engine import MANIFEST
 from offload_engine.prequantized import OUTPUT_KEYS, PrequantizedError, quantize_checkpoint
 
-QUANT = {"dtype": "float32", "kernels": "reference", "offload": {"experts_on_device": 8, "prefetch": 0}}
+# Unquantized float32: conversion is quick, and what is checked here does not depend on the quantization.
+QUANT = {**exact_config(), "kernels": "reference"}
 
 
 @pytest.fixture(scope="module")

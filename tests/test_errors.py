@@ -74,7 +74,7 @@ def test_profile_cache_bad_prompt_file_and_model(profile_cache, tiny_dir, tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("1 2 3\n4 5 999\n")
     config = tmp_path / "quick.yaml"
-    config.write_text("dtype: float32\nkernels: reference\n")
+    config.write_text("dtype: float32\nkernels: reference\nquant: {attention: {bits: null}, experts: {bits: null}}\n")
     code, line = status_and_error(profile_cache.main, [str(tiny_dir), "--quiet", "--prompts", str(prompts),
                                                        "--config", str(config)], capsys)
     assert code == 2 and "token id 999" in line and "prompts.txt" in line
