@@ -18,7 +18,7 @@ from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
 from .config import ConfigError, EngineConfig, load_config
 from .expert_cache import ExpertCache, LayerStats
 from .experts import ExpertLayout
-from .generate import ParameterTypeError, SamplingParams, check_token_ids, generate_tokens, stream_text
+from .generate import SamplingParams, check_token_ids, generate_tokens, stream_text
 from .memory import resolve_experts_on_device
 from .kernels import REFERENCE, Kernels, select_kernels, warm_up
 from .model import ATTENTION_PROJECTIONS, OffloadedMixtral, attention_shapes
