@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 from jinja2.exceptions import TemplateError
 from transformers import DynamicCache
 
+from .concurrency import BusyGuard, locked_iter
 from .generate import SamplingParams, generate_tokens, stream_text
 
 if TYPE_CHECKING:
@@ -113,6 +114,9 @@ class PrefixCache:
 
 
 class ChatSession:
+    """One conversation. Turns take the engine's lock (other threads' calls wait); one session used by two
+    threads at once, or a new turn while the previous stream is still open, is refused with a RuntimeError."""
+
     def __init__(self, engine: "Engine", system: str | None = None):
         if engine.tokenizer is None or getattr(engine.tokenizer, "chat_template", None) is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model directory has none")
@@ -120,6 +124,7 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         self.notices: list[str] = []  # things the user should know, e.g. that old turns were dropped
         self.last_reply_ids: list[int] = []  # the tokens of the latest reply, as generated
+        self._busy = BusyGuard("this ChatSession")
         self.reset()
 
     @property
@@ -132,6 +137,10 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
+        with self._busy():
+            self._clear()
+
+    def _clear(self) -> None:
         self.messages = []
         self.prefix = PrefixCache(self.engine.model.config)
         self.history_ids: list[int] = []  # the conversation so far, as the model saw it
@@ -140,6 +149,10 @@ class ChatSession:
         return "".join(self.stream(message, **sampling))
 
     def stream(self, message: str, **sampling) -> Iterator[str]:
+        with self._busy():  # checked before waiting for the engine: a second user of this session fails at once
+            yield from locked_iter(self.engine.lock, self._turn(message, sampling))
+
+    def _turn(self, message: str, sampling: dict) -> Iterator[str]:
         if not message or not message.strip():
             raise ValueError("the message is empty: type something to send")
         params = SamplingParams.from_kwargs(**sampling)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ class CheckpointError(ValueError):
     """A model directory or hub repo that cannot be loaded; the message names the file and what to do."""
 
 
+MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
+PACKED_EXPERT = re.compile(r"model\.layers\.\d+\.experts\.\d+")  # a pre-quantized file's packed expert tensor
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
 
@@ -65,10 +68,74 @@ def read_config(model_dir: Path) -> MixtralConfig:
             f"{config_path} describes a {raw.get('model_type')!r} model; offload_engine runs Mixtral "
             f"(model_type 'mixtral') checkpoints only"
         )
-    config = MixtralConfig.from_dict(raw)
+    try:
+        config = MixtralConfig.from_dict(raw)
+    except Exception as e:  # transformers' own field validation (huggingface_hub's strict dataclasses, ValueError)
+        message = " ".join(str(e).split())
+        raise CheckpointError(f"{config_path} has an invalid field: {message}; fix config.json or re-download it") from e
     if config.hidden_act != "silu":
         raise CheckpointError(f"{config_path}: hidden_act {config.hidden_act!r} is not Mixtral's 'silu'")
+    check_model_config(config, config_path)
     return config
+
+
+def check_model_config(config: MixtralConfig, config_path: Path) -> None:
+    """config.json's own cross-field rules, so that a bad edit fails here, naming the field, not in a forward."""
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok",
+             "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings")
+    for key in sizes:
+        value = getattr(config, key, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{config_path}: {key} must be a positive integer, got {value!r}")
+    E, K = config.num_local_experts, config.num_experts_per_tok
+    if K > E:
+        raise CheckpointError(f"{config_path}: num_experts_per_tok ({K}) exceeds num_local_experts ({E})")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if heads % kv_heads:
+        raise CheckpointError(f"{config_path}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                              f"({kv_heads})")
+    if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
+        raise CheckpointError(f"{config_path}: hidden_size ({config.hidden_size}) is not divisible by "
+                              f"num_attention_heads ({heads}) and no head_dim is given")
+    eps = config.rms_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CheckpointError(f"{config_path}: rms_norm_eps must be a small positive number, got {eps!r}")
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is damaged (not JSON with a 'weight_map'; {type(e).__name__}: {e}); "
+                              f"re-download it") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names; re-download it")
+    return weight_map
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
+    """(byte offset where tensor data starts, the header's tensor entries without metadata), checked so that a
+    corrupt header is a CheckpointError naming the file, not an OverflowError, MemoryError or KeyError."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or not 2 <= header_len <= size - 8:
+            raise CheckpointError(f"{file} has a corrupt safetensors header (it declares {header_len} header bytes in "
+                                  f"a {size}-byte file); the file is damaged or not safetensors, re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file} has a corrupt safetensors header ({e}); re-download it") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt safetensors header (not a JSON object); re-download it")
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] or not isinstance(entry.get("dtype"), str)):
+            raise CheckpointError(f"{file} has a corrupt safetensors header (bad entry for {name}); re-download it")
+    return 8 + header_len, header
 
 
 class SafetensorsCheckpoint:
@@ -78,16 +145,14 @@ class SafetensorsCheckpoint:
         self.model_dir = model_dir
         index_path = model_dir / "model.safetensors.index.json"
         if index_path.exists():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            self.file_of = {name: model_dir / shard for name, shard in weight_map.items()}
+            self.file_of = {name: model_dir / shard for name, shard in read_weight_map(index_path).items()}
         else:
             files = sorted(model_dir.glob("*.safetensors"))
             if not files:
                 raise CheckpointError(f"{model_dir} has no *.safetensors files (pickled .bin checkpoints are not read)")
             self.file_of = {}
             for file in files:
-                self._check_complete(file)
-                for name in self._open(file).keys():
+                for name in self._check_complete(file):
                     self.file_of[name] = file
         for file in sorted(set(self.file_of.values())):
             if not file.exists():
@@ -103,20 +168,23 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e}); re-download it") from e
 
     @staticmethod
-    def _check_complete(file: Path) -> None:
-        """Catch truncated shards up front: the header says where the last tensor ends."""
-        with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{file} has a corrupt safetensors header; re-download it") from e
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        expected, actual = 8 + header_len + end, file.stat().st_size
+    def _check_complete(file: Path) -> list[str]:
+        """Catch corrupt and truncated shards up front (the header says where the last tensor ends), and
+        pre-quantized files whose manifest is gone; -> the tensor names in `file`."""
+        data_start, header = read_safetensors_header(file)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        expected, actual = data_start + end, file.stat().st_size
         if actual < expected:
             raise CheckpointError(
                 f"{file} is truncated ({actual} of {expected} bytes); the download or copy did not finish, fetch it again"
             )
+        packed = [name for name, v in header.items() if PACKED_EXPERT.fullmatch(name) and v["dtype"] == "U8"]
+        if packed:
+            raise CheckpointError(
+                f"{file.parent} looks like a pre-quantized offload_engine checkpoint ({file.name} holds packed "
+                f"tensors such as {packed[0]}), but its {MANIFEST} is missing: restore that file (copy or "
+                f"download the whole directory again), or quantize the original checkpoint again")
+        return list(header)
 
     def close(self) -> None:
         """Drop the open files: pages read through safetensors' mmap stay resident (and count in RSS) until then;

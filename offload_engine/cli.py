@@ -20,8 +20,10 @@ errors, and after each reply one stats line (unless --no-stats):
     reply); "prefetch off" when the config disables prefetch or every expert is resident.
 An interrupted reply prints `(stopped ...)` on stderr before its stats line.
 
-Exit codes: 0 on /exit, EOF (Ctrl-D) or Ctrl-C at the prompt; 2 with a one-line `error: ...` on stderr for a bad
-model, config or option; 130 when Ctrl-C interrupts loading or a --prompt answer.
+Exit codes: 0 on /exit, EOF (Ctrl-D) or Ctrl-C twice in a row at the prompt (one press only asks, so a Ctrl-C
+meant for a reply that had just ended loses nothing); 2 with a one-line `error: ...` on stderr for a bad model,
+config or option (`--debug` or OFFLOAD_ENGINE_DEBUG=1 shows the traceback); 130 when Ctrl-C interrupts loading
+or a --prompt answer.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ from .chat import ChatSession
 from .checkpoint import read_config, resolve_model_dir
 from .config import QuantSpec, load_config
 from .engine import MANIFEST, Engine, default_device, load
+from .errors import UsageError, add_debug_flag, debug_requested, one_line, run_guarded
 from .generate import SamplingParams
-from .memory import NotEnoughMemory
 
 PROMPT = ">>> "
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -53,11 +55,7 @@ HELP = """commands:
   /reset   forget the conversation (the system prompt stays)
   /stats   expert-cache statistics since the model was loaded: overall and hit rate per layer
   /help    this list
-  /exit    quit (or Ctrl-D); Ctrl-C stops a reply while it is being written, Ctrl-C at the prompt quits"""
-
-
-class UsageError(Exception):
-    """Something the user can fix (path, config, option); printed as one `error: ...` line, exit code 2."""
+  /exit    quit (or Ctrl-D); Ctrl-C stops a reply while it is being written, Ctrl-C twice at the prompt quits"""
 
 
 DEMO_OFFLOAD = {"experts_on_device": 4, "prefetch": 1, "policy": "lru"}
@@ -100,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", metavar="TEXT",
                    help="answer this one message, print the stats line and exit (for scripts)")
     p.add_argument("--no-stats", action="store_true", help="no stats line after replies")
+    add_debug_flag(p)
     return p
 
 
@@ -112,8 +111,8 @@ def sampling_options(args: argparse.Namespace, max_new_tokens: int) -> dict:
 
 def cli_terms(error: Exception) -> str:
     """An API error message in the words of this command line (its option names)."""
-    text = str(error)
-    for name in ("max_new_tokens", "top_p", "top_k", "repetition_penalty", "temperature"):
+    text = one_line(error)
+    for name in ("max_new_tokens", "top_p", "top_k", "repetition_penalty", "temperature", "seed"):
         text = re.sub(rf"\b{name}\b=?", "--" + name.replace("_", "-") + " ", text).replace("  ", " ")
     return text
 
@@ -321,29 +320,43 @@ class Chat:
         return True
 
     def loop(self) -> int:
-        """Read messages until /exit, EOF or Ctrl-C at the prompt."""
+        """Read messages until /exit, EOF or two Ctrl-C in a row at the prompt."""
         if sys.stdin.isatty():
             try:
                 import readline  # noqa: F401  (line editing and history for input(); absent on Windows)
             except ImportError:
                 pass
             print("type a message, /help for commands, /exit or Ctrl-D to quit", file=self.err)
+        armed = False  # a Ctrl-C at the prompt was just pressed: the next one quits
         while True:
             try:
                 line = input(PROMPT).strip()
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 self.out.write("\n")
                 return 0
-            if not line:
-                continue
-            if line.startswith("/"):
-                if not self.command(line):
+            except KeyboardInterrupt:
+                # Often meant for a reply that had just ended: one press never throws the conversation away.
+                self.out.write("\n")
+                self.out.flush()
+                if armed:
                     return 0
+                armed = True
+                print("(press Ctrl-C again to quit, or type /exit; the conversation is kept)", file=self.err)
                 continue
+            armed = False
             try:
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    if not self.command(line):
+                        return 0
+                    continue
                 self.reply(line)
             except ValueError as e:  # e.g. a message longer than the context window: say so, keep chatting
                 print(f"error: {cli_terms(e)}", file=self.err)
+            except KeyboardInterrupt:  # after the reply's stream ended (e.g. while its stats were printed)
+                self.out.write("\n")
+                print("(interrupted; the conversation is kept)", file=self.err)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -374,18 +387,15 @@ def main(argv: list[str] | None = None) -> int:
                      if args.demo else "give a MODEL (a checkpoint directory or hub repo id), or --demo")
     if hasattr(sys.stdout, "reconfigure"):  # a reply's non-ASCII text must not crash a non-UTF-8 console
         sys.stdout.reconfigure(errors="replace")
-    try:
-        return run(args)
-    except BrokenPipeError:  # e.g. `offload-chat ... --prompt x | head -c 100`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (UsageError, ValueError, NotEnoughMemory, OSError) as e:
-        # ConfigError and CheckpointError are ValueErrors whose messages already say what to do.
-        print(f"error: {cli_terms(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    def guarded() -> int:
+        try:
+            return run(args)
+        except BrokenPipeError:  # e.g. `offload-chat ... --prompt x | head -c 100`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+
+    # ConfigError and CheckpointError are ValueErrors whose messages already say what to do.
+    return run_guarded(guarded, args.debug or debug_requested([]), describe=cli_terms)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says which key and what is allowed."""
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's `true` is not a count
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one part of the model is stored: `bits=None` keeps it in the model dtype.
@@ -45,10 +49,13 @@ class QuantSpec:
     optimize: bool = True
 
     def __post_init__(self) -> None:
-        if self.bits is not None and self.bits not in SUPPORTED_BITS:
+        if self.bits is not None and not (_is_int(self.bits) and self.bits in SUPPORTED_BITS):
             raise ConfigError(f"quant bits must be one of {SUPPORTED_BITS} or null, got {self.bits!r}")
-        if not isinstance(self.group_size, int) or self.group_size <= 0:
+        if not _is_int(self.group_size) or self.group_size <= 0:
             raise ConfigError(f"quant group_size must be a positive integer, got {self.group_size!r}")
+        for name in ("quant_meta", "optimize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"quant {name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -64,11 +71,15 @@ class OffloadConfig:
     policy: str = "lru"
 
     def __post_init__(self) -> None:
+        from .policy import POLICIES
+
         k = self.experts_on_device
-        if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1)):
+        if not (k == "auto" or (_is_int(k) and k >= 1)):
             raise ConfigError(f"offload.experts_on_device must be a positive integer or 'auto', got {k!r}")
-        if not isinstance(self.prefetch, int) or self.prefetch < 0:
+        if not _is_int(self.prefetch) or self.prefetch < 0:
             raise ConfigError(f"offload.prefetch must be an integer >= 0, got {self.prefetch!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"offload.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -80,9 +91,9 @@ class EngineConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.max_context, int) or self.max_context < 16:
+        if not _is_int(self.max_context) or self.max_context < 16:
             raise ConfigError(f"max_context must be an integer >= 16, got {self.max_context!r}")
         if self.kernels not in KERNEL_CHOICES:
             raise ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
@@ -133,6 +144,20 @@ def named_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data; a syntax error or an unreadable file is a ConfigError naming the file (and line)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}; fix the file or pass a packaged config "
+                          f"name ({', '.join(named_configs())})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+
+
 def load_config(config: Union[None, str, Path, dict, EngineConfig]) -> EngineConfig:
     """Accept None (defaults), an EngineConfig, a dict, a YAML path, or a packaged config name like 't4-16gb'."""
     if config is None:
@@ -149,8 +174,7 @@ def load_config(config: Union[None, str, Path, dict, EngineConfig]) -> EngineCon
             f"config {str(config)!r} is neither a YAML file nor a packaged config; "
             f"packaged configs: {', '.join(named_configs())}"
         )
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path)
     try:
         return _build(EngineConfig, data, "")
     except ConfigError as e:

@@ -13,15 +13,16 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .chat import ChatSession
+from .concurrency import EngineLock, locked_iter
 from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
 from .config import ConfigError, EngineConfig, load_config
 from .expert_cache import ExpertCache, LayerStats
 from .experts import ExpertLayout
-from .generate import SamplingParams, generate_tokens, stream_text
+from .generate import SamplingParams, check_token_ids, generate_tokens, stream_text
 from .memory import resolve_experts_on_device
 from .kernels import REFERENCE, Kernels, select_kernels, warm_up
 from .model import ATTENTION_PROJECTIONS, OffloadedMixtral, attention_shapes
-from .quantize import MatrixLayout, quantize_matrix
+from .quantize import MatrixLayout, QuantizationError, quantize_matrix
 
 MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
 ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
@@ -32,6 +33,9 @@ def default_device() -> torch.device:
 
 
 class Engine:
+    """Thread-safe: calls are serialized by `lock` (see concurrency.py); a stream holds it until it is exhausted,
+    closed or garbage-collected, so finish or close() streams you abandon."""
+
     def __init__(self, model: OffloadedMixtral, config: EngineConfig, tokenizer=None, model_dir: Path | None = None,
                  kernel_warmup_s: float = 0.0):
         self.model, self.config, self.tokenizer, self.model_dir = model, config, tokenizer, model_dir
@@ -39,16 +43,31 @@ class Engine:
         self.device = model.device
         self.kernels: Kernels = model.kernels
         self.kernel_warmup_s = kernel_warmup_s  # compiling the fused kernels at load
+        self.lock = EngineLock()  # one forward at a time: the expert cache is shared mutable state
 
     # ---- forward ----
     def logits(self, input_ids: torch.Tensor | list) -> torch.Tensor:
         """Full forward without KV reuse: [batch, seq] token ids -> [batch, seq, vocab] float32 logits."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        vocab = self.model.config.vocab_size
+        if hasattr(input_ids, "dtype"):  # a tensor or array
+            shape = tuple(input_ids.shape)
+            ids = torch.tensor(check_token_ids(input_ids, vocab), dtype=torch.long).view(shape)
+        else:
+            nested = isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple))
+            rows = input_ids if nested else [input_ids]
+            rows = [check_token_ids(row, vocab) for row in rows]
+            if len({len(row) for row in rows}) > 1:
+                raise ValueError(f"input_ids rows differ in length ({sorted({len(r) for r in rows})}); pad them or "
+                                 f"run them one at a time")
+            ids = torch.tensor(rows, dtype=torch.long)
+        if ids.dim() not in (1, 2):
+            raise ValueError(f"input_ids must be [seq] or [batch, seq] token ids, got shape {tuple(ids.shape)}")
         if ids.dim() == 1:
             ids = ids[None]
         if ids.numel() == 0:
             raise ValueError("input_ids is empty: pass at least one token")
-        return self.model(ids).cpu()
+        with self.lock:
+            return self.model(ids).cpu()
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """A string through the tokenizer (with BOS), or token ids as given."""
@@ -57,10 +76,12 @@ class Engine:
                 raise ValueError("this model has no tokenizer files; pass token ids instead of text")
             ids = self.tokenizer(prompt)["input_ids"]
         else:
-            ids = [int(t) for t in prompt]
+            ids = check_token_ids(prompt, self.model.config.vocab_size)
+            if len(getattr(prompt, "shape", (0,))) > 1:
+                raise ValueError(f"a prompt is one sequence of token ids, got shape {list(prompt.shape)}")
         if not ids or (isinstance(prompt, str) and not prompt.strip()):
             raise ValueError("the prompt is empty: give some text or token ids")
-        return ids
+        return check_token_ids(ids, self.model.config.vocab_size)
 
     # ---- generation ----
     @property
@@ -86,14 +107,14 @@ class Engine:
     def generate_ids(self, prompt: str | list[int], **sampling) -> list[int]:
         """Generated token ids (EOS excluded). Sampling options: see SamplingParams (greedy by default)."""
         tokens, _ = self._tokens(prompt, sampling)
-        return list(tokens)
+        return list(locked_iter(self.lock, tokens))
 
     def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
         """Text pieces as they are generated; joined, they equal `generate(...)`."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; use generate_ids() with token ids")
         tokens, params = self._tokens(prompt, sampling)
-        return stream_text(tokens, self.tokenizer, params.stop)
+        return locked_iter(self.lock, stream_text(tokens, self.tokenizer, params.stop))
 
     def generate(self, prompt: str | list[int], **sampling) -> str:
         """The generated text (prompt excluded, stop string removed)."""
@@ -130,8 +151,9 @@ class Engine:
         }
 
     def reset_stats(self) -> None:
-        self.cache.reset_stats()
-        self.model.host_syncs = 0
+        with self.lock:
+            self.cache.reset_stats()
+            self.model.host_syncs = 0
 
     def close(self) -> None:
         """Wait for the cache's copies, then free its device slots and unlock its host memory (also done when the
@@ -165,6 +187,7 @@ def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torc
 
 def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, progress: bool) -> Engine:
     """Allocate the cache and trunk, then let `source` fill them (from full-precision or pre-quantized weights)."""
+    check_config_for_model(cfg, hf_config)
     dtype = cfg.torch_dtype
     layout = ExpertLayout.build(hf_config.hidden_size, hf_config.intermediate_size, cfg.quant.experts, dtype)
     k = resolve_experts_on_device(cfg, hf_config, device)
@@ -192,6 +215,22 @@ def _ready_kernels(choice: str, device: torch.device, layouts: list[MatrixLayout
         warnings.warn(f"fused kernels failed to compile on {device} ({type(e).__name__}); using the reference "
                       "kernels (dequantize + matmul), which are several times slower", RuntimeWarning, stacklevel=3)
         return REFERENCE, 0.0
+
+
+def check_config_for_model(cfg: EngineConfig, hf_config) -> None:
+    """The config rules that need the model's shapes, checked before anything is allocated."""
+    E = hf_config.num_local_experts
+    if cfg.offload.prefetch > E:
+        raise ConfigError(f"offload.prefetch is {cfg.offload.prefetch}, but this model has {E} experts per layer: "
+                          f"use 0 (off) to {E}")
+    H, I = hf_config.hidden_size, hf_config.intermediate_size
+    for part, shapes in (("experts", [(I, H), (H, I)]), ("attention", attention_shapes(hf_config).values())):
+        spec = getattr(cfg.quant, part)
+        for shape in shapes:
+            try:
+                MatrixLayout.build(shape, spec, cfg.torch_dtype)
+            except QuantizationError as e:
+                raise ConfigError(f"quant.{part}.group_size {spec.group_size} does not fit this model: {e}") from None
 
 
 def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineConfig, device: torch.device):

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator, Sequence
 
@@ -13,6 +15,33 @@ import torch
 from transformers import DynamicCache
 
 from .model import OffloadedMixtral
+
+
+class ParameterTypeError(TypeError, ValueError):
+    """A parameter of the wrong type. Also a ValueError, so callers that turn bad values into one-line errors
+    (the CLI, a server's 400 response) catch it with the rest."""
+
+
+def check_int(name: str, value, low: int, high: int | None = None, allowed: str | None = None) -> int:
+    """`value` as an int in [low, high]; floats (even 2.0), strings and bools are refused, naming `name`."""
+    allowed = allowed or (f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ParameterTypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return int(value)
+
+
+def check_float(name: str, value, allowed: str, ok) -> float:
+    """`value` as a finite float for which `ok(value)` holds; `allowed` says what that is."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ParameterTypeError(f"{name} must be a number ({allowed}), got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return float(value)
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1, "an integer from -2**63 to 2**64-1")  # what torch's manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -26,28 +55,63 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ValueError("top_k must be >= 0 and repetition_penalty > 0")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        """Types, ranges and NaN checked here, at the boundary: errors name the parameter and what is allowed."""
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        put("max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1))
+        put("temperature", check_float("temperature", self.temperature, ">= 0 (0 = greedy)", lambda t: t >= 0))
+        put("top_p", check_float("top_p", self.top_p, "in (0, 1]", lambda p: 0 < p <= 1))
+        put("top_k", check_int("top_k", self.top_k, 0))
+        put("repetition_penalty", check_float("repetition_penalty", self.repetition_penalty, "> 0 (1 = off)",
+                                              lambda r: r > 0))
+        if self.seed is not None:
+            put("seed", check_int("seed", self.seed, *SEED_RANGE))
+        put("stop", check_stop(self.stop))
 
     @staticmethod
     def from_kwargs(**kwargs) -> "SamplingParams":
         known = {f.name for f in fields(SamplingParams)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise TypeError(f"unknown sampling option(s) {unknown}; valid: {sorted(known)}")
-        if "stop" in kwargs and kwargs["stop"] is not None and not isinstance(kwargs["stop"], str):
-            kwargs["stop"] = tuple(kwargs["stop"])
+            raise ParameterTypeError(f"unknown sampling option(s) {unknown}; valid: {sorted(known)}")
         return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def check_token_ids(ids, vocab_size: int) -> list[int]:
+    """Token ids (a list or tuple of ints, or an integer tensor/array) -> a flat list of ints in [0, vocab_size).
+    Floats are refused rather than truncated; an id out of range is named with its position."""
+    dtype = getattr(ids, "dtype", None)
+    if dtype is not None:  # a torch tensor or numpy array: check the element type once
+        is_int = (not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+                  if isinstance(dtype, torch.dtype) else getattr(dtype, "kind", "") in "iu")
+        if not is_int:
+            raise ParameterTypeError(f"token ids must be integers, got a {dtype} array; convert them with .long()")
+        flat = [int(t) for t in ids.reshape(-1).tolist()]
+    elif isinstance(ids, (list, tuple)):
+        flat = []
+        for t in ids:
+            if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point():
+                t = t.item()
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise ParameterTypeError(f"token ids must be integers, got {t!r} ({type(t).__name__}) at position "
+                                         f"{len(flat)}")
+            flat.append(int(t))
+    else:
+        raise ParameterTypeError(f"token ids must be a list of integers, got {type(ids).__name__}")
+    for position, t in enumerate(flat):
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"token id {t} at position {position} is outside the vocabulary of {vocab_size} tokens "
+                             f"(valid ids: 0 to {vocab_size - 1})")
+    return flat
+
+
+def check_stop(stop) -> tuple[str, ...]:
+    """A stop string or a list of them -> a tuple of non-empty strings."""
+    items = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise ParameterTypeError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(not s for s in items):
+        raise ValueError("stop strings must be non-empty")
+    return tuple(items)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, context: Sequence[int], generator: torch.Generator) -> int:
@@ -128,7 +192,16 @@ class StreamDecoder:
 
 
 def stream_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> Iterator[str]:
-    """Text pieces for a token stream, ending before the first stop string (which is not emitted)."""
+    """Text pieces for a token stream, ending before the first stop string (which is not emitted). A generator
+    `tokens` is closed when this stream ends or is closed, which stops generation."""
+    try:
+        yield from _text_pieces(tokens, tokenizer, stop)
+    finally:
+        if hasattr(tokens, "close"):
+            tokens.close()
+
+
+def _text_pieces(tokens: Iterable[int], tokenizer, stop: Sequence[str]) -> Iterator[str]:
     decoder = StreamDecoder(tokenizer)
     held = ""  # text that might be the start of a stop string
     hold_back = max((len(s) for s in stop), default=1) - 1
@@ -139,7 +212,7 @@ def stream_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> I
             if hits:
                 if held[: min(hits)]:
                     yield held[: min(hits)]
-                return  # closing `tokens` stops generation
+                return
         if len(held) > hold_back:
             cut = len(held) - hold_back
             yield held[:cut]

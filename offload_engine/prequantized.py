@@ -24,14 +24,13 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, NoReturn, Union
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, SafetensorsCheckpoint, read_config, resolve_model_dir
-from .config import CONFIG_DIR, ConfigError, EngineConfig, load_config
+from .config import CONFIG_DIR, ConfigError, EngineConfig, load_config, read_yaml
 from .engine import MANIFEST, Engine, build_engine, default_device, load_tokenizer
 from .experts import ExpertLayout
 from .model import ATTENTION_PROJECTIONS, OffloadedMixtral
@@ -100,10 +99,26 @@ def _layouts(hf, cfg: EngineConfig) -> dict:
 
 MODEL_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+# config.json fields that change outputs without changing any tensor's shape: recorded too, so that an edited
+# config.json is refused by name instead of silently giving other tokens. (Training-only fields such as
+# router_jitter_noise or attention_dropout do not matter at inference.)
+OUTPUT_KEYS = ("head_dim", "num_experts_per_tok", "rms_norm_eps", "rope_theta", "rope_parameters", "sliding_window",
+               "max_position_embeddings", "hidden_act", "eos_token_id")
 
 
-def _model_summary(hf) -> dict:
-    return {k: getattr(hf, k) for k in MODEL_KEYS}
+def _model_summary(hf, raw: dict | None = None) -> dict:
+    """The config.json fields the weights depend on, as plain JSON data (compared with the manifest on load).
+    `raw`: config.json as written, on load: a top-level rope_theta there (transformers 4 style) is what the user
+    sees and edits, even where transformers 5 reads rope_parameters instead."""
+    summary = {k: getattr(hf, k) for k in MODEL_KEYS}
+    for key in OUTPUT_KEYS:
+        summary[key] = getattr(hf, key, None)
+    if summary["rope_parameters"] is None:  # older transformers: rope_theta alone
+        summary["rope_parameters"] = {"rope_theta": getattr(hf, "rope_theta", None), "rope_type": "default"}
+    summary["rope_theta"] = summary["rope_parameters"].get("rope_theta")  # the one in effect
+    if raw is not None and "rope_theta" in raw:
+        summary["rope_theta"] = raw["rope_theta"]
+    return json.loads(json.dumps(summary))  # tuples -> lists, as they read back from the manifest
 
 
 # ---- conversion ----
@@ -215,7 +230,27 @@ def _read_manifest(model_dir: Path) -> dict:
     missing = [k for k in ("config", "model", "layouts", "files", "tensors") if k not in manifest]
     if missing:
         raise PrequantizedError(f"{path} lacks the key(s) {', '.join(missing)}; it is damaged, re-download it")
+    for key, kind, what in (("config", dict, "a mapping"), ("model", dict, "a mapping"), ("layouts", dict, "a mapping"),
+                            ("files", dict, "a mapping of file names to entries"),
+                            ("tensors", dict, "a mapping of tensor names to entries"),
+                            ("aux_files", list, "a list of file names")):
+        if key in manifest and not isinstance(manifest[key], kind):
+            _malformed(path, f"'{key}' must be {what}, got {json.dumps(manifest[key])[:40]}")
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("nbytes"), int):
+            _malformed(path, f"the entry of file {name} has no integer 'nbytes'")
+    for name, entry in manifest["tensors"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("crc32"), int):
+            _malformed(path, f"the entry of tensor {name} has no integer 'crc32'")
+    missing = [k for k in MODEL_KEYS if k not in manifest["model"]]
+    if missing:
+        _malformed(path, f"'model' lacks {', '.join(missing)}")
     return manifest
+
+
+def _malformed(path: Path, problem: str) -> NoReturn:
+    raise PrequantizedError(f"{path} is malformed: {problem}; the checkpoint is damaged, re-download it or quantize "
+                            f"the original checkpoint again")
 
 
 def _explicit_dict(config: ConfigLike) -> dict:
@@ -227,7 +262,7 @@ def _explicit_dict(config: ConfigLike) -> dict:
     path = Path(config)
     if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
         path = CONFIG_DIR / f"{config}.yaml"
-    return yaml.safe_load(path.read_text()) or {}
+    return read_yaml(path)
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -250,7 +285,10 @@ def _describe_quant(cfg: EngineConfig) -> str:
 
 def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineConfig:
     """The checkpoint's config with the caller's `offload.*` / `max_context`; quant settings and dtype are fixed."""
-    stored = load_config(manifest["config"])
+    try:
+        stored = load_config(manifest["config"])
+    except ConfigError as e:
+        _malformed(where / MANIFEST, f"its 'config' is not a valid engine config ({e})")
     if config is None:
         return stored
     load_config(config)  # validates it, with the usual errors
@@ -265,9 +303,18 @@ def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineCon
 
 def validate(model_dir: Path, manifest: dict, hf, cfg: EngineConfig) -> dict[str, tuple[int, dict]]:
     """Check every file against the manifest and the layouts this code computes; -> file: (data start, header)."""
-    if manifest["model"] != _model_summary(hf):
+    recorded, current = manifest["model"], _model_summary(hf, json.loads((model_dir / "config.json").read_text()))
+    shapes = [k for k in MODEL_KEYS if recorded[k] != current[k]]
+    if shapes:
         raise PrequantizedError(f"{model_dir / 'config.json'} describes a different model than {MANIFEST} "
-                                f"({_model_summary(hf)} vs {manifest['model']}); the files do not belong together")
+                                f"({', '.join(f'{k}: {current[k]} vs {recorded[k]}' for k in shapes)}); the files "
+                                f"do not belong together")
+    for key in OUTPUT_KEYS:  # a manifest written before a field was recorded does not check it
+        if key in recorded and recorded[key] != current[key]:
+            raise PrequantizedError(
+                f"{model_dir / 'config.json'}: {key} is {json.dumps(current[key])}, but the checkpoint was quantized "
+                f"with {key} = {json.dumps(recorded[key])} (recorded in {MANIFEST}); this changes the outputs: "
+                f"restore config.json's {key}, or quantize the original checkpoint again")
     if manifest["layouts"] != _layouts(hf, cfg):
         raise PrequantizedError(
             f"the packed layouts in {model_dir / MANIFEST} differ from the ones this offload_engine computes for "

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_safetensors_header
 
 ST_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
@@ -82,18 +82,11 @@ class StreamWriter:
 
 
 def read_header(path: Path) -> tuple[int, dict]:
-    """(byte offset where tensor data starts, header dict) of a safetensors file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8:
-            raise PrequantizedError(f"{path} is truncated or not a safetensors file ({size} bytes); re-download it")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PrequantizedError(f"{path} has a corrupt safetensors header ({e}); re-download it") from e
-    header.pop("__metadata__", None)
-    return 8 + n, header
+    """(byte offset where tensor data starts, header dict without metadata) of a safetensors file."""
+    try:
+        return read_safetensors_header(path)
+    except CheckpointError as e:
+        raise PrequantizedError(str(e)) from e
 
 
 def read_into(f: BinaryIO, path: Path, offset: int, out: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import offload_engine  # noqa: E402
+from offload_engine.errors import add_debug_flag, user_errors  # noqa: E402
 from offload_engine.policy import make_policy  # noqa: E402
 
 PROMPTS = ["The history of the city begins", "Here is a recipe for a simple bread:",
@@ -92,12 +93,14 @@ def replay(record: list, k: int, num_experts: int, staged_rule: bool) -> tuple[i
     return hits, lookups
 
 
-def main() -> None:
+@user_errors
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=str(Path(offload_engine.__file__).parent / "demo"))
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompts", type=int, default=4)
-    args = parser.parse_args()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
     print("machine:", f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU")
     config = {"dtype": "float32", "quant": {"attention": {"bits": None}, "experts": {"bits": None}}}
@@ -137,7 +140,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for k, p, staged, alternative in rule_rows:
         print(f"| {k} | {p} | {staged:.1%} | {alternative:.1%} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

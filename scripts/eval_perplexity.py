@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import offload_engine  # noqa: E402
+from offload_engine.errors import add_debug_flag, user_errors  # noqa: E402
 
 DEMO = Path(offload_engine.__file__).parent / "demo"
 CORPUS = Path(__file__).resolve().parents[2] / "shared/data/corpus/c4_texts.txt"
@@ -78,7 +79,8 @@ def perplexity(engine, ids: list[int], window: int) -> tuple[float, int]:
     return math.exp(nll / scored), scored
 
 
-def main() -> None:
+@user_errors
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?")
     parser.add_argument("text_file", nargs="?", type=Path)
@@ -88,7 +90,8 @@ def main() -> None:
     parser.add_argument("--tail", type=float, default=0.05, help="evaluate only the last fraction of the file")
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--window", type=int, default=512)
-    args = parser.parse_args()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
     if args.demo:
         args.model, args.text_file = args.model or str(DEMO), args.text_file or CORPUS
     if not args.model or not args.text_file:
@@ -111,7 +114,8 @@ def main() -> None:
         ppl, scored = perplexity(engine, ids, window)
         bpw = 8 * engine.cache.nbytes / (3 * engine.model.config.hidden_size * engine.model.config.intermediate_size)
         print(f"| {label} | {bpw:.2f} | {ppl:.2f} | {scored} | {time.perf_counter() - start:.0f} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import MixtralConfig  # noqa: E402
 
 from offload_engine.config import load_config  # noqa: E402
+from offload_engine.errors import add_debug_flag, user_errors  # noqa: E402
 from offload_engine.memory import GiB, NotEnoughMemory, plan_memory  # noqa: E402
 
 MIXTRAL_8X7B = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -29,12 +30,14 @@ TYPICAL_FREE_GIB = {"t4-16gb": 14.5, "12gb": 11.3, "8gb": 7.4, "24gb": 23.2}
 COLAB_RAM_GIB = 12.7e9 / GiB
 
 
-def main() -> None:
+@user_errors
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--free-gib", type=float)
     parser.add_argument("--host-gib", type=float, help="available host RAM to check the plan against")
     parser.add_argument("--config", action="append", help="config name or YAML path (repeatable)")
-    args = parser.parse_args()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
     print("command:", " ".join(["python", *sys.argv]))
     names = args.config or list(TYPICAL_FREE_GIB)
     print("| config | free VRAM | experts/layer | expert | trunk | KV cache | spare slots | margin | total VRAM "
@@ -55,7 +58,8 @@ def main() -> None:
               f"{plan.expert_bytes / 2**20:.1f} MiB | {g(plan.trunk_bytes)} | {g(plan.kv_cache_bytes)} | "
               f"{g(plan.spare_bytes)} | {g(plan.margin_bytes)} | {g(plan.total_bytes)} | {g(plan.host_pinned_bytes)} | "
               f"{g(plan.host_margin_bytes)} | {g(plan.host_total_bytes)} ({f'{host:.1f} GiB' if host else 'not checked'}) |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

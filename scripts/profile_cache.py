@@ -63,9 +63,12 @@ from transformers import DynamicCache  # noqa: E402
 
 import offload_engine.model as model_module  # noqa: E402
 from offload_engine import load, load_config  # noqa: E402
+from offload_engine.checkpoint import read_config, resolve_model_dir  # noqa: E402
+from offload_engine.cli import parse_device  # noqa: E402
 from offload_engine.engine import Engine  # noqa: E402
+from offload_engine.errors import UsageError, add_debug_flag, user_errors  # noqa: E402
 from offload_engine.expert_cache import LayerStats  # noqa: E402
-from offload_engine.generate import SamplingParams, generate_tokens  # noqa: E402
+from offload_engine.generate import SamplingParams, check_token_ids, generate_tokens  # noqa: E402
 
 SCHEMA_VERSION = 1
 DEFAULT_PROMPTS = [
@@ -176,16 +179,20 @@ def read_prompts(path: str | None, engine: Engine, n_random: int, length: int,
                  seed: int) -> list[tuple[str | None, list[int]]]:
     """[(text or None, token ids)] from a file, the built-in prompts, or seeded random ids (no tokenizer)."""
     if path is not None:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompts {path} is not UTF-8 text ({e}); give a text file, one prompt per line") from e
         if not lines:
-            raise SystemExit(f"error: {path} has no prompts (one per line)")
+            raise UsageError(f"--prompts {path} has no prompts (one per line)")
         if engine.tokenizer is not None:
             return [(line, engine.encode(line)) for line in lines]
+        vocab = engine.model.config.vocab_size
         try:
-            return [(None, [int(t) for t in line.replace(",", " ").split()]) for line in lines]
-        except ValueError:
-            raise SystemExit(f"error: this model has no tokenizer, so each line of {path} must be token ids "
-                             "(integers separated by spaces)") from None
+            return [(None, check_token_ids([int(t) for t in line.replace(",", " ").split()], vocab)) for line in lines]
+        except ValueError as e:
+            raise UsageError(f"this model has no tokenizer, so each line of --prompts {path} must be token ids "
+                             f"(integers from 0 to {vocab - 1} separated by spaces): {e}") from None
     if engine.tokenizer is not None:
         return [(text, engine.encode(text)) for text in DEFAULT_PROMPTS]
     vocab = engine.model.config.vocab_size
@@ -214,8 +221,8 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
     with rec.instrumented() as timed_on_cpu:
         for text, ids in prompts:
             if len(ids) + max_new_tokens > engine.context_window:
-                raise SystemExit(f"error: a prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the "
-                                 f"context window ({engine.context_window})")
+                raise UsageError(f"a prompt of {len(ids)} tokens + --max-new-tokens {max_new_tokens} exceeds the "
+                                 f"context window ({engine.context_window}); lower --max-new-tokens")
             first_step = len(rec.routing)
             rec.start_prompt()
             kv_cache = DynamicCache(config=engine.model.config)
@@ -331,11 +338,12 @@ def plot_hit_rates(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="local checkpoint directory or hub repo id")
     ap.add_argument("--config", help="packaged config name (e.g. t4-16gb, cpu) or YAML file (default: the defaults)")
-    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--device", type=parse_device, help="cpu, cuda or cuda:N (default: cuda when available)")
     ap.add_argument("--prompts", help="file with one prompt per line (token ids per line for tokenizer-less models)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--experts-on-device", type=int, help="override offload.experts_on_device")
@@ -350,21 +358,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice). On a busy machine, 1 "
                     "avoids OpenMP barriers waiting for a descheduled thread on tiny ops")
     ap.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
-    if args.max_new_tokens < 1:
-        ap.error("--max-new-tokens must be >= 1")
+    for option in ("max_new_tokens", "num_random_prompts", "prompt_tokens", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            ap.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             ap.error("--plot needs matplotlib: pip install matplotlib (or pip install 'offload_engine[plot]')")
 
+    if args.prompts is not None and not Path(args.prompts).is_file():  # before minutes of loading
+        raise UsageError(f"--prompts {args.prompts} does not exist; give a text file with one prompt per line")
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     overrides = {k: v for k, v in {"experts_on_device": args.experts_on_device, "prefetch": args.prefetch,
                                    "policy": args.policy}.items() if v is not None}
     cfg = cfg.replace(**overrides) if overrides else cfg
+    window = min(cfg.max_context, read_config(resolve_model_dir(args.model)).max_position_embeddings)
+    if args.max_new_tokens >= window:  # checked again per prompt; this catches it before loading
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context window "
+                         f"({window} tokens); lower it")
     engine = load(args.model, config=cfg, device=args.device, progress=not args.quiet)
     prompts = read_prompts(args.prompts, engine, args.num_random_prompts, args.prompt_tokens, args.seed)
     body = profile(engine, prompts, args.max_new_tokens, args.ignore_eos)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from offload_engine.errors import UsageError, add_debug_flag, user_errors  # noqa: E402
 from offload_engine.policy import POLICIES  # noqa: E402
 from offload_engine.simulate import BELADY, default_trace_paths, hit_rate_table, load_traces  # noqa: E402
 
@@ -41,6 +42,7 @@ def parse_ks(text: str) -> list[int]:
     return sorted(set(ks))
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     valid = (*POLICIES, BELADY)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch-first-layer", action="store_true",
                     help="let the oracle prefetch layer 0 too (default: layer 0 cannot be prefetched)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
 
     policies = [p.strip().lower() for item in args.policies for p in item.split(",") if p.strip()]
@@ -61,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in args.traces] or default_trace_paths()
     if not paths:
         ap.error("no TRACE given and no shared traces found in ../shared/data/routing")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UsageError(f"trace file(s) not found: {', '.join(missing)}; give npz traces or profiler JSON reports "
+                         f"(scripts/profile_cache.py --out)")
+    for path in paths:  # numpy/json errors on a file of the wrong kind: name the file
+        try:
+            load_traces(path)
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise UsageError(f"cannot read trace {path} ({type(e).__name__}: {e}); each TRACE must be an npz in the "
+                             f"shared format or a profiler JSON report") from e
     traces = load_traces(*paths)
 
     start = time.perf_counter()

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from offload_engine.config import EngineConfig, load_config  # noqa: E402
+from offload_engine.errors import add_debug_flag, user_errors  # noqa: E402
 from offload_engine.throughput import (GPUS, NO_PREFETCH, ORACLE, GPU, Estimate, Prefetch, auto_k,  # noqa: E402
                                        cost_model, estimate, expert_traffic, simulated_hit_rate, solve,
                                        with_bandwidth)
@@ -174,6 +175,7 @@ def calibrate_cpu() -> list[str]:
             "slower than memory-bound"]
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", type=float, default=0.8, help="assumed precision of the engine's guesses")
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-overhead-ms", type=float, default=0.5, help="host time per layer per token (assumed)")
     ap.add_argument("--calibrate-cpu", action="store_true", help="also time one Mixtral-size expert on this CPU")
     ap.add_argument("--markdown", action="store_true", help="markdown bullets around the table")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     guess = Prefetch(args.guesses, args.precision)
     start = time.perf_counter()

@@ -219,7 +219,16 @@ def test_ctrl_c_stops_the_reply_not_the_program(chat_model):
             live.wait_for("stdout", lambda out, turn=turn: len(out.split(PROMPT)[turn]) >= 5)  # reply started
             live.proc.send_signal(signal.SIGINT)
             live.wait_for("stderr", lambda err, turn=turn: err.count("(stopped by Ctrl-C") == turn)
-        live.send("/stats\n/exit\n")
+        # Ctrl-C at the prompt (e.g. meant for a reply that had just ended) only asks; two in a row quit.
+        live.wait_for("stdout", lambda out: out.count(PROMPT) == 3)
+        live.proc.send_signal(signal.SIGINT)
+        live.wait_for("stderr", lambda err: "Ctrl-C again to quit" in err)
+        live.send("/stats\n")
+        live.wait_for("stdout", lambda out: "hit rate by layer:" in out and out.count(PROMPT) == 5)
+        live.proc.send_signal(signal.SIGINT)
+        live.wait_for("stderr", lambda err: err.count("Ctrl-C again to quit") == 2)
+        live.wait_for("stdout", lambda out: out.count(PROMPT) == 6)
+        live.proc.send_signal(signal.SIGINT)
         assert live.finish() == 0, live.text["stderr"]
     finally:
         if live.proc.poll() is None:

@@ -115,7 +115,8 @@ class Worker:
                 job = self.running = self.waiting.popleft()
             try:
                 if not job.cancelled.is_set():
-                    self._run(job)
+                    with self.engine.lock:  # other users of this engine (a notebook beside the server) wait too
+                        self._run(job)
                 elif self.metrics is not None:  # its client left while it waited
                     self.metrics.disconnects.inc()
             except Exception as e:  # a failed generation answers its request; the server carries on
