@@ -4,7 +4,7 @@ from .config import ConfigError, EngineConfig, OffloadConfig, QuantConfig, Quant
 from .checkpoint import CheckpointError
 from .engine import Engine, load
 from .memory import NotEnoughMemory, plan_memory
-from .prequantized import quantize_checkpoint
+from .convert import quantize_checkpoint
 
 __all__ = ["load", "quantize_checkpoint", "Engine", "EngineConfig", "QuantConfig", "QuantSpec", "OffloadConfig",
            "load_config", "ConfigError", "CheckpointError", "NotEnoughMemory", "plan_memory"]
