@@ -2,7 +2,7 @@
 
 A conversion into DST writes everything into the hidden sibling `.DST.partial-KEY`, where KEY hashes the source
 (path, or repo and commit) and the config, so a run with the same inputs finds the work of an earlier one. Each
-output tensor is written at its final offset in its (pre-sized) output file, the file is fsync'd, and only then is
+output tensor is written at its final offset in its output file, the file is fsync'd, and only then is
 one line appended (and fsync'd) to `journal.jsonl`: tensor, file, offset, size, CRC-32 of the bytes, plus a CRC
 of the line itself. On restart every journalled tensor is read back and checked against its CRC; a torn line, a
 missing file or bytes that do not match are dropped and redone, so a half-written part is never trusted.
@@ -87,7 +87,7 @@ class Journal:
         self.done: dict[str, dict] = {}
         self.file = None
 
-    def resume(self, header: dict, file_sizes: dict[str, int]) -> None:
+    def resume(self, header: dict) -> None:
         """Trust the journalled tensors whose bytes check out; start the journal afresh with exactly those."""
         path = self.dir / JOURNAL
         entries = []
@@ -96,7 +96,7 @@ class Journal:
             if lines and _decode(lines[0]) == header:
                 entries = [e for e in map(_decode, lines[1:]) if e is not None]
         for entry in entries:
-            if entry["file"] in file_sizes and self._intact(entry, file_sizes[entry["file"]]):
+            if self._intact(entry):
                 self.done[entry["tensor"]] = entry
         tmp = self.dir / (JOURNAL + ".tmp")
         with open(tmp, "w") as f:
@@ -107,12 +107,9 @@ class Journal:
         _fsync_dir(self.dir)
         self.file = open(path, "a")
 
-    def _intact(self, entry: dict, file_size: int) -> bool:
-        path = self.dir / entry["file"]
+    def _intact(self, entry: dict) -> bool:
         try:
-            if path.stat().st_size != file_size:
-                return False
-            with open(path, "rb") as f:
+            with open(self.dir / entry["file"], "rb") as f:
                 f.seek(entry["offset"])
                 data = f.read(entry["nbytes"])
         except OSError:

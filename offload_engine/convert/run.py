@@ -1,12 +1,12 @@
 """`quantize_checkpoint`: convert a Mixtral checkpoint (local directory or hub repo) into a pre-quantized one,
 shard by shard and resumably.
 
-Unit of work: one output tensor (a trunk tensor, a norm, a router, an attention projection, a packed expert).
-Each needs a few source tensors, hence a set of source shards (an expert's w1/w3/w2 or a layer's attention can
-straddle two). The scheduler fetches shards in index order, converts every unit whose shards are all present as
-soon as they are, and releases (for a hub source: deletes) a shard once no pending unit needs it. For Mixtral
-that keeps at most two shards on disk; the output files are pre-sized and each unit is written at its final
-offset, so the order in which units complete does not change a single output byte.
+Work is split into units (units.py), each computing one byte range of the output from one source tensor, hence
+one shard. The converter fetches the shards in index order (a hub source downloads each one then), converts every
+unit the shard feeds, writing each at its final offset in its output file, and releases (for a hub source:
+deletes) the shard before fetching the next: peak disk is the output plus one shard and the next one's download.
+Every unit is journalled once durable (journal.py), so a killed conversion resumes without redoing any of them;
+the order in which units complete does not change a single output byte.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from ..config import load_config
 from ..engine import MANIFEST, default_device
 from ..experts import ExpertLayout
 from ..prequantized import (AUX_FILES, FILE_METADATA, FORMAT, FORMAT_VERSION, ConfigLike, _layouts, _model_summary,
-                            attention_shapes, plan_files)
+                            plan_files)
 from ..prequantized_io import TensorSpec, _bytes_of, safetensors_header
-from ..quantize import quantize_matrix
 from .journal import Journal, clear_stale, conversion_key
 from .source import HubSource, LocalSource, open_source
+from .units import Unit, build_units, compute
 
 # Rough rates for the time estimate printed with the plan (stated there as assumptions, not measurements).
 DOWNLOAD_RATE = 100e6  # bytes/s from the hub (Colab typically sees 50-200 MB/s)
@@ -47,16 +47,6 @@ class ConversionError(CheckpointError):
 
 class ConversionInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during a conversion; the work done so far is kept for the next run."""
-
-
-@dataclass
-class Unit:
-    """One output tensor: where it goes and which source tensors (hence shards) it needs."""
-    spec: TensorSpec
-    file: str
-    offset: int  # absolute byte offset in the output file
-    sources: tuple[str, ...]
-    shards: frozenset[str]
 
 
 @dataclass
@@ -76,7 +66,7 @@ class ConversionPlan:
     streamed: bool  # shards deleted after use
 
     def describe(self) -> str:
-        gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+        gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"  # noqa: E731
         resumed = f", resuming: {self.done_units} of {self.total_units} tensors already done" if self.done_units else ""
         fetch = (f"download {gb(self.download_bytes)} ({self.shards_to_fetch} of {self.shards_total} shards)"
                  + (", one shard at a time, each deleted once converted" if self.streamed else "")
@@ -86,60 +76,6 @@ class ConversionPlan:
                 f"  output {gb(self.output_bytes)}; disk needed {gb(self.disk_needed)}, free {gb(self.disk_free)}\n"
                 f"  time: about {self.seconds / 60:.0f} min (rough: assumes {DOWNLOAD_RATE / 1e6:.0f} MB/s download "
                 f"and typical HQQ speed)")
-
-
-def _source_names(spec: TensorSpec, weight_map: dict[str, str]) -> tuple[str, ...]:
-    parts = spec.name.split(".")
-    if not spec.name.startswith("model.layers."):
-        return (spec.name,)
-    prefix = ".".join(parts[:3])
-    if ".experts." in spec.name:
-        e = parts[-1]
-        old = f"{prefix}.block_sparse_moe.experts.{e}"
-        if f"{old}.w1.weight" in weight_map:
-            return tuple(f"{old}.{m}.weight" for m in ("w1", "w3", "w2"))
-        return (f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj")
-    if ".self_attn." in spec.name:
-        return (spec.name + ".weight",)
-    if spec.name.endswith("mlp.gate.weight"):
-        old = f"{prefix}.block_sparse_moe.gate.weight"
-        return (old if old in weight_map else spec.name,)
-    return (spec.name,)
-
-
-def _units(plan: dict[str, list[TensorSpec]], weight_map: dict[str, str]) -> tuple[list[Unit], dict[str, int]]:
-    """Every output tensor as a unit, in file order, and every output file's total size."""
-    units, sizes = [], {}
-    for file, specs in plan.items():
-        offset = len(safetensors_header(specs, FILE_METADATA))
-        for spec in specs:
-            sources = _source_names(spec, weight_map)
-            missing = [s for s in sources if s not in weight_map]
-            if missing:
-                raise ConversionError(f"tensor {missing[0]} is missing from the source checkpoint's shards")
-            units.append(Unit(spec, file, offset, sources, frozenset(weight_map[s] for s in sources)))
-            offset += spec.nbytes
-        sizes[file] = offset
-    return units, sizes
-
-
-def _compute(unit: Unit, checkpoint: SafetensorsCheckpoint, hf, cfg, quant_device: torch.device,
-             layout: ExpertLayout) -> torch.Tensor:
-    """The output tensor of one unit: exactly what engine.checkpoint_loader computes at load time."""
-    dtype, name = cfg.torch_dtype, unit.spec.name
-    if unit.spec.dtype != torch.uint8:  # trunk, norms, router: stored in the model dtype
-        if name.endswith("mlp.gate.weight"):
-            return checkpoint.router(int(name.split(".")[2]), hf).to(dtype)
-        return checkpoint.get(name, unit.spec.shape).to(dtype)
-    layer = int(name.split(".")[2])
-    if ".self_attn." in name:
-        proj = name.rsplit(".", 1)[1]
-        weight = checkpoint.get(unit.sources[0], attention_shapes(hf)[proj])
-        return quantize_matrix(weight.to(quant_device, dtype), cfg.quant.attention, dtype)[1]
-    weights = {m: w.to(quant_device, dtype) for m, w in checkpoint.expert(layer, int(name.rsplit(".", 1)[1]), hf).items()}
-    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=quant_device)  # zeroed: reproducible padding
-    layout.pack(weights, buffer)
-    return buffer
 
 
 class _Sigterm:
@@ -225,9 +161,12 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
     hf = read_config(source.dir)
     plan = plan_files(hf, cfg)  # raises QuantizationError (a ValueError) for a group size that does not fit
     layout = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, cfg.quant.experts, cfg.torch_dtype)
-    units, sizes = _units(plan, source.weight_map)
-    journal.resume({"format_version": FORMAT_VERSION, "files": sizes}, sizes)
-    pending = [u for u in units if u.spec.name not in journal.done]
+    try:
+        units, sizes = build_units(plan, source.weight_map, layout)
+    except KeyError as e:
+        raise ConversionError(f"tensor {e.args[0]} is missing from the source checkpoint {source.name}") from None
+    journal.resume({"format_version": FORMAT_VERSION, "files": sizes})
+    pending = [u for u in units if u.key not in journal.done]
     conversion_plan = _plan(source, dst, partial, units, pending, sizes, quant_device)
     log(conversion_plan.describe())
     if conversion_plan.disk_needed > conversion_plan.disk_free:
@@ -235,17 +174,14 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
                               f"{dst.parent} but {conversion_plan.disk_free / 1e9:.2f} GB are free; free some space "
                               f"or choose another destination")
     fds = {}
-    for name, specs in plan.items():  # pre-sized files, header first; resumed ones keep their journalled bytes
-        path = partial / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(fd).st_size != sizes[name]:
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, sizes[name])
+    for name, specs in plan.items():  # header first; resumed files keep their journalled bytes
+        fd = os.open(partial / name, os.O_RDWR | os.O_CREAT, 0o644)
         os.pwrite(fd, safetensors_header(specs, FILE_METADATA), 0)
         fds[name] = fd
     try:
         _run_units(source, pending, fds, journal, hf, cfg, quant_device, layout, progress)
-        for fd in fds.values():
+        for name, fd in fds.items():
+            os.ftruncate(fd, sizes[name])  # a no-op unless an earlier run left a longer file
             os.fsync(fd)
     finally:
         for fd in fds.values():
@@ -254,14 +190,14 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
 
 
 def _plan(source, dst, partial, units, pending, sizes, quant_device) -> ConversionPlan:
-    needed_shards = {s for u in pending for s in u.shards}
+    needed_shards = {u.shard for u in pending}
     to_fetch = sorted(needed_shards & source.missing)
     download = sum(source.sizes[s] for s in to_fetch)
     streamed = isinstance(source, HubSource) and not source.keep_source
     largest = sorted((source.sizes[s] for s in to_fetch), reverse=True)
-    shard_disk = sum(largest[:2]) if streamed else download
+    shard_disk = max(largest, default=0) if streamed else download  # one shard on disk at a time
     output = sum(sizes.values())
-    written = sum(u.spec.nbytes for u in units) - sum(u.spec.nbytes for u in pending)
+    written = sum(u.nbytes for u in units) - sum(u.nbytes for u in pending)
     source_bytes = sum(source.sizes[s] for s in needed_shards)
     free = shutil.disk_usage(dst.parent).free
     seconds = download / DOWNLOAD_RATE + source_bytes / QUANT_RATE[quant_device.type]
@@ -271,46 +207,50 @@ def _plan(source, dst, partial, units, pending, sizes, quant_device) -> Conversi
 
 def _run_units(source, pending: list[Unit], fds: dict[str, int], journal: Journal, hf, cfg, quant_device,
                layout: ExpertLayout, progress: bool) -> None:
+    """Fetch shards in index order; convert every unit of a shard, then release the shard before the next."""
     order = {s: i for i, s in enumerate(sorted(source.sizes))}
+    by_shard: dict[str, list[Unit]] = {}
+    for unit in pending:
+        by_shard.setdefault(unit.shard, []).append(unit)
     checkpoint = SafetensorsCheckpoint(source.dir, file_of={})
-    present: set[str] = set()
-    bar = tqdm(total=len(pending), desc="converting tensors", disable=not progress)
-    while pending:
-        ready = [u for u in pending if u.shards <= present]
-        if not ready:  # fetch the first shard (in index order) that a pending unit still lacks
-            shard = min((s for u in pending for s in u.shards - present), key=order.__getitem__)
-            path = source.fetch(shard)
-            SafetensorsCheckpoint._check_complete(path)
-            checkpoint.file_of.update({n: path for n, s in source.weight_map.items() if s == shard})
-            present.add(shard)
-            continue
-        for unit in ready:
-            tensor = _compute(unit, checkpoint, hf, cfg, quant_device, layout)
-            data = _bytes_of(tensor.cpu())
+    bar = tqdm(total=len(pending), desc="converting", unit="matrix", disable=not progress)
+    for shard in sorted(by_shard, key=order.__getitem__):
+        path = source.fetch(shard)
+        SafetensorsCheckpoint._check_complete(path)
+        checkpoint.file_of = {n: path for n, s in source.weight_map.items() if s == shard}
+        for unit in by_shard[shard]:
+            data = _bytes_of(compute(unit, checkpoint, hf, cfg, quant_device, layout).cpu())
             os.pwrite(fds[unit.file], data, unit.offset)
             os.fsync(fds[unit.file])  # the bytes are durable before the journal vouches for them
-            journal.record({"tensor": unit.spec.name, "file": unit.file, "offset": unit.offset,
-                            "nbytes": data.nbytes, "crc32": zlib.crc32(data)})
-            checkpoint.close()  # unmap the source shards, or their pages stay resident (host RAM is scarce)
+            journal.record({"tensor": unit.key, "file": unit.file, "offset": unit.offset, "nbytes": data.nbytes,
+                            "crc32": zlib.crc32(data)})
+            checkpoint.close()  # unmap the source shard, or its pages stay resident (host RAM is scarce)
             bar.update()
-        done = {u.spec.name for u in ready}
-        pending[:] = [u for u in pending if u.spec.name not in done]
-        for shard in present - {s for u in pending for s in u.shards}:
-            checkpoint.file_of = {n: p for n, p in checkpoint.file_of.items() if source.weight_map[n] != shard}
-            source.release(shard)
-            present.discard(shard)
+        source.release(shard)
     bar.close()
+
+
+def _tensor_crcs(partial: Path, plan: dict[str, list[TensorSpec]]) -> dict[str, int]:
+    """CRC-32 of every output tensor, read back from the finished files: what loading will check."""
+    crcs = {}
+    for name, specs in plan.items():
+        with open(partial / name, "rb") as f:
+            f.seek(len(safetensors_header(specs, FILE_METADATA)))
+            for spec in specs:
+                crcs[spec.name] = zlib.crc32(f.read(spec.nbytes))
+    return crcs
 
 
 def _finish(source, dst: Path, partial: Path, journal: Journal, hf, cfg, plan, sizes) -> Path:
     from .. import __version__
 
+    crcs = _tensor_crcs(partial, plan)
     files, tensors = {}, {}
     for name, specs in plan.items():
         files[name] = {"nbytes": sizes[name], "tensors": [s.name for s in specs]}
         for s in specs:
             tensors[s.name] = {"file": name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
-                               "crc32": journal.done[s.name]["crc32"]}
+                               "crc32": crcs[s.name]}
             if s.dtype == torch.uint8:  # a packed buffer: name its byte layout (bits, group size, segments)
                 tensors[s.name]["layout"] = "expert" if ".experts." in s.name else f"attention.{s.name.rsplit('.', 1)[1]}"
     for name in AUX_FILES:
