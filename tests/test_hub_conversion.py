@@ -179,3 +179,28 @@ def test_prequantized_repo_from_hub_loads_and_is_verified(reference, tmp_path):
     assert {f for (m, f) in hub.requests if m == "GET"} >= {p.name for p in reference.iterdir()}
     line = next(l for l in result.stdout.splitlines() if l.startswith("REJECTED"))
     assert "layer-002.safetensors" in line and "checksum" in line
+
+
+def test_offload_chat_converts_a_hub_source_once_then_loads_the_converted_copy(tmp_path):
+    from conftest import make_chat_checkpoint
+
+    src = make_chat_checkpoint(tmp_path / "chat")
+    config = tmp_path / "q.yaml"
+    config.write_text(CONFIG)
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "offload_engine.cli", "org/chat", "--config", str(config), "--device", "cpu",
+           "--cache-dir", str(cache), "--prompt", "The quick brown", "--max-new-tokens", "4", "--temperature", "0"]
+    with StandInHub({"org/chat": src}) as hub:
+        env = hub_env(hub, tmp_path / "hf")
+        first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr
+        assert "convert org/chat" in first.stderr and "download" in first.stderr  # the plan was shown
+        (converted,) = cache.glob("org--chat/*")
+        assert (converted / "offload_manifest.json").exists() and str(converted) in first.stderr
+        fetched = hub.gets()
+        assert fetched == {"model.safetensors": 1}
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "convert org/chat" not in second.stderr and f"loading {converted}" in second.stderr
+    assert hub.gets() == fetched  # nothing downloaded again
+    assert second.stdout == first.stdout and first.stdout.strip()  # greedy: the same reply from the same weights

@@ -45,6 +45,10 @@ class ConversionError(CheckpointError):
     """A conversion that cannot start or go on; the message says what to do."""
 
 
+class ConversionCancelled(ConversionError):
+    """The `confirm` callback said no: nothing was downloaded or written."""
+
+
 class ConversionInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during a conversion; the work done so far is kept for the next run."""
 
@@ -117,7 +121,8 @@ def _check_destination(src: LocalSource | HubSource, dst: Path, overwrite: bool)
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: ConfigLike = None,
                         progress: bool = True, device: str | torch.device | None = None, overwrite: bool = False,
                         keep_source: bool = False, revision: str | None = None,
-                        cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> Path:
+                        cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
+                        confirm: Callable[[ConversionPlan], bool] | None = None) -> Path:
     """Quantize the Mixtral checkpoint `src` (a directory or a hub repo id) as `config` says and write a
     pre-quantized checkpoint to `dst`. Quantization runs on `device` (default: CUDA if available), the way
     `load(src)` would there, so `load(dst)` gives exactly the logits of `load(src, config)` on that kind of device.
@@ -125,7 +130,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     A hub source is downloaded one shard at a time and each shard is deleted once converted (unless `keep_source`:
     then shards go to the Hugging Face cache, or `cache_dir`, and stay). An interrupted conversion (Ctrl-C,
     SIGTERM, a killed process) resumes where it stopped when called again with the same arguments. The plan
-    (download, disk, time) is printed first through `log` (default: stderr when `progress`)."""
+    (download, disk, time) is printed first through `log` (default: stderr when `progress`), then `confirm(plan)`
+    (if given) decides whether to go on."""
     cfg = load_config(config)
     log = log or ((lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda _: None))
     device = torch.device(device) if device is not None else default_device()
@@ -142,7 +148,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     try:
         with _Sigterm():
             source.prepare(partial, progress)
-            out = _convert(source, dst, partial, journal, cfg, quant_device, progress, log)
+            out = _convert(source, dst, partial, journal, cfg, quant_device, progress, log, confirm)
     except KeyboardInterrupt as e:
         journal.close()
         done = len(journal.done)
@@ -157,7 +163,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     return out
 
 
-def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_device, progress: bool, log) -> Path:
+def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_device, progress: bool, log,
+             confirm) -> Path:
     hf = read_config(source.dir)
     plan = plan_files(hf, cfg)  # raises QuantizationError (a ValueError) for a group size that does not fit
     layout = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, cfg.quant.experts, cfg.torch_dtype)
@@ -173,6 +180,8 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
         raise ConversionError(f"the conversion needs {conversion_plan.disk_needed / 1e9:.2f} GB of free disk in "
                               f"{dst.parent} but {conversion_plan.disk_free / 1e9:.2f} GB are free; free some space "
                               f"or choose another destination")
+    if confirm is not None and not confirm(conversion_plan):
+        raise ConversionCancelled(f"conversion of {source.name} cancelled; no shard was downloaded")
     fds = {}
     for name, specs in plan.items():  # header first; resumed files keep their journalled bytes
         fd = os.open(partial / name, os.O_RDWR | os.O_CREAT, 0o644)
