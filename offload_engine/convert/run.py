@@ -133,7 +133,11 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     (download, disk, time) is printed first through `log` (default: stderr when `progress`), then `confirm(plan)`
     (if given) decides whether to go on."""
     cfg = load_config(config)
-    log = log or ((lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda _: None))
+    def stderr(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    notice = log or stderr  # removing someone's files is said even when quiet
+    log = log or (stderr if progress else (lambda _: None))
     device = torch.device(device) if device is not None else default_device()
     quant_device = device if device.type == "cuda" else torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -143,7 +147,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     _check_destination(source, dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = dst.parent / f".{dst.name}.partial-{conversion_key(source.identity, cfg.to_dict())}"
-    clear_stale(dst, partial, log)
+    clear_stale(dst, partial, notice)
     journal = Journal(partial)
     try:
         with _Sigterm():
