@@ -25,7 +25,9 @@ from conftest import tiny_config
 from hub_standin import StandInHub
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "dtype: float32\noffload: {experts_on_device: 4, prefetch: 1}\n"
+CONFIG = ("dtype: float32\noffload: {experts_on_device: 4, prefetch: 1}\n"  # HQQ without its optimiser: quick
+          "quant:\n  attention: {bits: 4, group_size: 64, optimize: false}\n"
+          "  experts: {bits: 2, group_size: 16, optimize: false}\n")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ import torch
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, EngineConfig, load_config
 from ..engine import MANIFEST
-from .run import ConversionPlan, quantize_checkpoint
+from .run import ConversionInterrupted, ConversionPlan, quantize_checkpoint
 from .source import is_hub_id
 
 ASK_ABOVE_BYTES = 1e9  # downloads at least this large need a yes (--yes or the prompt)
@@ -69,7 +70,11 @@ def prepare_model(model: str | os.PathLike, config, device: torch.device | None 
         return target
     if _is_prequantized_repo(str(model)) in (True, None):
         return model
-    return quantize_checkpoint(str(model), target, cfg, progress=progress, device=device, confirm=confirm)
+    try:
+        return quantize_checkpoint(str(model), target, cfg, progress=progress, device=device, confirm=confirm)
+    except ConversionInterrupted as e:  # say how to resume before the caller reports the interrupt
+        print(f"\n{e}", file=sys.stderr, flush=True)
+        raise
 
 
 def ask_before_download(yes: bool, ask: Callable[[str], str] = input,

@@ -119,7 +119,14 @@ class HubSource:
             with open(self.fetch(shard), "rb") as fh:
                 header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
             self.weight_map = {name: shard for name in header if name != "__metadata__"}
-        self.missing = {s for s in self.sizes if not (self.source_dir / s).exists()}
+        self.missing = {s for s in self.sizes if not self._on_disk(s)}
+
+    def _on_disk(self, shard: str) -> bool:
+        if not self.keep_source:
+            return (self.source_dir / shard).exists()
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(self.repo, shard, self.cache_dir, self.revision), str)
 
     def fetch(self, shard: str) -> Path:
         path = self._download(shard, None if self.keep_source else self.source_dir, self._progress)
