@@ -144,8 +144,12 @@ def test_partial_held_by_a_running_conversion_is_left_alone(tiny_dir, tmp_path):
         assert held.exists() and any("still running" in m and str(held) in m for m in messages)
 
 
-def test_push_to_hub_uploads_the_checkpoint_and_a_model_card(converted, monkeypatch):
+def test_push_to_hub_uploads_the_checkpoint_and_a_model_card(converted, tmp_path, monkeypatch):
+    import shutil
+
     from huggingface_hub import HfApi
+
+    converted = Path(shutil.copytree(converted, tmp_path / "copy"))  # push writes README.md into the folder
 
     calls = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw))
@@ -203,3 +207,35 @@ def test_cache_dir_depends_on_quantization_not_offload(tmp_path):
     b = converted_dir("org/m", load_config({**load_config("t4-16gb").to_dict(), "offload": {"prefetch": 0}}), tmp_path)
     c = converted_dir("org/m", load_config({"quant": {"experts": {"bits": 3, "group_size": 64}}}), tmp_path)
     assert a == b and a != c and a.parent == tmp_path / "org--m"
+
+
+def test_a_damaged_or_half_written_part_is_never_trusted(tiny_dir, converted, tmp_path, monkeypatch):
+    from offload_engine.convert import units
+
+    original, calls = units.quantize_into, {"n": 0, "stop": 40}
+
+    def counting(*args):
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        original(*args)
+
+    monkeypatch.setattr(units, "quantize_into", counting)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_dir, tmp_path / "m", QUANT, progress=False)
+    (partial,) = tmp_path.glob(".m.partial-*")
+    journal = partial / "journal.jsonl"
+    entries = [json.loads(line.split(" ", 1)[1]) for line in journal.read_text().splitlines()[1:]]
+    expert = next(e for e in entries if e["tensor"] == "model.layers.0.experts.5/w3")
+    with open(partial / expert["file"], "r+b") as f:  # bytes that changed after they were journalled
+        f.seek(expert["offset"] + 7)
+        byte = f.read(1)
+        f.seek(expert["offset"] + 7)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with open(journal, "a") as f:  # a line cut short by a kill: never trusted either
+        f.write('0badc0de {"tensor": "model.layers.1.experts.6/w1", "file": "layer-001.saf')
+    calls.update(n=0, stop=-1)
+    quantize_checkpoint(tiny_dir, tmp_path / "m", QUANT, progress=False)
+    assert calls["n"] == 72 - 39 + 1  # what was left, plus the damaged matrix
+    for path in converted.iterdir():
+        assert (tmp_path / "m" / path.name).read_bytes() == path.read_bytes(), path.name

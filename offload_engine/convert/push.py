@@ -20,6 +20,7 @@ def model_card(folder: str | os.PathLike, repo_id: str, source: str | None = Non
     cfg = resolve_config(manifest, None, folder)
     model = manifest["model"]
     sizes = {name: entry["nbytes"] for name, entry in manifest["files"].items()}
+    trunk = sizes.get("trunk.safetensors", 0)
     experts = sum(n for name, n in sizes.items() if name.startswith("layer-"))
     total = sum(sizes.values())
     base = f"base_model: {source}\n" if source and "/" in source and not Path(source).exists() else ""
@@ -42,7 +43,7 @@ keeping part of each layer's experts on the GPU and the rest in host memory.
 
 ## Quantization
 
-- {_describe_quant(cfg)} (HQQ, scales and zeros compressed to 8 bits)
+- {_describe_quant(cfg)}, quantized with HQQ
 - model: {model['num_hidden_layers']} layers, {model['num_local_experts']} experts per layer, hidden size
   {model['hidden_size']}, vocabulary {model['vocab_size']}
 - written by {manifest.get('created_by', 'offload_engine')}, format version {manifest['format_version']}
@@ -53,7 +54,7 @@ keeping part of each layer's experts on the GPU and the rest in host memory.
 
 | part | bytes | GB |
 |---|---:|---:|
-| trunk (embeddings, final norm, lm_head) | {sizes.get('trunk.safetensors', 0)} | {sizes.get('trunk.safetensors', 0) / 1e9:.3f} |
+| trunk (embeddings, final norm, lm_head) | {trunk} | {trunk / 1e9:.3f} |
 | layers (attention, norms, routers, experts) | {experts} | {experts / 1e9:.3f} |
 | total | {total} | {total / 1e9:.3f} |
 
@@ -94,6 +95,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, source: str | None = No
     (folder / CARD).write_text(model_card(folder, repo_id, source))
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    message = commit_message or f"offload_engine checkpoint ({_describe_quant(cfg)})"
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=upload_files(folder),
-                      repo_type="model", commit_message=commit_message or f"offload_engine checkpoint ({_describe_quant(cfg)})")
+                      repo_type="model", commit_message=message)
     return str(url)

@@ -71,7 +71,7 @@ class ConversionPlan:
 
     def describe(self) -> str:
         gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"  # noqa: E731
-        resumed = f", resuming: {self.done_units} of {self.total_units} tensors already done" if self.done_units else ""
+        resumed = f", resuming: {self.done_units} of {self.total_units} parts already done" if self.done_units else ""
         fetch = (f"download {gb(self.download_bytes)} ({self.shards_to_fetch} of {self.shards_total} shards)"
                  + (", one shard at a time, each deleted once converted" if self.streamed else "")
                  if self.shards_to_fetch else "source on disk, nothing to download")
@@ -133,6 +133,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     (download, disk, time) is printed first through `log` (default: stderr when `progress`), then `confirm(plan)`
     (if given) decides whether to go on."""
     cfg = load_config(config)
+
     def stderr(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
@@ -157,7 +158,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         journal.close()
         done = len(journal.done)
         raise ConversionInterrupted(
-            f"conversion stopped ({e or 'Ctrl-C'}); {done} converted tensors are kept in {partial}: run the same "
+            f"conversion stopped ({e or 'Ctrl-C'}); {done} converted parts are kept in {partial}: run the same "
             f"command again to resume, or delete that directory") from None
     except BaseException:
         journal.close()
@@ -265,7 +266,8 @@ def _finish(source, dst: Path, partial: Path, journal: Journal, hf, cfg, plan, s
             tensors[s.name] = {"file": name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
                                "crc32": crcs[s.name]}
             if s.dtype == torch.uint8:  # a packed buffer: name its byte layout (bits, group size, segments)
-                tensors[s.name]["layout"] = "expert" if ".experts." in s.name else f"attention.{s.name.rsplit('.', 1)[1]}"
+                kind = "expert" if ".experts." in s.name else f"attention.{s.name.rsplit('.', 1)[1]}"
+                tensors[s.name]["layout"] = kind
     for name in AUX_FILES:
         if (source.dir / name).exists():
             shutil.copyfile(source.dir / name, partial / name)

@@ -17,11 +17,10 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, SafetensorsCheckpoint, resolve_model_dir
 from ..engine import MANIFEST
+from ..prequantized import AUX_FILES
 
 INDEX = "model.safetensors.index.json"
-SMALL_FILES = ("config.json", INDEX, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-               "chat_template.json")
+SMALL_FILES = (INDEX, *AUX_FILES)  # fetched first and kept: what the plan and the output need
 
 
 def is_hub_id(model: str | os.PathLike) -> bool:
