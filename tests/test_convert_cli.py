@@ -176,6 +176,22 @@ def test_push_to_hub_uploads_the_checkpoint_and_a_model_card(converted, tmp_path
     assert card == model_card(converted, "me/tiny-4-2", source="org/tiny-mixtral")
 
 
+def test_quantize_script_pushes_when_asked(script, tiny_dir, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import HfApi
+
+    sent = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: sent.append(kw))
+    config = tmp_path / "q.yaml"
+    config.write_text(json.dumps(QUANT))
+    assert script.main([str(tiny_dir), str(tmp_path / "out"), "--config", str(config), "--quiet",
+                        "--push-to-hub", "me/tiny"]) == 0
+    assert "uploaded to https://huggingface.co/me/tiny" in capsys.readouterr().out
+    (call,) = sent
+    assert call["repo_id"] == "me/tiny" and Path(call["folder_path"]) == tmp_path / "out"
+    assert "README.md" in call["allow_patterns"] and (tmp_path / "out" / "README.md").exists()
+
+
 def test_push_refuses_a_damaged_checkpoint(converted, tmp_path, monkeypatch):
     import shutil
 

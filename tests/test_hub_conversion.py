@@ -206,3 +206,21 @@ def test_offload_chat_converts_a_hub_source_once_then_loads_the_converted_copy(t
     assert "convert org/chat" not in second.stderr and f"loading {converted}" in second.stderr
     assert hub.gets() == fetched  # nothing downloaded again
     assert second.stdout == first.stdout and first.stdout.strip()  # greedy: the same reply from the same weights
+
+
+def test_keep_source_keeps_the_shards_in_the_hub_cache_for_the_next_conversion(sharded, config_file, reference,
+                                                                               tmp_path):
+    home = tmp_path / "hf"
+    other = tmp_path / "other.yaml"
+    other.write_text(CONFIG.replace("bits: 2, group_size: 16", "bits: 4, group_size: 32"))
+    with StandInHub({"org/tiny": sharded}) as hub:
+        env = hub_env(hub, home)
+        for config, dst in ((config_file, tmp_path / "a"), (other, tmp_path / "b")):
+            result = subprocess.run(quantize_cmd("org/tiny", dst, config) + ["--keep-source"], env=env,
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr
+    assert_same_files(tmp_path / "a", reference)
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert hub.gets() == {name: 1 for name in shards}  # the second conversion found them all in the cache
+    assert sorted(p.name for p in home.rglob("*.safetensors")) == shards
+    assert "nothing to download" in result.stderr
