@@ -2,10 +2,11 @@
 
 A conversion into DST writes everything into the hidden sibling `.DST.partial-KEY`, where KEY hashes the source
 (path, or repo and commit) and the config, so a run with the same inputs finds the work of an earlier one. Each
-output tensor is written at its final offset in its output file, the file is fsync'd, and only then is
-one line appended (and fsync'd) to `journal.jsonl`: tensor, file, offset, size, CRC-32 of the bytes, plus a CRC
-of the line itself. On restart every journalled tensor is read back and checked against its CRC; a torn line, a
-missing file or bytes that do not match are dropped and redone, so a half-written part is never trusted.
+part (a unit: one byte range of an output file) is written at its final offset, the file is fsync'd, and only
+then is one line appended (and fsync'd) to `journal.jsonl`: part, file, offset, size, CRC-32 of the bytes, plus
+a CRC of the line itself. On restart every journalled part is read back and checked against its CRC; a torn
+line, a missing file or bytes that do not match are dropped and redone, so a half-written part is never trusted.
+The source shards of a hub conversion are downloaded into `source/` inside it.
 
 A `lock` file held with flock marks a directory in use: the kernel releases it when its process dies (even by
 SIGKILL), so a directory nobody holds is stale: a later conversion to the same DST resumes it (same KEY) or
