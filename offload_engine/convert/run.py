@@ -38,7 +38,9 @@ from .units import Unit, build_units, compute
 
 # Rough rates for the time estimate printed with the plan (stated there as assumptions, not measurements).
 DOWNLOAD_RATE = 100e6  # bytes/s from the hub (Colab typically sees 50-200 MB/s)
-QUANT_RATE = {"cuda": 400e6, "cpu": 25e6}  # source bytes/s through HQQ (order of magnitude)
+# Source bytes/s through HQQ, order of magnitude: CPU from BENCHMARKS.md section 3 (1.3 GiB of bf16 in ~600 s on a
+# busy 2-core machine); CUDA guessed from HQQ's published A100 timings, scaled down for a T4 (not measured here).
+QUANT_RATE = {"cuda": 100e6, "cpu": 3e6}
 
 
 class ConversionError(CheckpointError):
