@@ -3,7 +3,7 @@
 Serves directories as model repos: `GET /api/models/{repo}[/revision/{rev}]` (model info with file sizes),
 `GET /api/models/{repo}/tree/{rev}` (the file list snapshot_download reads), and `HEAD`/`GET
 /{repo}/resolve/{rev}/{file}` with the headers the client checks (X-Repo-Commit, ETag, Content-Length) and byte
-ranges. Every request is counted by (method, file), and hooks can cut a download short and then act (e.g. kill
+ranges. Every request is counted by (method, file) (ranged GETs as "GET-RANGE"), and hooks can cut a download short and then act (e.g. kill
 the client) to test interrupted transfers.
 """
 
@@ -96,7 +96,8 @@ def _handler(hub: StandInHub):
                                    "siblings": [repo.entry(n, tree=False) for n in repo.files]})
             if len(parts) >= 5 and parts[2] == "resolve":
                 repo, name = hub.repos.get(f"{parts[0]}/{parts[1]}"), "/".join(parts[4:])
-                hub.requests[(method, name)] += 1
+                ranged = method == "GET" and self.headers.get("Range")  # a header read, not a download
+                hub.requests[("GET-RANGE" if ranged else method, name)] += 1
                 if repo is None or name not in repo.files:
                     return self._missing()
                 return self._file(method, repo, name)

@@ -113,11 +113,16 @@ class HubSource:
         self.dir = self.source_dir
         if INDEX in self.small:
             self.weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
-        else:  # a single shard: its header says what it holds, so fetch it now
+        else:  # a single shard: its header (a ranged request, not the whole file) says what it holds
+            from huggingface_hub import HfApi
+            from huggingface_hub.errors import HfHubHTTPError
+
             (shard,) = self.sizes
-            with open(self.fetch(shard), "rb") as fh:
-                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-            self.weight_map = {name: shard for name in header if name != "__metadata__"}
+            try:
+                header = HfApi().parse_safetensors_file_metadata(self.repo, shard, revision=self.revision)
+            except (HfHubHTTPError, OSError) as e:
+                raise _hub_error(self.repo, e) from e
+            self.weight_map = {name: shard for name in header.tensors}
         self.missing = {s for s in self.sizes if not self._on_disk(s)}
 
     def _on_disk(self, shard: str) -> bool:
