@@ -84,10 +84,20 @@ class HubSource:
         self.name = f"{repo}@{info.sha[:12]}" if info.sha else repo
         self.identity = {"repo": repo, "revision": info.sha}
         self.small = [f for f in SMALL_FILES if f in files]
-        self.sizes = {f: files[f] for f in shards}
+        self.sizes = {f: files[f] if files[f] is not None else self._head_size(f) for f in shards}
         self.weight_map: dict[str, str] = {}
         self.dir = self.source_dir = None
         self.missing = set(shards)
+
+    def _head_size(self, filename: str) -> int:
+        """A file's size from a HEAD request, for a hub whose file list leaves sizes out."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            return get_hf_file_metadata(hf_hub_url(self.repo, filename, revision=self.revision)).size or 0
+        except (HfHubHTTPError, OSError) as e:
+            raise _hub_error(self.repo, e) from e
 
     def _download(self, filename: str, local_dir: Path | None, progress: bool) -> Path:
         from huggingface_hub import hf_hub_download
