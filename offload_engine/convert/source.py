@@ -133,6 +133,8 @@ class HubSource:
             except (HfHubHTTPError, OSError) as e:
                 raise _hub_error(self.repo, e) from e
             self.weight_map = {name: shard for name in header.tensors}
+        used = set(self.weight_map.values())  # e.g. a consolidated.safetensors beside the shards is not read
+        self.sizes = {s: n for s, n in self.sizes.items() if s in used}
         self.missing = {s for s in self.sizes if not self._on_disk(s)}
 
     def _on_disk(self, shard: str) -> bool:
