@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         text = str(e)
         if isinstance(e, OSError) and e.filename:
             text = f"cannot write or read {e.filename}: {e.strerror}; check the path and its permissions"
-        print(f"error: {text}", file=sys.stderr)
+        print(f"error: {' '.join(text.split())}", file=sys.stderr)  # one line, even for multi-line messages
         return 2
 
 
