@@ -4,8 +4,8 @@ from .config import ConfigError, EngineConfig, OffloadConfig, QuantConfig, Quant
 from .checkpoint import CheckpointError
 from .engine import Engine, load
 from .memory import NotEnoughMemory, plan_memory
-from .prequantized import quantize_checkpoint
+from .convert import push_to_hub, quantize_checkpoint
 
-__all__ = ["load", "quantize_checkpoint", "Engine", "EngineConfig", "QuantConfig", "QuantSpec", "OffloadConfig",
+__all__ = ["load", "quantize_checkpoint", "push_to_hub", "Engine", "EngineConfig", "QuantConfig", "QuantSpec", "OffloadConfig",
            "load_config", "ConfigError", "CheckpointError", "NotEnoughMemory", "plan_memory"]
 __version__ = "0.1.0"

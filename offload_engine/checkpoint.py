@@ -141,8 +141,13 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
 class SafetensorsCheckpoint:
     """Name -> tensor access over a single-file or sharded safetensors checkpoint, opened lazily."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, file_of: dict[str, Path] | None = None):
+        """`file_of` (tensor -> shard path): shards that arrive one at a time (a streaming conversion adds and
+        removes entries as it fetches and deletes them); checking them is then the caller's business."""
         self.model_dir = model_dir
+        if file_of is not None:
+            self.file_of, self._handles = file_of, {}
+            return
         index_path = model_dir / "model.safetensors.index.json"
         if index_path.exists():
             self.file_of = {name: model_dir / shard for name, shard in read_weight_map(index_path).items()}

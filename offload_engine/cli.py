@@ -2,8 +2,11 @@
 
     offload-chat MODEL [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--max-new-tokens N] [--temperature T]
                  [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--system TEXT] [--prompt TEXT]
-                 [--no-stats]
+                 [--no-stats] [--cache-dir DIR] [--yes]
     offload-chat --demo            # the small demo model shipped in the package
+
+A hub repo that holds a full-precision Mixtral is converted once, shard by shard, into a cache directory (the
+plan is shown first, and a large download asks for a y unless --yes), then loaded; later runs load it directly.
 
 Where output goes: stdout carries the conversation (the `>>> ` prompt, the streamed replies, and what /stats
 and /help print), so `offload-chat MODEL --prompt "..." > answer.txt` captures the answer alone. stderr carries
@@ -45,6 +48,7 @@ import offload_engine
 from .chat import ChatSession
 from .checkpoint import read_config, resolve_model_dir
 from .config import QuantSpec, load_config
+from .convert.cache import ask_before_download, prepare_model
 from .engine import MANIFEST, Engine, default_device, load
 from .errors import UsageError, add_debug_flag, debug_requested, one_line, run_guarded
 from .generate import SamplingParams
@@ -98,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", metavar="TEXT",
                    help="answer this one message, print the stats line and exit (for scripts)")
     p.add_argument("--no-stats", action="store_true", help="no stats line after replies")
+    p.add_argument("--cache-dir", metavar="DIR", help="where a hub source repo is converted once (default: "
+                   "$HF_HUB_CACHE/offload_engine); later runs load the converted copy directly")
+    p.add_argument("--yes", action="store_true", help="convert a hub source repo without asking, however large")
     add_debug_flag(p)
     return p
 
@@ -155,6 +162,9 @@ def resolve_setup(args: argparse.Namespace) -> Setup:
         raise UsageError(f"--device {args.device} was given but torch sees no CUDA GPU; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if not args.demo:  # a hub source repo: convert it once into the cache (streamed, resumable), then load that
+        default = args.config or ("t4-16gb" if device.type == "cuda" else "cpu")
+        model = prepare_model(model, default, device, args.cache_dir, ask_before_download(args.yes))
     model_dir = resolve_model_dir(model)
     if (model_dir / MANIFEST).exists():  # pre-quantized: the engine merges --config (offload.*) into its own
         if args.config is not None:

@@ -10,9 +10,9 @@ A pre-quantized directory holds
     per file its byte size, and per tensor its file, dtype, shape, CRC-32 and (packed ones) which layout;
   * config.json, generation_config.json and the tokenizer files, copied from the source.
 
-Conversion streams: the safetensors headers are computed from the layouts before anything is quantized, so
-each tensor is written as soon as it exists and dropped (peak RAM ~ one expert's source weights plus hqq's
-temporaries). Loading reads each packed expert with one `readinto` straight into its home buffer in the
+Conversion (convert/): the safetensors headers are computed from the layouts before anything is quantized, so
+each tensor is written at its final offset as soon as it exists and dropped (peak RAM ~ one expert's source
+weights plus hqq's temporaries). Loading reads each packed expert with one `readinto` straight into its home buffer in the
 expert cache (pinned host slot, or the CPU scratch of a device slot): no mmap, no intermediate tensor.
 """
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO, NoReturn, Union
@@ -29,13 +27,13 @@ from typing import BinaryIO, NoReturn, Union
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, SafetensorsCheckpoint, read_config, resolve_model_dir
+from .checkpoint import read_config
 from .config import CONFIG_DIR, ConfigError, EngineConfig, load_config, read_yaml
-from .engine import MANIFEST, Engine, build_engine, default_device, load_tokenizer
+from .engine import MANIFEST, Engine, build_engine, load_tokenizer
 from .experts import ExpertLayout
-from .model import ATTENTION_PROJECTIONS, OffloadedMixtral
-from .prequantized_io import ST_DTYPES, PrequantizedError, StreamWriter, TensorSpec, read_header, read_into
-from .quantize import MatrixLayout, quantize_matrix
+from .model import ATTENTION_PROJECTIONS, OffloadedMixtral, attention_shapes
+from .prequantized_io import ST_DTYPES, PrequantizedError, TensorSpec, read_header, read_into
+from .quantize import MatrixLayout
 
 FORMAT = "offload_engine.prequantized"
 FORMAT_VERSION = 1
@@ -51,13 +49,6 @@ def layer_file(layer: int) -> str:
 
 
 # ---- what goes where: computed from config.json and the quant config alone ----
-def attention_shapes(hf) -> dict[str, tuple[int, int]]:
-    H = hf.hidden_size
-    head_dim = getattr(hf, "head_dim", None) or H // hf.num_attention_heads
-    q_out, kv_out = hf.num_attention_heads * head_dim, hf.num_key_value_heads * head_dim
-    return {"q_proj": (q_out, H), "k_proj": (kv_out, H), "v_proj": (kv_out, H), "o_proj": (H, q_out)}
-
-
 def plan_files(hf, cfg: EngineConfig) -> dict[str, list[TensorSpec]]:
     """File name -> its tensors in write order (typed tensors first, so every offset is aligned to its dtype)."""
     dtype, H, V, E = cfg.torch_dtype, hf.hidden_size, hf.vocab_size, hf.num_local_experts
@@ -119,96 +110,6 @@ def _model_summary(hf, raw: dict | None = None) -> dict:
     if raw is not None and "rope_theta" in raw:
         summary["rope_theta"] = raw["rope_theta"]
     return json.loads(json.dumps(summary))  # tuples -> lists, as they read back from the manifest
-
-
-# ---- conversion ----
-def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: ConfigLike = None,
-                        progress: bool = True, device: str | torch.device | None = None,
-                        overwrite: bool = False) -> Path:
-    """Quantize the Mixtral checkpoint `src` (directory or hub id) as `config` says and write a pre-quantized
-    checkpoint to `dst`. Quantization runs on `device` (default: CUDA if available), the way `load(src)` would
-    there, so `load(dst)` gives exactly the logits of `load(src, config)` on the same kind of device."""
-    cfg = load_config(config)
-    device = torch.device(device) if device is not None else default_device()
-    quant_device = device if device.type == "cuda" else torch.device("cpu")
-    src_dir, dst = resolve_model_dir(src), Path(dst).expanduser()
-    if (src_dir / MANIFEST).exists():
-        raise CheckpointError(f"{src_dir} is already a pre-quantized checkpoint; load it directly, or convert the original")
-    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} already exists; remove it, choose another destination, or pass overwrite=True")
-    hf = read_config(src_dir)
-    checkpoint = SafetensorsCheckpoint(src_dir)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # Everything goes into a hidden sibling directory (same filesystem) that is renamed only when complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        manifest = _write_all(checkpoint, hf, cfg, quant_device, tmp, progress)
-        for name in AUX_FILES:
-            if (src_dir / name).exists():
-                shutil.copyfile(src_dir / name, tmp / name)
-        manifest["aux_files"] = [n for n in AUX_FILES if (tmp / n).exists()]
-        # hqq's optimizer runs in fp16 on CUDA and fp32 on CPU: the bytes depend on where they were made.
-        manifest["quantized_on"] = quant_device.type
-        # The manifest is what marks a directory as pre-quantized, so it is the last file written.
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:  # including KeyboardInterrupt: leave nothing that looks like a checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
-
-
-def _write_all(checkpoint: SafetensorsCheckpoint, hf, cfg: EngineConfig, quant_device: torch.device, out: Path,
-               progress: bool) -> dict:
-    dtype, E = cfg.torch_dtype, hf.num_local_experts
-    plan = plan_files(hf, cfg)
-    layout = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, cfg.quant.experts, dtype)
-    shapes = attention_shapes(hf)
-    files, tensors = {}, {}
-
-    def finish(name: str, writer: StreamWriter) -> None:
-        files[name] = {"nbytes": writer.close(), "tensors": [s.name for s in plan[name]]}
-        for s in plan[name]:
-            tensors[s.name] = {"file": name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
-                               "crc32": writer.crc32[s.name]}
-            if s.dtype == torch.uint8:  # a packed buffer: name its byte layout (bits, group size, segments)
-                tensors[s.name]["layout"] = "expert" if ".experts." in s.name else f"attention.{s.name.rsplit('.', 1)[1]}"
-
-    writer = StreamWriter(out / TRUNK_FILE, plan[TRUNK_FILE], FILE_METADATA)
-    for spec in plan[TRUNK_FILE]:
-        writer.write(spec.name, checkpoint.get(spec.name, spec.shape).to(dtype))
-        checkpoint.close()
-    finish(TRUNK_FILE, writer)
-    for l in tqdm(range(hf.num_hidden_layers), desc="quantizing layers", disable=not progress):
-        prefix, name = f"model.layers.{l}", layer_file(l)
-        writer = StreamWriter(out / name, plan[name], FILE_METADATA)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            writer.write(f"{prefix}.{norm}.weight", checkpoint.get(f"{prefix}.{norm}.weight", (hf.hidden_size,)).to(dtype))
-        writer.write(f"{prefix}.mlp.gate.weight", checkpoint.router(l, hf).to(dtype))
-        # Exactly what engine.checkpoint_loader does, so the bytes (and hence the logits) are identical.
-        for proj in ATTENTION_PROJECTIONS:
-            weight = checkpoint.get(f"{prefix}.self_attn.{proj}.weight", shapes[proj])
-            _, buffer = quantize_matrix(weight.to(quant_device, dtype), cfg.quant.attention, dtype)
-            writer.write(f"{prefix}.self_attn.{proj}", buffer)
-        for e in range(E):
-            weights = {m: w.to(quant_device, dtype) for m, w in checkpoint.expert(l, e, hf).items()}
-            buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=quant_device)  # zeroed: reproducible padding
-            layout.pack(weights, buffer)
-            writer.write(f"{prefix}.experts.{e}", buffer)
-            del weights, buffer
-            checkpoint.close()  # unmap the source shards, or their pages stay resident
-        finish(name, writer)
-    from . import __version__
-
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"offload_engine {__version__}",
-            "config": cfg.to_dict(), "model": _model_summary(hf), "layouts": _layouts(hf, cfg),
-            "files": files, "tensors": tensors}
 
 
 # ---- loading ----
@@ -390,3 +291,12 @@ def load_prequantized(model_dir: Path, config: ConfigLike, device: torch.device,
     engine.tokenizer = load_tokenizer(model_dir)
     engine.model_dir = model_dir
     return engine
+
+
+def __getattr__(name: str):
+    """`quantize_checkpoint` lives in convert/ (which imports this module); still importable from here."""
+    if name == "quantize_checkpoint":
+        from .convert import quantize_checkpoint
+
+        return quantize_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

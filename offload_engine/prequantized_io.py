@@ -2,16 +2,15 @@
 
 The safetensors format is an 8-byte little-endian header length, a JSON header (per tensor: dtype, shape and
 [start, end) byte offsets into the data that follows), then the tensors' raw bytes back to back. Writing it
-ourselves lets the header go first (every size is known from the layouts) and each tensor follow as soon as it
-is quantized, so no layer is ever held whole in memory; the files stay readable by any safetensors reader.
+ourselves lets the header go first (every size is known from the layouts) and each tensor go to its offset as
+soon as it is quantized (convert/run.py), so no layer is ever held whole in memory; the files stay readable by
+any safetensors reader.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -54,31 +53,6 @@ def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> byt
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format recommends 8-byte aligned data
     return len(raw).to_bytes(8, "little") + raw
-
-
-class StreamWriter:
-    """Writes one safetensors file tensor by tensor, in the order given up front; records each tensor's CRC-32."""
-
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str]):
-        self.path, self.pending, self.crc32 = path, list(reversed(specs)), {}
-        self.file = open(path, "wb")
-        self.file.write(safetensors_header(specs, metadata))
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        spec = self.pending.pop()
-        data = _bytes_of(tensor.cpu())
-        if name != spec.name or tensor.dtype != spec.dtype or data.nbytes != spec.nbytes:
-            raise RuntimeError(f"{self.path.name}: expected {spec} next, got {name} {tensor.dtype} ({data.nbytes} bytes)")
-        self.file.write(data)
-        self.crc32[name] = zlib.crc32(data)
-
-    def close(self) -> int:
-        if self.pending:
-            raise RuntimeError(f"{self.path.name}: {len(self.pending)} tensors were never written")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        return self.path.stat().st_size
 
 
 def read_header(path: Path) -> tuple[int, dict]:

@@ -133,22 +133,31 @@ def test_damaged_checkpoint_is_rejected_naming_the_file(damaged, damage, file, w
     assert file in str(info.value) and words in str(info.value), str(info.value)
 
 
-def test_interrupted_conversion_leaves_no_destination(tiny_dir, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = ExpertLayout.pack
+def test_interrupted_conversion_leaves_no_destination_and_resumes(tiny_dir, quantized_dir, tmp_path, monkeypatch):
+    from offload_engine.convert import units
 
-    def failing_pack(self, weights, out):
+    calls = {"n": 0, "fail_at": 31}
+    original = units.quantize_into
+
+    def failing_quantize(weight, layout, buffer):  # one call per expert matrix (3 per expert, 72 in all)
         calls["n"] += 1
-        if calls["n"] == 11:  # in the middle of layer 1
+        if calls["n"] == calls["fail_at"]:  # in the middle of layer 1
             raise KeyboardInterrupt
-        original(self, weights, out)
+        original(weight, layout, buffer)
 
-    monkeypatch.setattr(ExpertLayout, "pack", failing_pack)
+    monkeypatch.setattr(units, "quantize_into", failing_quantize)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="run the same command again to resume"):
         quantize_checkpoint(tiny_dir, out / "model", QUANT, progress=False)
-    assert calls["n"] == 11
-    assert list(out.iterdir()) == []  # neither the destination nor the temporary directory is left
+    assert calls["n"] == 31
+    (partial,) = out.iterdir()  # no destination; only the hidden work directory, kept for the next run
+    assert partial.name.startswith(".model.partial-")
+    calls.update(n=0, fail_at=-1)
+    quantize_checkpoint(tiny_dir, out / "model", QUANT, progress=False)
+    assert calls["n"] == 72 - 30  # only the matrices not finished before the interrupt are quantized again
+    assert sorted(p.name for p in out.iterdir()) == ["model"]
+    for path in quantized_dir.iterdir():  # byte for byte what an uninterrupted conversion writes
+        assert (out / "model" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_existing_destination_is_not_replaced_silently(tiny_dir, quantized_dir):
