@@ -177,7 +177,8 @@ def test_prequantized_repo_from_hub_loads_and_is_verified(reference, tmp_path):
     import offload_engine
 
     expected = offload_engine.load(reference, device="cpu", progress=False).logits(ids)
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    # The bytes are checked by CRC; logits from two processes may differ in the last bit (kernels compiled there).
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-5)
     assert {f for (m, f) in hub.requests if m == "GET"} >= {p.name for p in reference.iterdir()}
     line = next(l for l in result.stdout.splitlines() if l.startswith("REJECTED"))
     assert "layer-002.safetensors" in line and "checksum" in line

@@ -111,9 +111,6 @@ def _check_destination(src: LocalSource | HubSource, dst: Path, overwrite: bool)
         if d in s.parents:
             raise ConversionError(f"the destination {dst} contains the source {src.dir}; replacing it would delete "
                                   f"the source: choose another directory")
-        if (src.dir / MANIFEST).exists():
-            raise ConversionError(f"{src.dir} is already a pre-quantized checkpoint; load it directly, or convert "
-                                  f"the original")
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists; remove it, choose another destination, or pass overwrite=True")
     if dst.exists() and not dst.is_dir():

@@ -40,6 +40,9 @@ class LocalSource:
 
     def __init__(self, model: str | os.PathLike):
         self.dir = resolve_model_dir(model)
+        if (self.dir / MANIFEST).exists():  # before reading its shards, which hold packed tensors
+            raise CheckpointError(f"{self.dir} is already a pre-quantized checkpoint; load it directly, or convert "
+                                  f"the original")
         self.name = str(self.dir)
         self.identity = {"path": str(self.dir.resolve())}
         self.checkpoint = SafetensorsCheckpoint(self.dir)  # checks every shard is there and complete
