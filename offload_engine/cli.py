@@ -75,20 +75,25 @@ def parse_device(text: str) -> str:
     return text
 
 
+def add_model_arguments(p: argparse.ArgumentParser, demo_help: str, config_default_extra: str = "") -> None:
+    """MODEL, --demo, --config, --device: how offload-chat and offload-serve name what to load and where."""
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="local model directory or Hugging Face repo id (omit with --demo)")
+    p.add_argument("--demo", action="store_true", help=demo_help)
+    p.add_argument("--config", metavar="NAME_OR_PATH",
+                   help="packaged config name (t4-16gb, 12gb, 8gb, 24gb, cpu) or a YAML path; "
+                        "default: t4-16gb on CUDA, cpu otherwise" + config_default_extra)
+    p.add_argument("--device", type=parse_device, metavar="DEVICE",
+                   help="cpu, cuda or cuda:N (default: cuda if available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="offload-chat", description="Chat with a Mixtral checkpoint whose experts are offloaded to host memory.",
         epilog="Replies stream to stdout; loading progress, notices and the per-reply stats line go to stderr. "
                "In the chat, /help lists the commands.")
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="local model directory or Hugging Face repo id (omit with --demo)")
-    p.add_argument("--demo", action="store_true", help="use the small demo model shipped in the package")
-    p.add_argument("--config", metavar="NAME_OR_PATH",
-                   help="packaged config name (t4-16gb, 12gb, 8gb, 24gb, cpu) or a YAML path; "
-                        "default: t4-16gb on CUDA, cpu otherwise; for --demo, cpu with 4 of 8 experts per "
-                        "layer offloaded and prefetch 1")
-    p.add_argument("--device", type=parse_device, metavar="DEVICE",
-                   help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_model_arguments(p, "use the small demo model shipped in the package",
+                        "; for --demo, cpu with 4 of 8 experts per layer offloaded and prefetch 1")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"longest reply in tokens (default {DEFAULT_MAX_NEW_TOKENS}, at most half the context window)")
     p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 = greedy (default 0.7)")

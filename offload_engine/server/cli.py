@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from ..cli import UsageError, cli_terms, load_engine, parse_device, resolve_setup
+from ..cli import UsageError, add_model_arguments, cli_terms, load_engine, resolve_setup
 from ..memory import NotEnoughMemory
 
 
@@ -25,14 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).",
         epilog="One request is generated at a time; others wait in a FIFO queue. GET /metrics gives Prometheus "
                "metrics, GET /health a liveness check.")
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="local model directory or Hugging Face repo id (omit with --demo)")
-    p.add_argument("--demo", action="store_true", help="serve the small demo model shipped in the package")
-    p.add_argument("--config", metavar="NAME_OR_PATH",
-                   help="packaged config name (t4-16gb, 12gb, 8gb, 24gb, cpu) or a YAML path; default: t4-16gb "
-                        "on CUDA, cpu otherwise")
-    p.add_argument("--device", type=parse_device, metavar="DEVICE",
-                   help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_model_arguments(p, "serve the small demo model shipped in the package")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
