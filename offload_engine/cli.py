@@ -87,6 +87,15 @@ def add_model_arguments(p: argparse.ArgumentParser, demo_help: str, config_defau
                    help="cpu, cuda or cuda:N (default: cuda if available)")
 
 
+def parse_model_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; exactly one of MODEL and --demo must be given."""
+    args = parser.parse_args(argv)
+    if args.demo == (args.model is not None):
+        parser.error("give a MODEL (a checkpoint directory or hub repo id) or --demo, not both"
+                     if args.demo else "give a MODEL (a checkpoint directory or hub repo id), or --demo")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="offload-chat", description="Chat with a Mixtral checkpoint whose experts are offloaded to host memory.",
@@ -395,11 +404,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.demo == (args.model is not None):
-        parser.error("give a MODEL (a checkpoint directory or hub repo id) or --demo, not both"
-                     if args.demo else "give a MODEL (a checkpoint directory or hub repo id), or --demo")
+    args = parse_model_args(build_parser(), argv)
     if hasattr(sys.stdout, "reconfigure"):  # a reply's non-ASCII text must not crash a non-UTF-8 console
         sys.stdout.reconfigure(errors="replace")
     def guarded() -> int:

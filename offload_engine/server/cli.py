@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from ..cli import UsageError, add_model_arguments, cli_terms, load_engine, resolve_setup
+from ..cli import UsageError, add_model_arguments, cli_terms, load_engine, parse_model_args, resolve_setup
 from ..memory import NotEnoughMemory
 
 
@@ -42,11 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.demo == (args.model is not None):
-        parser.error("give a MODEL (a checkpoint directory or hub repo id) or --demo, not both"
-                     if args.demo else "give a MODEL (a checkpoint directory or hub repo id), or --demo")
+    args = parse_model_args(build_parser(), argv)
     try:
         from . import require_extra
 
