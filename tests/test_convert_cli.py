@@ -108,10 +108,14 @@ def test_ctrl_c_prints_one_line_and_the_next_run_resumes(script, tiny_dir, conve
         assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes()
 
 
-def test_sigterm_is_handled_like_ctrl_c_and_stale_partials_are_removed(tiny_dir, tmp_path):
+def test_sigterm_is_handled_like_ctrl_c_and_stale_partials_are_removed(tmp_path):
+    from conftest import make_checkpoint
+
+    # Big enough that the conversion is still running when the signal arrives (the tiny model converts in ~0.2 s).
+    source = make_checkpoint(tmp_path / "src", hidden_size=128, intermediate_size=1024, num_hidden_layers=4)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "scripts/quantize.py"), str(tiny_dir), str(out / "m"), "--device", "cpu"]
+    cmd = [sys.executable, str(ROOT / "scripts/quantize.py"), str(source), str(out / "m"), "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until some work is journalled, then terminate
