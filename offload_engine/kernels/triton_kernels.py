@@ -52,7 +52,7 @@ def _dequant_tile(codes_ptr, s_ptr, srange_ptr, z_ptr, zrange_ptr, rows, gr, N, 
         word_idx = (i % S)[:, :, None] * GS + j[None, None, :]
         shift = (BITS * (PACK - 1 - slot))[:, :, None]
     words = tl.load(codes_ptr + word_idx, mask=ok[:, :, None], other=0)
-    q = ((words >> shift) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, BG, GS]
+    q = ((words.to(tl.int32) >> shift) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, BG, GS]: zero-extend, shift
     if QUANT_META:
         sg = i // SCALE_GROUP
         scale = (tl.load(s_ptr + i, mask=ok, other=0).to(tl.float32)
