@@ -104,3 +104,27 @@ def test_auto_picks_the_fused_kernels_on_cpu_and_unquantized_models_need_none(ge
     assert plain.stats()["kernels"] == "reference"  # nothing is quantized: plain F.linear
     with pytest.raises(ConfigError, match="kernels must be one of"):
         offload_engine.load(gentle_dir, config={**QUANTIZED, "kernels": "triton"}, progress=False)
+
+
+def test_without_a_cpp_compiler_auto_warns_once_and_uses_the_reference(gentle_dir, monkeypatch):
+    import offload_engine.kernels.cpu as cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "compiler_problem", lambda: "no C++ compiler (g++) on the PATH")
+    with pytest.warns(RuntimeWarning, match="no C.. compiler.*reference") as caught:
+        engine = offload_engine.load(gentle_dir, config=QUANTIZED, progress=False)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert engine.stats()["kernels"] == "reference"
+    with pytest.raises(ConfigError, match="kernels: fused is not available"):
+        offload_engine.load(gentle_dir, config={**QUANTIZED, "kernels": "fused"}, progress=False)
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_under_auto(gentle_dir, monkeypatch):
+    def broken(self, layout, device):
+        raise RuntimeError("C++ compile error (injected)")
+
+    monkeypatch.setattr(type(shared_cpu_kernels()), "warm_up", broken)
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        engine = offload_engine.load(gentle_dir, config=QUANTIZED, progress=False)
+    assert engine.stats()["kernels"] == "reference"
+    with pytest.raises(ConfigError, match="failed to compile"):
+        offload_engine.load(gentle_dir, config={**QUANTIZED, "kernels": "fused"}, progress=False)
