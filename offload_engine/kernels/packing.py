@@ -14,6 +14,7 @@ g (a group must not straddle two rows: the group-sum identity works row by row).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,7 @@ class PackedFormat:
         return [self.bits * (self.pack - 1 - q) for q in range(self.pack)]
 
     @staticmethod
+    @functools.cache  # called for every matmul: derive the constants once per layout
     def of(layout: MatrixLayout) -> "PackedFormat":
         spec = layout.spec
         if spec.bits is None:

@@ -16,6 +16,7 @@ cast to fp32 and `tl.dot` runs in fp32 there (`DOT_DTYPE`).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -154,26 +155,30 @@ class TritonKernels:
         return None
 
     @staticmethod
-    def _common(layout: MatrixLayout, buffer: torch.Tensor):
+    @functools.cache  # called for every matmul: the launch constants depend on the layout alone
+    def _constants(layout: MatrixLayout) -> tuple[PackedFormat, tuple[int, int, int, int], dict]:
         fmt = PackedFormat.of(layout)
-        views = layout.views(buffer)
-        if fmt.quant_meta:
-            ptrs = (views["codes"], views["scale_q"], views["scale_range"], views["zero_q"], views["zero_range"])
-        else:  # no ranges: pass the scales again, the kernel never reads them
-            ptrs = (views["codes"], views["scale"], views["scale"], views["zero"], views["zero"])
         aligned = fmt.packed_rows % fmt.groups_per_row == 0
         rows_per_slot = fmt.packed_rows // fmt.groups_per_row if aligned else 1
         # The interpreter's bfloat16 arithmetic is wrong (numpy has none): keep scales in fp32 there.
         round_dtype = tl.float32 if INTERPRET and layout.dtype == torch.bfloat16 else _TL_DTYPES[layout.dtype]
         meta = dict(BITS=fmt.bits, PACK=fmt.pack, GS=fmt.group_size, QUANT_META=fmt.quant_meta,
                     SCALE_GROUP=fmt.scale_group, ALIGNED=aligned, ROUND=round_dtype)
-        return fmt, ptrs, (fmt.out_features, fmt.in_features, fmt.packed_rows, rows_per_slot), meta
+        return fmt, (fmt.out_features, fmt.in_features, fmt.packed_rows, rows_per_slot), meta
+
+    @staticmethod
+    def _pointers(layout: MatrixLayout, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        views = layout.views(buffer)
+        if layout.spec.quant_meta:
+            return views["codes"], views["scale_q"], views["scale_range"], views["zero_q"], views["zero_range"]
+        return views["codes"], views["scale"], views["scale"], views["zero"], views["zero"]  # no ranges: unread
 
     def linear(self, x: torch.Tensor, layout: MatrixLayout, buffer: torch.Tensor) -> torch.Tensor:
         """y = x @ W.T for W in `layout` within `buffer`.  x: [T, K] -> [T, N] in the layout's dtype."""
         if layout.spec.bits is None:
             return torch.nn.functional.linear(x, layout.views(buffer)["weight"])
-        fmt, ptrs, dims, meta = self._common(layout, buffer)
+        fmt, dims, meta = self._constants(layout)
+        ptrs = self._pointers(layout, buffer)
         N, K = dims[0], dims[1]
         x = x.contiguous()
         T = x.shape[0]
