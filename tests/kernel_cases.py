@@ -15,8 +15,9 @@ from offload_engine.quantize import MatrixLayout, dequantize
 # (bits, group_size, quant_meta): every accepted bit width, common group sizes, both scale/zero formats
 FORMATS = [(1, 32, True), (2, 16, True), (2, 16, False), (2, 64, True), (3, 16, True), (3, 64, False),
            (4, 64, True), (4, 128, False), (8, 32, True), (8, 16, False)]
-# (out, in): sizes no block divides, a single group per row, and out not a multiple of the packing
-AWKWARD_SHAPES = [(100, 48), (40, 16), (24, 160)]
+# (out, in): sizes no block divides, a single group per row, and out not a multiple of the codes per word (2/4-bit
+# rows then do not share words: the CPU kernel's unaligned path)
+AWKWARD_SHAPES = [(100, 48), (40, 16), (24, 160), (98, 32), (102, 64), (99, 32)]
 
 
 def random_packed(layout: MatrixLayout, seed: int = 0) -> torch.Tensor:

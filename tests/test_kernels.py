@@ -1,21 +1,22 @@
-"""Fused CPU kernels (torch.compile of the group-sum formulation) against the reference dequantize + F.linear,
-and the engine with `kernels: fused` against `kernels: reference`."""
+"""Fused CPU kernels (the compiled C++ GEMV and dequantize) against the reference dequantize + F.linear, and the
+engine with `kernels: fused` against `kernels: reference`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import make_checkpoint
-from kernel_cases import FORMATS, assert_close_to_reference, layout_for, random_packed
+from kernel_cases import AWKWARD_SHAPES, FORMATS, assert_close_to_reference, layout_for, random_packed
 
 import offload_engine
 from offload_engine.config import ConfigError
 from offload_engine.kernels import REFERENCE, select_kernels
 from offload_engine.kernels.cpu import GEMV_MAX_TOKENS, compiler_problem, shared_cpu_kernels
 from offload_engine.kernels.packing import UnsupportedLayout
+from offload_engine.quantize import QuantizationError
 
 pytestmark = pytest.mark.skipif(compiler_problem() is not None, reason=f"no C++ compiler: {compiler_problem()}")
-TOKENS = (1, 3, GEMV_MAX_TOKENS + 3)  # the compiled GEMV (T = 1 and dynamic T) and the dequantize + BLAS path
+TOKENS = (1, 3, 6, GEMV_MAX_TOKENS + 3)  # GEMV token blocks (one, partial, two) and the dequantize + BLAS path
 
 
 @pytest.mark.parametrize("bits,group_size,quant_meta", FORMATS)
@@ -29,12 +30,25 @@ def test_cpu_kernels_equal_reference_for_every_format(bits, group_size, quant_me
         assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)
 
 
+@pytest.mark.parametrize("shape", AWKWARD_SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cpu_kernels_on_awkward_shapes(shape, bits):
+    try:
+        layout = layout_for(shape, bits, 16, True, torch.float32)
+    except QuantizationError:
+        pytest.skip(f"{bits}-bit packing cannot hold {shape} in groups of 16")
+    buffer = random_packed(layout, seed=shape[0] + bits)
+    for tokens in (1, 5, GEMV_MAX_TOKENS + 1):
+        x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens))
+        assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,group_size,quant_meta", [(2, 16, True), (4, 64, False), (3, 16, True)])
 def test_cpu_kernels_in_half_precision_stay_within_the_references_rounding(dtype, bits, group_size, quant_meta):
     layout = layout_for((96, 4 * group_size), bits, group_size, quant_meta, dtype)
     buffer = random_packed(layout, seed=7)
-    for tokens in (1, GEMV_MAX_TOKENS + 3):
+    for tokens in (1, 5, GEMV_MAX_TOKENS + 3):
         x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
         assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
 

@@ -1,105 +1,174 @@
-"""CPU kernels: `torch.compile` (inductor's C++ backend) of the group-sum formulation.
+"""CPU kernels: a small C++ kernel (cpu_kernel.cpp) built with the system's g++ for this machine, called via ctypes.
 
-For a [N, K] matrix in groups of g along K, with codes q, scales s and zeros z per group (w = (q - z) * s):
+Decode (at most `GEMV_MAX_TOKENS` tokens): a GEMV that reads each packed byte once, dequantizes in registers
+(w = (q - z) * s, the reference's own formula in fp32) and multiplies into fp32 vector accumulators, OpenMP
+over output rows. Prefill: a one-pass dequantize into the full matrix in the compute dtype, bit for bit what the
+reference builds, followed by BLAS (torch's F.linear).
 
-    y[t, n] = sum_G s[n, G] * ( sum_{k in G} q[n, k] x[t, k]  -  z[n, G] * X[t, G] ),   X[t, G] = sum_{k in G} x[t, k]
-
-Written with broadcast torch ops, inductor turns it into one C++ loop nest that reads each packed byte once and
-never materialises the weight matrix. Each weight costs a shift, a mask, a convert and a multiply-add.
-
-That GEMV re-reads the codes for every token, so above `GEMV_MAX_TOKENS` tokens (prefill) a compiled one-pass
-dequantize into a full matrix followed by a BLAS matmul wins. Both are compiled once per matrix format; the token
-count is dynamic (dynamo compiles T = 1 and then one kernel for any other T).
+Why hand-written rather than `torch.compile`: inductor's loop for the group-sum formulation ends every group of
+16 weights with a horizontal sum, about one cycle per weight; dequantizing into vector registers and summing
+once per row runs several times faster, and a 200-line C++ file compiles in about a second where inductor took
+seconds per matrix shape. The library is built once per packed format (bits, group size) with -march=native and
+cached on disk (`OFFLOAD_ENGINE_CACHE`, else ~/.cache/offload_engine), keyed by source, flags, compiler and CPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
+import os
+import platform
 import shutil
-import warnings
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..quantize import MatrixLayout
-from .packing import PackedFormat, scales_and_zeros, unpack_codes
+from .packing import PackedFormat
 
-# Inductor warns when a kernel reads float16 scale ranges and writes bfloat16: intended here (see packing.py).
-warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
-
-GEMV_MAX_TOKENS = 4  # measured on 2 cores (scripts/bench_kernels.py): beyond this, dequantize + matmul is faster
-
-
-def _gemv(fmt: PackedFormat, dtype: torch.dtype, x: torch.Tensor, views: dict[str, torch.Tensor]) -> torch.Tensor:
-    """x [T, K] -> [T, N] in `dtype`, reading only the packed codes and the 8/16-bit scale and zero codes."""
-    G, g = fmt.groups_per_row, fmt.group_size
-    q = unpack_codes(views["codes"], fmt).float()  # [N, G, g], fused into the loop below by inductor
-    scale, zero = scales_and_zeros(views, fmt, dtype)  # [N, G]
-    xg = x.float().view(-1, 1, G, g)  # [T, 1, G, g]
-    partial = (q[None] * xg).sum(-1)  # [T, N, G]
-    return (scale * (partial - zero * xg.sum(-1))).sum(-1).to(dtype)  # [T, N]
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+GEMV_MAX_TOKENS = 128  # beyond this, dequantize + BLAS is faster (scripts/bench_kernels.py: ~150 on 2 cores)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+WORD_TYPES = {1: "uint8_t", 2: "uint8_t", 3: "uint32_t", 4: "uint8_t", 8: "uint8_t"}
+SMALL_WORK = 1 << 16  # weights x tokens below which one thread beats waking the others
 
 
-def _dequantize(fmt: PackedFormat, dtype: torch.dtype, views: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The full [N, K] matrix in `dtype`, in one pass over the packed bytes."""
-    q = unpack_codes(views["codes"], fmt).float()  # [N, G, g]
-    scale, zero = scales_and_zeros(views, fmt, dtype)  # [N, G]
-    return ((q - zero[..., None]) * scale[..., None]).view(fmt.out_features, fmt.in_features).to(dtype)
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "g++", "c++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
 
 
 @functools.cache
 def compiler_problem() -> str | None:
-    """Why inductor's C++ backend cannot work here (None if it can): it needs a C++ compiler on the PATH."""
-    from torch._inductor import config as inductor_config
-
-    compiler = inductor_config.cpp.cxx[0] if inductor_config.cpp.cxx and inductor_config.cpp.cxx[0] else "g++"
-    if shutil.which(compiler) is None and shutil.which("g++") is None and shutil.which("clang++") is None:
-        return f"no C++ compiler ({compiler}, g++ or clang++) on the PATH"
-    return None
+    """Why the CPU kernel cannot be built here (None if it can): it needs g++ (or $CXX) on the PATH."""
+    return None if _compiler() else "no C++ compiler ($CXX, g++ or c++) on the PATH"
 
 
-class CompiledCPUKernels:
-    """Quantized matmuls for CPU tensors, compiled per (matrix format, compute dtype) on first use."""
+def _cache_dir() -> Path:
+    root = os.environ.get("OFFLOAD_ENGINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "offload_engine")
+    return Path(root) / "cpu_kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's feature flags (Linux) or its name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _build(bits: int, group_size: int) -> Path:
+    """The shared library for one packed format, compiled now unless a matching one is cached."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError(compiler_problem())
+    pack = 10 if bits == 3 else 8 // bits
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", f"-DWORD={WORD_TYPES[bits]}",
+             f"-DBITS={bits}", f"-DPACK={pack}", f"-DGROUP={group_size}"]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_id()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"qmatmul_b{bits}_g{group_size}_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name, then rename: a concurrent or interrupted build never leaves a partial library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to compile {SOURCE.name} for {bits}-bit group {group_size}: "
+                               f"{result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+@functools.cache
+def _library(bits: int, group_size: int) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_build(bits, group_size)))
+    pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    matrix = [pointer] * 7 + [i32, i64, i64, i64]  # codes, scale/zero segments, dtype, N, K, S
+    lib.gemv.argtypes = [*matrix, pointer, i32, pointer, i32]
+    lib.gemv.restype = None
+    lib.dequantize.argtypes = [*matrix, pointer, i32]
+    lib.dequantize.restype = None
+    lib.max_tokens.restype = i32
+    return lib
+
+
+@functools.cache
+def _segment_offsets(layout: MatrixLayout) -> tuple[int | None, ...]:
+    """Byte offsets of codes, scale_q, scale_range, zero_q, zero_range, scale, zero (None where absent)."""
+    offsets = {s.name: s.offset for s in layout.segments}
+    return tuple(offsets.get(name) for name in
+                 ("codes", "scale_q", "scale_range", "zero_q", "zero_range", "scale", "zero"))
+
+
+class CPUKernels:
+    """Quantized matmuls for CPU tensors through the compiled C++ kernel."""
 
     name = "fused-cpu"
-
-    def __init__(self) -> None:
-        # Every matrix shape of a model is a distinct specialisation of the same two functions; a model has a
-        # handful (Mixtral: 4 attention/expert shapes x 2 token-count kernels), so raise dynamo's per-function cap.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 1024)
-        self._gemv = torch.compile(_gemv, dynamic=None)
-        self._dequantize = torch.compile(_dequantize, dynamic=False)
 
     def supports(self, layout: MatrixLayout) -> str | None:
         """None if this layout runs fused, else why not."""
         if layout.spec.bits is None:
             return "not quantized"
+        if layout.dtype not in DTYPE_CODES:
+            return f"no fused CPU kernel for compute dtype {layout.dtype}"
         try:
             PackedFormat.of(layout)
         except ValueError as e:
             return str(e)
+        if layout.spec.group_size % 2:
+            return f"the fused CPU kernel needs an even group_size, got {layout.spec.group_size}"
         return None
+
+    def _matrix(self, layout: MatrixLayout, buffer: torch.Tensor) -> tuple:
+        fmt = PackedFormat.of(layout)
+        if buffer.device.type != "cpu" or not buffer.is_contiguous():
+            raise ValueError("the fused CPU kernel reads a contiguous CPU buffer")
+        base = buffer.data_ptr()
+        pointers = [None if offset is None else base + offset for offset in _segment_offsets(layout)]
+        return (*pointers, DTYPE_CODES[layout.dtype], fmt.out_features, fmt.in_features, fmt.packed_rows)
 
     def linear(self, x: torch.Tensor, layout: MatrixLayout, buffer: torch.Tensor) -> torch.Tensor:
         """y = x @ W.T for W in `layout` within `buffer`.  x: [T, K] -> [T, N]."""
-        views = layout.views(buffer)
         if layout.spec.bits is None:
-            return F.linear(x, views["weight"])
-        fmt = PackedFormat.of(layout)
-        if x.shape[0] <= GEMV_MAX_TOKENS:
-            return self._gemv(fmt, layout.dtype, x.contiguous(), views)
-        return F.linear(x, self._dequantize(fmt, layout.dtype, views))
+            return F.linear(x, layout.views(buffer)["weight"])
+        matrix = self._matrix(layout, buffer)
+        lib = _library(layout.spec.bits, layout.spec.group_size)
+        (out_features, in_features), tokens = layout.shape, x.shape[0]
+        threads = 1 if out_features * in_features * max(1, tokens) < SMALL_WORK else torch.get_num_threads()
+        if tokens > GEMV_MAX_TOKENS:
+            weight = torch.empty(layout.shape, dtype=layout.dtype)  # [N, K], what the reference dequantizes to
+            lib.dequantize(*matrix, weight.data_ptr(), threads)
+            return F.linear(x, weight)
+        x32 = x.float().contiguous()  # [T, K]
+        y = torch.empty(tokens, out_features, dtype=torch.float32)  # [T, N]
+        block = lib.max_tokens()
+        for start in range(0, tokens, block):
+            lib.gemv(*matrix, x32.data_ptr() + 4 * start * in_features, min(block, tokens - start),
+                     y.data_ptr() + 4 * start * out_features, threads)
+        return y.to(layout.dtype)
 
     def warm_up(self, layout: MatrixLayout, device: torch.device) -> None:
-        """Compile every kernel `layout` will use, so the first reply does not stall on the compiler."""
-        buffer = torch.zeros(layout.start + layout.nbytes, dtype=torch.uint8, device=device)
-        for tokens in (1, 2, GEMV_MAX_TOKENS + 1):
-            self.linear(torch.zeros(tokens, layout.shape[1], dtype=layout.dtype, device=device), layout, buffer)
+        """Build (or load from the disk cache) the library `layout` needs, so the first reply does not wait."""
+        if layout.spec.bits is not None:
+            _library(layout.spec.bits, layout.spec.group_size)
 
 
 @functools.cache
-def shared_cpu_kernels() -> CompiledCPUKernels:
-    """One instance per process: compiled kernels are cached per function, so engines share them."""
-    return CompiledCPUKernels()
+def shared_cpu_kernels() -> CPUKernels:
+    """One instance per process (the libraries are cached per format anyway)."""
+    return CPUKernels()

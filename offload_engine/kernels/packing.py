@@ -71,27 +71,3 @@ class PackedFormat:
         pack, _ = _WORDS[Quantizer.bit_to_packing[spec.bits]]
         codes = next(s for s in layout.segments if s.name == "codes")
         return PackedFormat(n, k, spec.bits, spec.group_size, pack, codes.shape[0], spec.quant_meta)
-
-
-def unpack_codes(codes: torch.Tensor, fmt: PackedFormat) -> torch.Tensor:
-    """All codes of a matrix as [N, G, g] integers, built from broadcast shifts (one fused pass when compiled)."""
-    shifts = torch.tensor(fmt.shifts, dtype=codes.dtype, device=codes.device).view(fmt.pack, 1, 1)
-    mask = (1 << fmt.bits) - 1
-    q = (codes.view(1, fmt.packed_rows, fmt.group_size) >> shifts) & mask  # [pack, S, g]: group q*S + p
-    return q.reshape(-1, fmt.group_size)[: fmt.n_groups].view(fmt.out_features, fmt.groups_per_row, fmt.group_size)
-
-
-def scales_and_zeros(views: dict[str, torch.Tensor], fmt: PackedFormat,
-                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group scale and zero as float32 [N, G], rounded through the compute dtype exactly as the reference
-    path (quantize.dequantize) rounds them, so that fused and reference kernels use the same numbers."""
-    if fmt.quant_meta:
-        scale_range = views["scale_range"].float()  # [scale groups, 2]: (min, step)
-        scale = views["scale_q"].view(scale_range.shape[0], -1).float() * scale_range[:, 1:] + scale_range[:, :1]
-        zero_range = views["zero_range"]
-        zero = views["zero_q"].float() * zero_range[1] + zero_range[0]
-    else:
-        scale, zero = views["scale"].float(), views["zero"].float()
-    scale = scale.reshape(-1)[: fmt.n_groups].to(dtype).float()
-    zero = zero.reshape(-1)[: fmt.n_groups].to(dtype).float()
-    return scale.view(fmt.out_features, -1), zero.view(fmt.out_features, -1)
