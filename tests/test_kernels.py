@@ -142,3 +142,35 @@ def test_a_kernel_that_fails_to_compile_falls_back_under_auto(gentle_dir, monkey
     assert engine.stats()["kernels"] == "reference"
     with pytest.raises(ConfigError, match="failed to compile"):
         offload_engine.load(gentle_dir, config={**QUANTIZED, "kernels": "fused"}, progress=False)
+
+
+def test_the_cpu_kernel_library_is_built_once_per_format_into_the_cache(tmp_path, monkeypatch):
+    import offload_engine.kernels.cpu as cpu_kernels
+
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
+    built = cpu_kernels._build(2, 16)
+    assert built.parent == tmp_path / "cpu_kernels" and built.suffix == ".so"
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left behind
+    mtime = built.stat().st_mtime_ns
+    assert cpu_kernels._build(2, 16) == built and built.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    assert cpu_kernels._build(4, 64) != built
+
+
+def test_a_compiler_that_fails_leaves_nothing_behind_and_auto_falls_back(gentle_dir, tmp_path, monkeypatch):
+    import offload_engine.kernels.cpu as cpu_kernels
+
+    broken = tmp_path / "broken-g++"
+    broken.write_text("#!/bin/sh\necho 'internal compiler error (injected)' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path / "cache"))
+    cpu_kernels._library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="failed to compile.*injected"):
+            cpu_kernels._build(2, 16)
+        assert list((tmp_path / "cache" / "cpu_kernels").iterdir()) == []
+        with pytest.warns(RuntimeWarning, match="failed to compile"):
+            engine = offload_engine.load(gentle_dir, config=QUANTIZED, progress=False)
+        assert engine.stats()["kernels"] == "reference"
+    finally:
+        cpu_kernels._library.cache_clear()  # later tests load the real libraries again (from the disk cache)

@@ -2,8 +2,8 @@
 
   * `reference`: hqq's dequantize into a full matrix, then F.linear. Simple, any layout, any device; the
     correctness reference for the others, and the fallback.
-  * `fused-cpu`: the group-sum formulation compiled by torch.compile (inductor C++) into one loop over the packed
-    bytes (cpu.py); long prefills dequantize in one compiled pass and use BLAS.
+  * `fused-cpu`: a C++ GEMV built with the system's g++ for this CPU (cpu.py, cpu_kernel.cpp) that dequantizes
+    in vector registers in one pass over the packed bytes; long prefills dequantize in one pass and use BLAS.
   * `fused-triton`: Triton GEMV / tiled tl.dot / one-pass dequantize kernels for CUDA (triton_kernels.py).
 
 The config key `kernels: auto | fused | reference` picks: `auto` takes the fused backend for the device when it
@@ -116,7 +116,7 @@ def select_kernels(choice: str, device: torch.device, layouts: Iterable[MatrixLa
 def warm_up(kernels: Kernels, layouts: Iterable[MatrixLayout], device: torch.device) -> float:
     """Compile every kernel the given layouts use now, not during the first reply; returns the seconds it took."""
     start = time.perf_counter()
-    with torch.inference_mode():  # the mode forwards run in: compiled code is specialised on it
+    with torch.inference_mode():  # as forwards run
         for layout in dict.fromkeys(layout for layout in layouts if layout.spec.bits is not None):
             kernels.warm_up(layout, device)
     return time.perf_counter() - start
