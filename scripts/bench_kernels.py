@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--datasheet-gbs", type=float, help="the GPU's memory bandwidth, GB/s")
+    parser.add_argument("--crossover", action="store_true",
+                        help="CPU: time the GEMV and dequantize + BLAS paths at 1-128 tokens (where to switch)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +106,9 @@ def main() -> None:
         print(f"| {name} | {nbytes / 1e6:.1f} | {ref_ms:.2f} | {fused_ms:.2f} | {ref_ms / fused_ms:.1f}x | "
               f"{gbs:.1f} |{share}")
 
+    if args.crossover:
+        crossover(cases, fused, dtype, args.repeats, device)
+        return
     with torch.inference_mode():
         for name, layout, buffer in cases:
             x = torch.randn(args.tokens, layout.shape[1], dtype=dtype, device=device)
@@ -114,6 +119,28 @@ def main() -> None:
         ref = best_ms(lambda: expert_forward(expert, expert_buffer, x, REFERENCE), args.repeats, device)
         got = best_ms(lambda: expert_forward(expert, expert_buffer, x, fused), args.repeats, device)
         row("whole expert (w1, w3, SwiGLU, w2)", expert.nbytes, ref, got)
+
+
+@torch.inference_mode()
+def crossover(cases: list, fused, dtype: torch.dtype, repeats: int, device: torch.device) -> None:
+    """The CPU kernel's two paths side by side per token count: its GEMV_MAX_TOKENS should sit where they cross."""
+    from offload_engine.kernels import cpu
+
+    if fused.name != "fused-cpu":
+        raise SystemExit("--crossover times the CPU kernel's paths; run it with --device cpu")
+    chosen = cpu.GEMV_MAX_TOKENS
+    print(f"GEMV_MAX_TOKENS = {chosen}\n\n| kernel | tokens | GEMV ms | dequantize + BLAS ms |\n|---|---:|---:|---:|")
+    try:
+        for name, layout, buffer in cases:
+            for tokens in (1, 8, 16, 32, 64, 128):
+                x = torch.randn(tokens, layout.shape[1], dtype=dtype, device=device)
+                times = []
+                for limit in (1 << 30, 0):  # force each path in turn
+                    cpu.GEMV_MAX_TOKENS = limit
+                    times.append(best_ms(lambda: fused.linear(x, layout, buffer), repeats, device))
+                print(f"| {name} | {tokens} | {times[0]:.2f} | {times[1]:.2f} |")
+    finally:
+        cpu.GEMV_MAX_TOKENS = chosen
 
 
 if __name__ == "__main__":

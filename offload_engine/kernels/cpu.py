@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -31,7 +32,9 @@ from ..quantize import MatrixLayout
 from .packing import PackedFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-GEMV_MAX_TOKENS = 128  # beyond this, dequantize + BLAS is faster (scripts/bench_kernels.py: ~150 on 2 cores)
+# Beyond this many tokens, dequantize + BLAS is faster: measured crossovers lie between ~16 (bfloat16 on a CPU with
+# AVX512-BF16, whose BLAS is fast) and ~50 (float32) tokens (scripts/bench_kernels.py --crossover).
+GEMV_MAX_TOKENS = 32
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 WORD_TYPES = {1: "uint8_t", 2: "uint8_t", 3: "uint32_t", 4: "uint8_t", 8: "uint8_t"}
 SMALL_WORK = 1 << 16  # weights x tokens below which one thread beats waking the others
@@ -120,6 +123,18 @@ class CPUKernels:
 
     name = "fused-cpu"
 
+    def __init__(self) -> None:
+        # Prefill dequantizes into a reused buffer: a fresh one would cost page faults on every call (~65 ms for
+        # a Mixtral expert matrix in float32, half the dequantize). One per thread, since engines share kernels.
+        self._scratch = threading.local()
+
+    def _weight_buffer(self, layout: MatrixLayout) -> torch.Tensor:
+        numel, dtype = layout.shape[0] * layout.shape[1], layout.dtype
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            buffer = self._scratch.buffer = torch.empty(numel, dtype=dtype)
+        return buffer[:numel].view(layout.shape)  # [N, K]
+
     def supports(self, layout: MatrixLayout) -> str | None:
         """None if this layout runs fused, else why not."""
         if layout.spec.bits is None:
@@ -151,7 +166,7 @@ class CPUKernels:
         (out_features, in_features), tokens = layout.shape, x.shape[0]
         threads = 1 if out_features * in_features * max(1, tokens) < SMALL_WORK else torch.get_num_threads()
         if tokens > GEMV_MAX_TOKENS:
-            weight = torch.empty(layout.shape, dtype=layout.dtype)  # [N, K], what the reference dequantizes to
+            weight = self._weight_buffer(layout)  # [N, K], what the reference dequantizes to
             lib.dequantize(*matrix, weight.data_ptr(), threads)
             return F.linear(x, weight)
         x32 = x.float().contiguous()  # [T, K]

@@ -244,29 +244,66 @@ static void gemv_tokens(const Matrix& m, const float* x, float* y, int threads) 
     }
 }
 
-// Rounds v (a vector of fp32 values) to the compute dtype, kept in fp32.
-static inline vfloat round_vector(vfloat v, int dtype) {
-    round_all(reinterpret_cast<float*>(&v), LANES, dtype);
+// v rounded to the compute dtype DT, kept in fp32 (round to nearest even, as torch's casts).
+template <int DT>
+static inline vfloat round_vector(vfloat v) {
+    if constexpr (DT == BFLOAT16) {
+        vuint u;
+        std::memcpy(&u, &v, sizeof(v));
+        const vuint rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        u = (u & 0x7fffffffu) > 0x7f800000u ? u : rounded;  // NaN stays NaN
+        std::memcpy(&v, &u, sizeof(v));
+    } else if constexpr (DT == FLOAT16) {
+        for (int j = 0; j < LANES; j++) v[j] = (float)(_Float16)v[j];
+    }
     return v;
 }
 
-static inline void store(void* out, int64_t at, vfloat v, int dtype) {
-    if (dtype == FLOAT32) {
+// Stores v, already a value of dtype DT, as DT at out[at].
+template <int DT>
+static inline void store(void* out, int64_t at, vfloat v) {
+    if constexpr (DT == FLOAT32) {
         std::memcpy((float*)out + at, &v, sizeof(v));
-        return;
-    }
-    uint16_t bits[LANES];
-    for (int j = 0; j < LANES; j++) {
-        if (dtype == FLOAT16) {
-            _Float16 h = (_Float16)v[j];
-            std::memcpy(&bits[j], &h, 2);
+    } else {
+        typedef uint16_t vhalf __attribute__((vector_size(2 * LANES)));
+        vhalf bits;
+        if constexpr (DT == BFLOAT16) {
+            vuint u;
+            std::memcpy(&u, &v, sizeof(v));
+            bits = __builtin_convertvector(u >> 16, vhalf);  // exact: the low half is zero
         } else {
-            uint32_t u;
-            std::memcpy(&u, &v[j], 4);
-            bits[j] = (uint16_t)(u >> 16);  // v is already a bfloat16 value
+            for (int j = 0; j < LANES; j++) {
+                const _Float16 h = (_Float16)v[j];
+                std::memcpy(&bits[j], &h, 2);
+            }
+        }
+        std::memcpy((uint16_t*)out + at, &bits, sizeof(bits));
+    }
+}
+
+// The full matrix, bit for bit what hqq's dequantize computes in dtype DT: (q - z) * s, each operation rounded.
+template <int DT>
+static void dequantize_matrix(const Matrix& m, void* out, int threads) {
+    const int64_t G = m.k / GROUP;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> sz(2 * G);
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < m.n; row++) {
+            scales_and_zeros(m.meta, row * G, (int)G, sz.data(), sz.data() + G);
+            for_each_run(m, row, [&](int64_t p, int run, int slot, int64_t first) {
+                const int shift = BITS * (PACK - 1 - slot);
+                for (int gi = 0; gi < run; gi++) {
+                    const float s = sz[first + gi], z = sz[G + first + gi];
+                    for (int c = 0; c < GROUP; c += LANES) {
+                        const vuint code = (load_words(m.codes + (p + gi) * GROUP + c) >> shift) & MASK;
+                        const vfloat centred = round_vector<DT>(__builtin_convertvector(code, vfloat) - z);
+                        store<DT>(out, row * m.k + (first + gi) * GROUP + c, round_vector<DT>(centred * s));
+                    }
+                }
+            });
         }
     }
-    std::memcpy((uint16_t*)out + at, bits, sizeof(bits));
 }
 
 extern "C" {
@@ -286,31 +323,15 @@ void gemv(const WORD* codes, const uint8_t* scale_q, const uint16_t* scale_range
 
 int max_tokens() { return MAX_TOKENS; }
 
-// The full matrix W [N, K] in the compute dtype, bit for bit what hqq's dequantize computes there:
-// (q - z) * s in that dtype, each operation rounded to it.
+// The full matrix W [N, K] in the compute dtype (`dtype`), as hqq's dequantize builds it there.
 void dequantize(const WORD* codes, const uint8_t* scale_q, const uint16_t* scale_range, const uint8_t* zero_q,
                 const float* zero_range, const uint16_t* scale16, const uint16_t* zero16, int dtype, int64_t n,
                 int64_t k, int64_t packed_rows, void* out, int threads) {
     const Matrix m{codes, {scale_q, scale_range, zero_q, zero_range, scale16, zero16, dtype}, n, k, packed_rows};
-    const int64_t G = k / GROUP;
-#pragma omp parallel num_threads(threads)
-    {
-        std::vector<float> sz(2 * G);
-#pragma omp for schedule(static)
-        for (int64_t row = 0; row < n; row++) {
-            scales_and_zeros(m.meta, row * G, (int)G, sz.data(), sz.data() + G);
-            for_each_run(m, row, [&](int64_t p, int run, int slot, int64_t first) {
-                const int shift = BITS * (PACK - 1 - slot);
-                for (int gi = 0; gi < run; gi++) {
-                    const float s = sz[first + gi], z = sz[G + first + gi];
-                    for (int c = 0; c < GROUP; c += LANES) {
-                        const vuint code = (load_words(codes + (p + gi) * GROUP + c) >> shift) & MASK;
-                        const vfloat centred = round_vector(__builtin_convertvector(code, vfloat) - z, dtype);
-                        store(out, row * k + (first + gi) * GROUP + c, round_vector(centred * s, dtype), dtype);
-                    }
-                }
-            });
-        }
+    switch (dtype) {
+        case FLOAT32: dequantize_matrix<FLOAT32>(m, out, threads); break;
+        case BFLOAT16: dequantize_matrix<BFLOAT16>(m, out, threads); break;
+        case FLOAT16: dequantize_matrix<FLOAT16>(m, out, threads); break;
     }
 }
 
