@@ -174,3 +174,12 @@ def test_a_compiler_that_fails_leaves_nothing_behind_and_auto_falls_back(gentle_
         assert engine.stats()["kernels"] == "reference"
     finally:
         cpu_kernels._library.cache_clear()  # later tests load the real libraries again (from the disk cache)
+
+
+def test_the_cpu_kernel_refuses_a_buffer_it_would_read_past():
+    layout = layout_for((64, 256), 2, 16, True, torch.float32, offset=32)
+    buffer = random_packed(layout)
+    with pytest.raises(ValueError, match="too small"):
+        shared_cpu_kernels().linear(torch.randn(1, 256), layout, buffer[:-1])
+    with pytest.raises(ValueError, match="uint8"):
+        shared_cpu_kernels().linear(torch.randn(1, 256), layout, buffer.float())

@@ -7,7 +7,7 @@ reference builds, followed by BLAS (torch's F.linear).
 
 Why hand-written rather than `torch.compile`: inductor's loop for the group-sum formulation ends every group of
 16 weights with a horizontal sum, about one cycle per weight; dequantizing into vector registers and summing
-once per row runs several times faster, and a 200-line C++ file compiles in about a second where inductor took
+once per row runs several times faster, and a 300-line C++ file compiles in about a second where inductor took
 seconds per matrix shape. The library is built once per packed format (bits, group size) with -march=native and
 cached on disk (`OFFLOAD_ENGINE_CACHE`, else ~/.cache/offload_engine), keyed by source, flags, compiler and CPU.
 """
@@ -107,6 +107,7 @@ def _library(bits: int, group_size: int) -> ctypes.CDLL:
     lib.dequantize.argtypes = [*matrix, pointer, i32]
     lib.dequantize.restype = None
     lib.max_tokens.restype = i32
+    lib.token_block = lib.max_tokens()  # the GEMV's widest token block
     return lib
 
 
@@ -151,8 +152,11 @@ class CPUKernels:
 
     def _matrix(self, layout: MatrixLayout, buffer: torch.Tensor) -> tuple:
         fmt = PackedFormat.of(layout)
-        if buffer.device.type != "cpu" or not buffer.is_contiguous():
-            raise ValueError("the fused CPU kernel reads a contiguous CPU buffer")
+        if buffer.device.type != "cpu" or buffer.dtype != torch.uint8 or not buffer.is_contiguous():
+            raise ValueError("the fused CPU kernel reads a contiguous uint8 CPU buffer")
+        if buffer.numel() < layout.start + layout.nbytes:  # the C++ code would read past its end
+            raise ValueError(f"buffer of {buffer.numel()} bytes is too small for a matrix layout ending at byte "
+                             f"{layout.start + layout.nbytes}")
         base = buffer.data_ptr()
         pointers = [None if offset is None else base + offset for offset in _segment_offsets(layout)]
         return (*pointers, DTYPE_CODES[layout.dtype], fmt.out_features, fmt.in_features, fmt.packed_rows)
@@ -171,7 +175,7 @@ class CPUKernels:
             return F.linear(x, weight)
         x32 = x.float().contiguous()  # [T, K]
         y = torch.empty(tokens, out_features, dtype=torch.float32)  # [T, N]
-        block = lib.max_tokens()
+        block = lib.token_block
         for start in range(0, tokens, block):
             lib.gemv(*matrix, x32.data_ptr() + 4 * start * in_features, min(block, tokens - start),
                      y.data_ptr() + 4 * start * out_features, threads)

@@ -10,12 +10,14 @@
 // exactly, so one pass over the words serves all of them: every packed byte is read once. Otherwise each row
 // reads its own (at most two) runs of word rows: correct, just PACK times the traffic.
 //
-// Per group the weights are dequantized in registers, w = (q - z) * s in fp32 (the reference's formula), and
-// multiplied into per-row vector accumulators: per vector of weights a shift, a mask, a convert, a subtract,
-// a multiply and one FMA per token. Scales and zeros are rebuilt exactly as quantize.dequantize does
-// (fp32 arithmetic, rounded through the compute dtype), one row at a time into a small buffer.
-#include <cstdint>
+// Per group the weights are dequantized in registers, w = (q - z) * s in fp32 (as an FMA on the code masked in
+// place, see fma_form), and multiplied into per-row vector accumulators that are summed once per row: per
+// vector of weights a mask, a convert, an FMA, and one FMA per token. Scales and zeros are rebuilt exactly as
+// quantize.dequantize does (fp32 arithmetic, rounded through the compute dtype), a row at a time into a buffer.
+// (A horizontal sum per group, as the group-sum identity written in torch compiles to, costs ~4x more.)
+// Prefill instead dequantizes the whole matrix (dequantize below) for BLAS.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 #if defined(__x86_64__)
