@@ -11,7 +11,7 @@ integers, and the default is four random prompts (seeded by --seed). Every promp
 
 What is measured: the engine's own cache counters, for the single-token decode steps only (the prefill is reported
 separately: it fetches each expert once for the whole prompt, so its hit rate means something else). The routing and
-the prefetch guesses are recorded through ``OffloadedMixtral.forward(..., on_routing=...)``, which reports per layer
+the prefetch guesses are recorded through ``OffloadedModel.forward(..., on_routing=...)``, which reports per layer
 the experts routed to and the experts guessed for that layer before it ran. Per decode step, time is split into
   * copies:  CPU device: time inside the cache's (synchronous) copies, timed by wrapping ``ExpertCache._copy`` on this
              instance; CUDA: the host's wait for in-flight copies (the counters' ``wait_s``). Copies that overlap
