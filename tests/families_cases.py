@@ -41,11 +41,11 @@ def num_experts(model_type: str) -> int:
                 if getattr(config, k, None) is not None)
 
 
-def make_family_checkpoint(path: Path, model_type: str, seed: int = 0, std: float = 0.15) -> Path:
+def make_family_checkpoint(path: Path, model_type: str, seed: int = 0, std: float = 0.15, **overrides) -> Path:
     """A randomly initialised tiny model of `model_type`, saved with save_pretrained. Larger-than-default weights
     (and random biases and sinks) so that routing and logits are far from uniform."""
     torch.manual_seed(seed)
-    model = FAMILIES[model_type].model_class()(family_config(model_type))
+    model = FAMILIES[model_type].model_class()(family_config(model_type, **overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
