@@ -94,13 +94,14 @@ class Anatomy:
         trunk, quantized = [], set()
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name.startswith("model.layers.") and name.count(".") > 3 \
-                    and not any(name.startswith(k) for k in keep) and module.out_features > 1:
+                    and not any(name == k or name.startswith(f"{k}.") for k in keep) and module.out_features > 1:
                 # out_features 1: a scalar gate (Qwen2-MoE's shared_expert_gate), a router in all but name
                 part = "attention" if ".self_attn." in name else "trunk"
                 trunk.append(TrunkTensor(name, tuple(module.weight.shape), part, int(name.split(".")[2])))
                 quantized.add(f"{name}.weight")
         tie = config.tie_word_embeddings
-        for name, param in model.named_parameters(remove_duplicate=False):
+        # parameters and persistent buffers (e.g. GLM-4's router score bias): everything a checkpoint holds
+        for name, param in model.state_dict(keep_vars=True).items():
             if name in quantized or (tie and name == "lm_head.weight"):
                 continue
             layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None

@@ -55,6 +55,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("DeepSeek-V2", "deepseek_v2", "DeepseekV2ForCausalLM", "deepseek-ai/DeepSeek-V2-Lite"),
     Family("GPT-OSS", "gpt_oss", "GptOssForCausalLM", "openai/gpt-oss-20b", router="router", activation="gpt_oss",
            masks="layer_types", block_returns_tuple=True),
+    Family("Phi-3.5-MoE", "phimoe", "PhimoeForCausalLM", "microsoft/Phi-3.5-MoE-instruct", router="router",
+           disk_block="block_sparse_moe", disk_matrices=("w1", "w3", "w2"),
+           renames=((".mlp.router.", ".block_sparse_moe.gate."),), masks="window"),
+    Family("GLM-4-MoE", "glm4_moe", "Glm4MoeForCausalLM", "zai-org/GLM-4.5-Air"),
+    Family("ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeForCausalLM", "baidu/ERNIE-4.5-21B-A3B-PT",
+           renames=((".mlp.gate.moe_statics.", ".mlp.moe_statics."),)),
+    Family("HunYuan-MoE", "hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM", "tencent/Hunyuan-A13B-Instruct"),
 )}
 
 

@@ -27,6 +27,14 @@ CONFIGS: dict[str, dict] = {
                         n_group=4, topk_group=2, routed_scaling_factor=1.5),  # MLA, dense layer 0, grouped top-k
     "gpt_oss": dict(intermediate_size=32, num_key_value_heads=2, head_dim=16, num_local_experts=8, sliding_window=5,
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "phimoe": dict(intermediate_size=32, num_key_value_heads=2, num_local_experts=8),  # LayerNorms, sparsemixer
+    "glm4_moe": dict(intermediate_size=48, moe_intermediate_size=32, num_key_value_heads=2, head_dim=16,
+                     n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                     use_qk_norm=True, partial_rotary_factor=0.5),  # sigmoid router with score bias
+    "ernie4_5_moe": dict(intermediate_size=48, moe_intermediate_size=32, num_key_value_heads=2, moe_num_experts=8,
+                         moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2),
+    "hunyuan_v1_moe": dict(intermediate_size=32, num_key_value_heads=2, head_dim=16, num_experts=8, moe_topk=2,
+                           use_qk_norm=True),
 }
 assert set(CONFIGS) == set(FAMILIES), "every row of the adapter table needs a tiny test checkpoint"
 
@@ -37,7 +45,7 @@ def family_config(model_type: str, **overrides):
 
 def num_experts(model_type: str) -> int:
     config = family_config(model_type)
-    return next(getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+    return next(getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                 if getattr(config, k, None) is not None)
 
 
@@ -47,7 +55,7 @@ def make_family_checkpoint(path: Path, model_type: str, seed: int = 0, std: floa
     torch.manual_seed(seed)
     model = FAMILIES[model_type].model_class()(family_config(model_type, **overrides))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.state_dict(keep_vars=True).items():  # buffers too: GLM-4's router score bias
             if p.dim() > 1:
                 p.normal_(0, std)
             elif name.endswith(("bias", "sinks")):
