@@ -24,7 +24,7 @@ from .generate import SamplingParams, check_token_ids, generate_tokens, stream_t
 from .memory import resolve_experts_on_device
 from .kernels import REFERENCE, Kernels, select_kernels, warm_up
 from .model import OffloadedModel
-from .quantize import QuantizationError, quantize_matrix
+from .quantize import MatrixLayout, QuantizationError, quantize_matrix
 
 MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
 ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
@@ -229,13 +229,15 @@ def check_config_for_model(cfg: EngineConfig, anatomy: Anatomy) -> None:
     try:
         anatomy.expert_layout(cfg)
     except QuantizationError as e:
-        raise ConfigError(f"quant.experts.group_size {cfg.quant.experts.group_size} does not fit this model: {e}") from None
+        raise ConfigError(f"quant.experts.group_size {cfg.quant.experts.group_size} does not fit this model: "
+                          f"{e}") from None
     for tensor in anatomy.quantized():
         try:
             tensor.layout(cfg)
         except QuantizationError as e:
             spec = getattr(cfg.quant, tensor.part)
-            raise ConfigError(f"quant.{tensor.part}.group_size {spec.group_size} does not fit this model: {e}") from None
+            raise ConfigError(f"quant.{tensor.part}.group_size {spec.group_size} does not fit this model: "
+                              f"{e}") from None
 
 
 def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineConfig, device: torch.device):

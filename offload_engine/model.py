@@ -105,7 +105,7 @@ class OffloadedModel(nn.Module):
 
     # ---- forward ----
     def _speculate(self, moe_layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        """MoE layer `moe_layer`'s router on an earlier hidden state: [T, H] -> guessed experts [prefetch], on device."""
+        """MoE layer `moe_layer`'s router on an earlier hidden state: [T, H] -> guessed experts [prefetch] (device)."""
         if not self.prefetch or moe_layer >= len(self.moe_layers):
             return None
         norm = self.layers[self.moe_layers[moe_layer]].post_attention_layernorm

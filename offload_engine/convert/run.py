@@ -273,7 +273,8 @@ def _finish(source, dst: Path, partial: Path, journal: Journal, hf, cfg, plan, s
         if (source.dir / name).exists():
             shutil.copyfile(source.dir / name, partial / name)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"offload_engine {__version__}",
-                "family": hf.model_type, "config": cfg.to_dict(), "model": _model_summary(hf), "layouts": _layouts(hf, cfg),
+                "family": hf.model_type, "config": cfg.to_dict(), "model": _model_summary(hf),
+                "layouts": _layouts(hf, cfg),
                 "files": files, "tensors": tensors, "aux_files": [n for n in AUX_FILES if (partial / n).exists()],
                 # hqq's optimizer runs in fp16 on CUDA and fp32 on CPU: the bytes depend on where they were made.
                 "quantized_on": quant_device.type}
