@@ -29,7 +29,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 
 import offload_engine  # noqa: E402
 from offload_engine.expert_cache import ExpertCache  # noqa: E402
-from bench_generate import machine, timed  # noqa: E402
+from bench_generate import set_up, timed  # noqa: E402
 
 
 def cache_protocol_us(nbytes: int, experts: int, top_k: int, resident: int, rounds: int = 200) -> tuple[float, float]:
@@ -69,10 +69,7 @@ def main() -> None:
     parser.add_argument("--offloaded", type=int, default=32, help="experts per layer on the device when offloading")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
-    print("machine:", machine())
+    set_up(args)
     torch.manual_seed(0)
     config = Qwen3MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                             moe_intermediate_size=args.moe_intermediate, num_hidden_layers=args.layers,

@@ -36,6 +36,14 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
+def set_up(args: argparse.Namespace) -> None:
+    """Threads as asked (`args.threads`), then the command and the machine, as every benchmark prints them."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
+    print("machine:", machine())
+
+
 def timed(fn, repeats: int) -> tuple[float, list[int]]:
     """Best of `repeats` after a warm-up: this VM's timings are noisy, the best run is the most repeatable."""
     fn()  # warm-up
@@ -60,10 +68,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
-    print("machine:", machine())
+    set_up(args)
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,

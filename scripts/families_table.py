@@ -28,6 +28,9 @@ from offload_engine.experts import ExpertLayout  # noqa: E402
 from offload_engine.families import FAMILIES  # noqa: E402
 from offload_engine.memory import GiB, NotEnoughMemory, plan_memory  # noqa: E402
 
+GPT_OSS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+               num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+               layer_types=["sliding_attention", "full_attention"] * 12, tie_word_embeddings=False)  # gpt-oss-20b
 # (checkpoint, model_type, config.json fields that matter for shapes)
 CHECKPOINTS = [
     ("mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral", dict(
@@ -52,14 +55,9 @@ CHECKPOINTS = [
         num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
         first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
         v_head_dim=128, tie_word_embeddings=False)),
-    ("openai/gpt-oss-20b", "gpt_oss", dict(
-        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
-        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
-        layer_types=["sliding_attention", "full_attention"] * 12, tie_word_embeddings=False)),
-    ("openai/gpt-oss-120b", "gpt_oss", dict(
-        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36, num_attention_heads=64,
-        num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4, sliding_window=128,
-        layer_types=["sliding_attention", "full_attention"] * 18, tie_word_embeddings=False)),
+    ("openai/gpt-oss-20b", "gpt_oss", GPT_OSS),
+    ("openai/gpt-oss-120b", "gpt_oss", {**GPT_OSS, "num_hidden_layers": 36, "num_local_experts": 128,
+                                        "layer_types": ["sliding_attention", "full_attention"] * 18}),
     ("microsoft/Phi-3.5-MoE-instruct", "phimoe", dict(
         vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2, tie_word_embeddings=False)),
