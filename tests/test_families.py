@@ -111,6 +111,21 @@ def test_speculation_runs_each_moe_layers_own_router(family_dirs, model_type):
     assert engine.model.host_syncs == 1 + len(engine.model.moe_layers)  # one read per MoE layer + the first guess
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+def test_memory_plan_counts_what_the_engine_holds(family_dirs, model_type):
+    """`auto`'s arithmetic: the trunk bytes it plans for are the bytes the loaded engine holds besides the cache."""
+    from offload_engine.memory import plan_memory
+
+    config = _offload(QUANT, "auto", 1)
+    engine = offload_engine.load(family_dirs[model_type], config=config, progress=False)
+    tensors = {t.data_ptr(): t for t in engine.model.state_dict().values()}  # `layers` is also `model.layers`
+    held = sum(t.numel() * t.element_size() for t in tensors.values())
+    plan = plan_memory(engine.model.config, offload_engine.load_config(config), 64 * 2**30)
+    assert plan.trunk_bytes == held
+    assert plan.experts_on_device == engine.cache.k == num_experts(model_type)  # all fit (and CPU's auto: all)
+    assert plan.expert_bytes == engine.cache.nbytes
+
+
 def _roundtrip(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     layout, buffer = quantize_matrix(weight, spec, torch.float32)
     return dequantize(layout, layout.views(buffer))
