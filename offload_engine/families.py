@@ -7,7 +7,8 @@ sit; how the experts are named on disk; which activation joins gate and up; whic
 take. Which layers are MoE (DeepSeek's `first_k_dense_replace`, Qwen2-MoE's `mlp_only_layers`, ...) is read off
 the family's own modules once built, not restated here.
 
-Adding a family = a row here + a test in tests/test_families.py.
+Adding a family = a row here + its tiny config in tests/families_cases.py (tests/test_families.py runs every
+check on every row).
 """
 
 from __future__ import annotations

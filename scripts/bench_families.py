@@ -76,7 +76,7 @@ def main() -> None:
                             num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=args.experts,
                             num_experts_per_tok=args.top_k, norm_topk_prob=True, eos_token_id=None)
     n, E, K = args.new_tokens, args.experts, args.top_k
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as quantized_tmp:
         Qwen3MoeForCausalLM(config).save_pretrained(tmp)
         prompt = torch.randint(0, args.vocab, (1, args.prompt_len))
         print(f"model: Qwen3-MoE, hidden {args.hidden}, {args.layers} layers, {E} experts of intermediate "
@@ -94,11 +94,15 @@ def main() -> None:
         none = {"bits": None}
         q42 = {"attention": {"bits": 4, "group_size": 64}, "experts": {"bits": 2, "group_size": 16}}
         runs = [("unquantized", {"attention": none, "experts": none}, "reference"), ("4/2 bits, fused", q42, "fused")]
+        # Quantize once (HQQ's optimiser on 2 cores takes a while), then load the pre-quantized copy per run.
+        quantized = offload_engine.quantize_checkpoint(tmp, Path(quantized_tmp) / "q42", {"dtype": "float32", "quant": q42},
+                                                       progress=False)
         for label, quant, kernels in runs:
             for k, prefetch in ((E, 0), (args.offloaded, 0), (args.offloaded, K)):
-                engine = offload_engine.load(tmp, config={"dtype": "float32", "quant": quant, "kernels": kernels,
-                                                          "offload": {"experts_on_device": k, "prefetch": prefetch}},
-                                             progress=False)
+                offload = {"kernels": kernels, "offload": {"experts_on_device": k, "prefetch": prefetch}}
+                source, config = (quantized, offload) if quant is q42 else (tmp, {**offload, "dtype": "float32",
+                                                                                   "quant": quant})
+                engine = offload_engine.load(source, config=config, progress=False)
                 seconds, tokens = timed(lambda: engine.generate_ids(prompt[0].tolist(), max_new_tokens=n),
                                         args.repeats)
                 engine.reset_stats()
