@@ -14,6 +14,7 @@ from typing import Container
 
 import torch
 from safetensors import safe_open
+
 from .families import UnsupportedModel, family_of
 
 
@@ -205,12 +206,14 @@ class SafetensorsCheckpoint:
 
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         tensor = self._handle(name).get_tensor(name)
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name} in {self.file_of[name].name} has shape {tuple(tensor.shape)}, but config.json implies {tuple(shape)}; "
-                f"the config and the weights do not belong together"
-            )
+        self._check_shape(name, tuple(tensor.shape), shape)
         return tensor
+
+    def _check_shape(self, name: str, found: tuple[int, ...], shape: tuple[int, ...]) -> None:
+        if tuple(found) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name} in {self.file_of[name].name} has shape {tuple(found)}, but config.json implies "
+                f"{tuple(shape)}; the config and the weights do not belong together")
 
     def _handle(self, name: str):
         if name not in self.file_of:
@@ -223,13 +226,11 @@ class SafetensorsCheckpoint:
     def get_expert(self, name: str, expert: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Row `expert` of the stacked tensor `name` of shape `shape`, reading that row's bytes only."""
         sliced = self._handle(name).get_slice(name)
-        if tuple(sliced.get_shape()) != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name} in {self.file_of[name].name} has shape {tuple(sliced.get_shape())}, but config.json "
-                f"implies {tuple(shape)}; the config and the weights do not belong together")
+        self._check_shape(name, tuple(sliced.get_shape()), shape)
         return sliced[expert]
 
     def trunk(self, name: str, shape: tuple[int, ...], renames: tuple[tuple[str, str], ...]) -> torch.Tensor:
+        """A trunk tensor by its module name (see `disk_name`)."""
         return self.get(disk_name(name, self, renames), shape)
 
 
