@@ -5,11 +5,15 @@ round trip; plus MoE-layer placement, speculation through each layer's own route
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+import yaml
 from safetensors.torch import load_file, save_file
 
 import offload_engine
@@ -238,7 +242,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def test_chat_renders_with_the_tokenizers_own_template(tmp_path):
+def test_chat_renders_with_the_tokenizers_own_template(tmp_path, capsys):
     """Families other than Mixtral: the conversation is the tokenizer's chat template, tokenized as one text."""
     from conftest import train_bpe_tokenizer
 
@@ -255,3 +259,24 @@ def test_chat_renders_with_the_tokenizers_own_template(tmp_path):
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert prompts[0] == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    from offload_engine import cli  # offload-chat answers with the same model and template
+
+    config = tmp_path / "exact.yaml"
+    config.write_text(yaml.safe_dump(_offload(EXACT, 2, 1)))
+    assert cli.main([str(tmp_path), "--config", str(config), "--prompt", "hi", "--max-new-tokens", "4"]) == 0
+    assert "tok/s" in capsys.readouterr().err
+
+
+def test_profiler_reports_moe_layers_of_a_family_with_a_dense_layer(family_dirs, tmp_path):
+    config, out = tmp_path / "exact.yaml", tmp_path / "report.json"
+    config.write_text(yaml.safe_dump({**EXACT, "kernels": "reference"}))
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts/profile_cache.py"),
+           str(family_dirs["deepseek_v2"]), "--config", str(config), "--experts-on-device", "2", "--prefetch", "1",
+           "--max-new-tokens", "4", "--num-random-prompts", "1", "--prompt-tokens", "5", "--threads", "1",
+           "--out", str(out), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (report["family"], report["num_layers"], report["num_experts"], report["top_k"]) == ("deepseek_v2", 2, 8, 2)
+    assert all(len(step) == 2 and all(len(layer) == 2 for layer in step) for step in report["routing"])
