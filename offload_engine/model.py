@@ -100,7 +100,10 @@ class OffloadedModel(nn.Module):
         meta = [n for n, p in self.named_parameters() if p.device.type == "meta"]
         if meta:
             raise RuntimeError(f"parameters left unloaded: {meta[:5]}")
-        self.model.rotary_emb.to(self.device)
+        for module in self.modules():  # buffers never loaded (rotary tables, built on the CPU) join the device
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.device.type != self.device.type:
+                    setattr(module, name, buffer.to(self.device))
         self.eval()
 
     # ---- forward ----
