@@ -63,6 +63,8 @@ CHECKPOINTS = [
         num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2, tie_word_embeddings=False)),
 ]
 BITS = {2: QuantSpec(2, 16), 3: QuantSpec(3, 64), 4: QuantSpec(4, 64)}  # the packaged configs' expert specs
+# Every row of the adapter table is tested by tests/test_families.py, on tiny random checkpoints of the family's class.
+TESTED = "yes (tiny random checkpoint), not on these weights"
 GPUS = [("16 GB", "t4-16gb", 14.5), ("12 GB", "12gb", 11.3), ("24 GB", "24gb", 23.2)]
 
 
@@ -91,8 +93,8 @@ def main() -> None:
     print(f"transformers {transformers.__version__}; computed from shapes (nothing downloaded or measured); "
           "MiB = 2^20 bytes; 16/12/24 GB = the t4-16gb (4/2 bits), 12gb (4/2) and 24gb (4/3) configs")
     print("| family | example checkpoint | params | experts (MoE layers x per layer, top-k) "
-          "| bytes/expert at 2 / 3 / 4 bits | experts/layer on 16 GB | 12 GB | 24 GB |")
-    print("|---|---|---:|---|---|---|---|---|")
+          "| bytes/expert at 2 / 3 / 4 bits | experts/layer on 16 GB | 12 GB | 24 GB | tested |")
+    print("|---|---|---:|---|---|---|---|---|---|")
     for name, model_type, fields in CHECKPOINTS:
         family = FAMILIES[model_type]
         config = family.config_class()(**fields)
@@ -101,7 +103,7 @@ def main() -> None:
         E = anatomy.num_experts
         gpus = " | ".join(fits(config, preset, free, E) for _, preset, free in GPUS)
         print(f"| {family.name} | {name} | {parameters(config) / 1e9:.1f} B | {len(anatomy.moe_layers)} x {E}, "
-              f"top-{anatomy.top_k} | {sizes} MiB | {gpus} |")
+              f"top-{anatomy.top_k} | {sizes} MiB | {gpus} | {TESTED} |")
 
 
 if __name__ == "__main__":
