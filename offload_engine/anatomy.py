@@ -42,11 +42,18 @@ class TrunkTensor:
         return self.dtype(cfg).itemsize * int(torch.Size(self.shape).numel())
 
 
-def skeleton(config, family: Family) -> tuple[nn.Module, list[int], nn.Module]:
+def skeleton(config, family: Family,
+             default_dtype: torch.dtype | None = None) -> tuple[nn.Module, list[int], nn.Module]:
     """The family's model on the meta device with every routed-experts module removed; -> (model, the MoE layers'
-    indices, one of the removed experts modules, which carries the experts' shapes and flags)."""
-    with init_empty_weights():
-        model = family.model_class()(config)
+    indices, one of the removed experts modules, which carries the experts' shapes and flags). `default_dtype`:
+    torch's default while the modules are built (parameters a family creates in float32 on purpose stay so)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype or previous)
+    try:
+        with init_empty_weights():
+            model = family.model_class()(config)
+    finally:
+        torch.set_default_dtype(previous)
     moe_layers, experts = [], None
     for i, layer in enumerate(model.model.layers):
         block = layer.mlp
@@ -60,8 +67,8 @@ def skeleton(config, family: Family) -> tuple[nn.Module, list[int], nn.Module]:
 
 
 def _fp32_patterns(model: nn.Module, cfg_dtype: torch.dtype) -> list[str]:
-    """Parameters transformers itself keeps in float32: `_keep_in_fp32_modules_strict` always, the loose list only
-    in float16 (its own loading rule)."""
+    """Parameters transformers' loading keeps in float32 by name: `_keep_in_fp32_modules_strict` always, the loose
+    list only in float16 (its own rule)."""
     patterns = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     if cfg_dtype == torch.float16:
         patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -85,7 +92,9 @@ class Anatomy:
     @staticmethod
     def of(config, dtype: torch.dtype = torch.float16) -> "Anatomy":
         family = family_of(config.model_type)
-        model, moe_layers, experts = skeleton(config, family)
+        # Built in bfloat16, so that what is still float32 is float32 on purpose (HunYuan's and DeepSeek's routers):
+        # transformers keeps those in float32 whatever the model dtype, and so does the engine.
+        model, moe_layers, experts = skeleton(config, family, torch.bfloat16)
         E, *dims = experts.gate_up_proj.shape
         H, two_i = dims if experts.is_transposed else dims[::-1]
         router = getattr(model.model.layers[moe_layers[0]].mlp, family.router)
@@ -105,7 +114,8 @@ class Anatomy:
             if name in quantized or (tie and name == "lm_head.weight"):
                 continue
             layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-            trunk.append(TrunkTensor(name, tuple(param.shape), None, layer, any(p in name for p in fp32)))
+            float32 = param.dtype == torch.float32 or any(p in name for p in fp32)
+            trunk.append(TrunkTensor(name, tuple(param.shape), None, layer, float32))
         act_params = (float(experts.alpha), float(experts.limit)) if family.activation == "gpt_oss" else ()
         return Anatomy(family, tuple(moe_layers), E, router.top_k, H, two_i // 2, experts.has_bias,
                        experts.is_transposed, not experts.is_concatenated, act_params,

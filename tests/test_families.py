@@ -83,6 +83,23 @@ def test_unquantized_engine_equals_transformers(family_dirs, expected, model_typ
     assert (stats["misses"] == 0) == (k == E)
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+def test_bfloat16_engine_matches_transformers_in_bfloat16(family_dirs, model_type):
+    """Half precision: the tensors transformers keeps in float32 (DeepSeek's router) stay float32 here too."""
+    import transformers
+
+    engine = offload_engine.load(family_dirs[model_type], config={**_offload(EXACT, 2, 1), "dtype": "bfloat16"},
+                                 progress=False)
+    cls = getattr(transformers, FAMILIES[model_type].hf_class)
+    ref = cls.from_pretrained(family_dirs[model_type], dtype=torch.bfloat16, experts_implementation="eager").eval()
+    with torch.no_grad():
+        expected = ref(IDS).logits.float()
+    assert ((engine.logits(IDS) - expected).norm() / expected.norm()).item() < 0.02
+    dtypes = {n: p.dtype for n, p in ref.named_parameters()}
+    assert {n: p.dtype for n, p in engine.model.named_parameters() if n in dtypes} == \
+        {n: d for n, d in dtypes.items() if n in dict(engine.model.named_parameters())}
+
+
 def test_moe_layers_and_trunk_follow_each_family(family_dirs):
     moe = {t: Anatomy.of(family_config(t)).moe_layers for t in TYPES}
     assert moe["qwen3_moe"] == (0, 2)  # mlp_only_layers=[1]
