@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                    help="> 1 discourages repeats (default 1.0)")
     p.add_argument("--seed", type=int, metavar="S", help="fixes sampling; each reply is then reproducible")
-    p.add_argument("--system", metavar="TEXT", help="system prompt (where the chat template has no system role, as Mixtral's, it is "
-                                                         "prepended to the first user message)")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (where the chat template has no system role, as "
+                   "Mixtral's, it is prepended to the first user message)")
     p.add_argument("--prompt", metavar="TEXT",
                    help="answer this one message, print the stats line and exit (for scripts)")
     p.add_argument("--no-stats", action="store_true", help="no stats line after replies")

@@ -48,8 +48,8 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("Mixtral", "mixtral", "MixtralForCausalLM", "mistralai/Mixtral-8x7B-Instruct-v0.1",
-           disk_block="block_sparse_moe", disk_matrices=("w1", "w3", "w2"), renames=((".mlp.gate.", ".block_sparse_moe.gate."),), masks="window",
-           chat="mixtral"),
+           disk_block="block_sparse_moe", disk_matrices=("w1", "w3", "w2"),
+           renames=((".mlp.gate.", ".block_sparse_moe.gate."),), masks="window", chat="mixtral"),
     Family("Qwen3-MoE", "qwen3_moe", "Qwen3MoeForCausalLM", "Qwen/Qwen3-30B-A3B", masks="window"),
     Family("Qwen2-MoE", "qwen2_moe", "Qwen2MoeForCausalLM", "Qwen/Qwen1.5-MoE-A2.7B", masks="layer_types"),
     Family("OLMoE", "olmoe", "OlmoeForCausalLM", "allenai/OLMoE-1B-7B-0924"),

@@ -95,8 +95,8 @@ def main() -> None:
         q42 = {"attention": {"bits": 4, "group_size": 64}, "experts": {"bits": 2, "group_size": 16}}
         runs = [("unquantized", {"attention": none, "experts": none}, "reference"), ("4/2 bits, fused", q42, "fused")]
         # Quantize once (HQQ's optimiser on 2 cores takes a while), then load the pre-quantized copy per run.
-        quantized = offload_engine.quantize_checkpoint(tmp, Path(quantized_tmp) / "q42", {"dtype": "float32", "quant": q42},
-                                                       progress=False)
+        quantized = offload_engine.quantize_checkpoint(tmp, Path(quantized_tmp) / "q42",
+                                                       {"dtype": "float32", "quant": q42}, progress=False)
         for label, quant, kernels in runs:
             for k, prefetch in ((E, 0), (args.offloaded, 0), (args.offloaded, K)):
                 offload = {"kernels": kernels, "offload": {"experts_on_device": k, "prefetch": prefetch}}

@@ -28,8 +28,8 @@ from offload_engine.experts import ExpertLayout  # noqa: E402
 from offload_engine.families import FAMILIES  # noqa: E402
 from offload_engine.memory import GiB, NotEnoughMemory, plan_memory  # noqa: E402
 
-GPT_OSS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
-               num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+GPT_OSS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+               num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
                layer_types=["sliding_attention", "full_attention"] * 12, tie_word_embeddings=False)  # gpt-oss-20b
 # (checkpoint, model_type, config.json fields that matter for shapes)
 CHECKPOINTS = [
