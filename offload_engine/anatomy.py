@@ -46,7 +46,8 @@ def skeleton(config, family: Family,
              default_dtype: torch.dtype | None = None) -> tuple[nn.Module, list[int], nn.Module]:
     """The family's model on the meta device with every routed-experts module removed; -> (model, the MoE layers'
     indices, one of the removed experts modules, which carries the experts' shapes and flags). `default_dtype`:
-    torch's default while the modules are built (parameters a family creates in float32 on purpose stay so)."""
+    torch's default while the modules are built (parameters a family creates in float32 on purpose stay so); set
+    process-wide for that moment, as transformers' own `from_pretrained(dtype=...)` does."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(default_dtype or previous)
     try:
