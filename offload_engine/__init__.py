@@ -1,4 +1,5 @@
-"""offload_engine: Mixtral-8x7B on one 16 GB GPU with HQQ quantization, an LRU expert cache and speculative prefetch."""
+"""offload_engine: mixture-of-experts LLMs (Mixtral-8x7B first, and the families in families.py) on one 16 GB GPU
+with HQQ quantization, an LRU expert cache and speculative prefetch."""
 
 from .config import ConfigError, EngineConfig, OffloadConfig, QuantConfig, QuantSpec, load_config
 from .checkpoint import CheckpointError

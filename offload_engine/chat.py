@@ -1,8 +1,9 @@
 """Multi-turn chat that keeps the KV cache between turns and prefills only what is new.
 
 The conversation's token ids are kept exactly as the model saw them (prompt, generated reply, EOS). A new
-turn renders the conversation with the tokenizer's chat template (Mixtral-Instruct's
-`<s>[INST] ... [/INST] reply</s>[INST] ...`) and tokenizes only the text that the new turn adds, so the
+turn renders the conversation with the tokenizer's own chat template (Mixtral-Instruct's
+`<s>[INST] ... [/INST] reply</s>[INST] ...`, Qwen's `<|im_start|>`, ...) and tokenizes only the text that the new
+turn adds, so the
 tokens already in the KV cache stay valid even when a generated reply would re-tokenize differently. The
 cache keeps its longest prefix shared with the new ids (cropped if needed) and only the rest is prefilled.
 When old turns are dropped to fit the context window the whole conversation is re-tokenized.
@@ -45,18 +46,19 @@ def fold_system(tokenizer, messages: list[dict[str, str]]) -> list[dict[str, str
         return [first, *messages[2:]]
 
 
-def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation (ending with a user turn) through the chat template, message by message.
+def encode_chat(tokenizer, messages: list[dict[str, str]], per_message: bool = True) -> list[int]:
+    """Token ids of a conversation (ending with a user turn) through the chat template.
 
-    Each message's text (what it adds to the rendered conversation) is tokenized on its own after a leading BOS,
-    as mistral-common's `encode_chat_completion` does: sentencepiece then gives `[INST]` and a reply their
-    leading "▁" wherever they sit, so Mixtral-Instruct sees exactly the prompts it was tuned on. A template
-    whose rendering of a conversation is not a prefix of the next one's is tokenized as one text."""
+    `per_message` (Mixtral, families.py's `chat: mixtral`): each message's text (what it adds to the rendered
+    conversation) is tokenized on its own after a leading BOS, as mistral-common's `encode_chat_completion` does:
+    sentencepiece then gives `[INST]` and a reply their leading "▁" wherever they sit, so Mixtral-Instruct sees
+    exactly the prompts it was tuned on. Otherwise, and for a template whose rendering of a conversation is not a
+    prefix of the next one's, the rendered text is tokenized as one, as `apply_chat_template` does."""
     messages = fold_system(tokenizer, messages)
     text = render_chat(tokenizer, messages)
     cuts: list[int] = []  # where each message's text ends in `text`
     try:
-        for end in range(1, len(messages)):
+        for end in range(1, len(messages) if per_message else 0):
             if messages[end - 1]["role"] != "system":  # a system message alone renders nothing by itself
                 before = render_chat(tokenizer, messages[:end], add_generation_prompt=False)
                 if not text.startswith(before) or (cuts and len(before) < cuts[-1]):
@@ -203,7 +205,7 @@ class ChatSession:
             return ""
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
         if tokenize:
-            return encode_chat(self.engine.tokenizer, full)
+            return encode_chat(self.engine.tokenizer, full, self.engine.model.family.chat == "mixtral")
         return render_chat(self.engine.tokenizer, fold_system(self.engine.tokenizer, full))
 
     def _notice(self, text: str) -> None:

@@ -1,4 +1,4 @@
-"""Reading Hugging Face Mixtral checkpoints tensor by tensor, with errors that say what is wrong.
+"""Reading Hugging Face MoE checkpoints (the families in families.py) tensor by tensor, with clear errors.
 
 Nothing here instantiates the full-precision model: tensors are read lazily from the safetensors files one
 at a time (`safe_open`), quantized by the caller, and dropped, so host RAM stays near the quantized size.
@@ -10,12 +10,12 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Container
 
 import torch
 from safetensors import safe_open
-from transformers import MixtralConfig
 
-from .experts import MATRICES
+from .families import UnsupportedModel, family_of
 
 
 class CheckpointError(ValueError):
@@ -55,7 +55,8 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
         ) from e
 
 
-def read_config(model_dir: Path) -> MixtralConfig:
+def read_config(model_dir: Path):
+    """config.json as its family's transformers config class, checked."""
     config_path = model_dir / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
@@ -63,33 +64,37 @@ def read_config(model_dir: Path) -> MixtralConfig:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
-    if raw.get("model_type") != "mixtral":
-        raise CheckpointError(
-            f"{config_path} describes a {raw.get('model_type')!r} model; offload_engine runs Mixtral "
-            f"(model_type 'mixtral') checkpoints only"
-        )
     try:
-        config = MixtralConfig.from_dict(raw)
+        family = family_of(raw.get("model_type"))
+    except UnsupportedModel as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    try:
+        config = family.config_class().from_dict(raw)
     except Exception as e:  # transformers' own field validation (huggingface_hub's strict dataclasses, ValueError)
         message = " ".join(str(e).split())
         raise CheckpointError(f"{config_path} has an invalid field: {message}; fix config.json or re-download it") from e
-    if config.hidden_act != "silu":
-        raise CheckpointError(f"{config_path}: hidden_act {config.hidden_act!r} is not Mixtral's 'silu'")
+    if family.activation == "swiglu" and getattr(config, "hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{config_path}: hidden_act {config.hidden_act!r} is not the 'silu' of "
+                              f"{family.name}'s SwiGLU experts")
     check_model_config(config, config_path)
     return config
 
 
-def check_model_config(config: MixtralConfig, config_path: Path) -> None:
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # the families' names for it
+
+
+def check_model_config(config, config_path: Path) -> None:
     """config.json's own cross-field rules, so that a bad edit fails here, naming the field, not in a forward."""
-    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok",
+    count = next((key for key in EXPERT_COUNTS if getattr(config, key, None) is not None), "num_local_experts")
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", count, "num_experts_per_tok",
              "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings")
     for key in sizes:
         value = getattr(config, key, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{config_path}: {key} must be a positive integer, got {value!r}")
-    E, K = config.num_local_experts, config.num_experts_per_tok
+    E, K = getattr(config, count), config.num_experts_per_tok
     if K > E:
-        raise CheckpointError(f"{config_path}: num_experts_per_tok ({K}) exceeds num_local_experts ({E})")
+        raise CheckpointError(f"{config_path}: num_experts_per_tok ({K}) exceeds {count} ({E})")
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if heads % kv_heads:
         raise CheckpointError(f"{config_path}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
@@ -200,32 +205,40 @@ class SafetensorsCheckpoint:
         return name in self.file_of
 
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = self._handle(name).get_tensor(name)
+        self._check_shape(name, tuple(tensor.shape), shape)
+        return tensor
+
+    def _check_shape(self, name: str, found: tuple[int, ...], shape: tuple[int, ...]) -> None:
+        if tuple(found) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name} in {self.file_of[name].name} has shape {tuple(found)}, but config.json implies "
+                f"{tuple(shape)}; the config and the weights do not belong together")
+
+    def _handle(self, name: str):
         if name not in self.file_of:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.model_dir}")
         file = self.file_of[name]
         if file not in self._handles:
             self._handles[file] = self._open(file)
-        tensor = self._handles[file].get_tensor(name)
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, but config.json implies {tuple(shape)}; "
-                f"the config and the weights do not belong together"
-            )
-        return tensor
+        return self._handles[file]
 
-    def expert(self, layer: int, expert: int, config: MixtralConfig) -> dict[str, torch.Tensor]:
-        """One expert's w1, w3 [I, H] and w2 [H, I], from per-expert tensors or transformers 5's fused ones."""
-        H, I = config.hidden_size, config.intermediate_size
-        prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
-        if f"{prefix}.w1.weight" in self or f"model.layers.{layer}.mlp.experts.gate_up_proj" not in self:
-            shapes = {"w1": (I, H), "w3": (I, H), "w2": (H, I)}
-            return {m: self.get(f"{prefix}.{m}.weight", shapes[m]) for m in MATRICES}
-        fused = f"model.layers.{layer}.mlp.experts"
-        gate_up = self.get(f"{fused}.gate_up_proj", (config.num_local_experts, 2 * I, H))[expert]
-        down = self.get(f"{fused}.down_proj", (config.num_local_experts, H, I))[expert]
-        return {"w1": gate_up[:I].clone(), "w3": gate_up[I:].clone(), "w2": down.clone()}
+    def get_expert(self, name: str, expert: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Row `expert` of the stacked tensor `name` of shape `shape`, reading that row's bytes only."""
+        sliced = self._handle(name).get_slice(name)
+        self._check_shape(name, tuple(sliced.get_shape()), shape)
+        return sliced[expert]
 
-    def router(self, layer: int, config: MixtralConfig) -> torch.Tensor:
-        shape = (config.num_local_experts, config.hidden_size)
-        name = f"model.layers.{layer}.block_sparse_moe.gate.weight"
-        return self.get(name if name in self else f"model.layers.{layer}.mlp.gate.weight", shape)
+    def trunk(self, name: str, shape: tuple[int, ...], renames: tuple[tuple[str, str], ...]) -> torch.Tensor:
+        """A trunk tensor by its module name (see `disk_name`)."""
+        return self.get(disk_name(name, self, renames), shape)
+
+
+def disk_name(name: str, available: Container[str], renames: tuple[tuple[str, str], ...]) -> str:
+    """A trunk tensor's name on disk: its module name, or the family's older name for it (the row's `renames`,
+    e.g. Mixtral's block_sparse_moe.gate for mlp.gate); the module name when neither is there."""
+    if name not in available:
+        for module_part, disk_part in renames:
+            if module_part in name and name.replace(module_part, disk_part) in available:
+                return name.replace(module_part, disk_part)
+    return name

@@ -1,11 +1,12 @@
-"""`offload-chat`: chat with an offloaded Mixtral checkpoint in the terminal, or answer one prompt for scripts.
+"""`offload-chat`: chat with an offloaded mixture-of-experts checkpoint (Mixtral, Qwen3-MoE, ...) in the terminal,
+or answer one prompt for scripts.
 
     offload-chat MODEL [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--max-new-tokens N] [--temperature T]
                  [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--system TEXT] [--prompt TEXT]
                  [--no-stats] [--cache-dir DIR] [--yes]
     offload-chat --demo            # the small demo model shipped in the package
 
-A hub repo that holds a full-precision Mixtral is converted once, shard by shard, into a cache directory (the
+A hub repo that holds a full-precision model is converted once, shard by shard, into a cache directory (the
 plan is shown first, and a large download asks for a y unless --yes), then loaded; later runs load it directly.
 
 Where output goes: stdout carries the conversation (the `>>> ` prompt, the streamed replies, and what /stats
@@ -98,7 +99,8 @@ def parse_model_args(parser: argparse.ArgumentParser, argv: list[str] | None) ->
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="offload-chat", description="Chat with a Mixtral checkpoint whose experts are offloaded to host memory.",
+        prog="offload-chat", description="Chat with a mixture-of-experts checkpoint (any family in the README's table) "
+                                           "whose experts are offloaded to host memory.",
         epilog="Replies stream to stdout; loading progress, notices and the per-reply stats line go to stderr. "
                "In the chat, /help lists the commands.")
     add_model_arguments(p, "use the small demo model shipped in the package",
@@ -112,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                    help="> 1 discourages repeats (default 1.0)")
     p.add_argument("--seed", type=int, metavar="S", help="fixes sampling; each reply is then reproducible")
-    p.add_argument("--system", metavar="TEXT", help="system prompt (Mixtral prepends it to the first user message)")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (where the chat template has no system role, as "
+                   "Mixtral's, it is prepended to the first user message)")
     p.add_argument("--prompt", metavar="TEXT",
                    help="answer this one message, print the stats line and exit (for scripts)")
     p.add_argument("--no-stats", action="store_true", help="no stats line after replies")

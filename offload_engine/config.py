@@ -6,6 +6,7 @@
     quant:
       attention: {bits: 4, group_size: 64}
       experts:   {bits: 2, group_size: 16}
+      trunk:     {bits: 4, group_size: 64}  # shared experts and dense MLP layers (families that have them)
     offload:
       experts_on_device: 4    # per layer; 8 = everything resident; auto = as many as fit
       prefetch: 1             # experts per layer guessed ahead; 0 = off
@@ -62,6 +63,9 @@ class QuantSpec:
 class QuantConfig:
     attention: QuantSpec = field(default_factory=lambda: QuantSpec(4, 64))
     experts: QuantSpec = field(default_factory=lambda: QuantSpec(2, 16))
+    # The linear layers that stay on the device besides attention: shared experts (Qwen2-MoE, DeepSeek) and dense
+    # MLP layers (DeepSeek's first layer). Quantized like attention by default: they run for every token.
+    trunk: QuantSpec = field(default_factory=lambda: QuantSpec(4, 64))
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ _NESTED = {
     (EngineConfig, "offload"): OffloadConfig,
     (QuantConfig, "attention"): QuantSpec,
     (QuantConfig, "experts"): QuantSpec,
+    (QuantConfig, "trunk"): QuantSpec,
 }
 
 

@@ -14,14 +14,16 @@ from transformers import DynamicCache
 
 from .chat import ChatSession
 from .concurrency import EngineLock, locked_iter
+from .anatomy import Anatomy
 from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
 from .config import ConfigError, EngineConfig, load_config
 from .expert_cache import ExpertCache, LayerStats
+from .expert_tensors import read_expert_tensor
 from .experts import ExpertLayout
 from .generate import SamplingParams, check_token_ids, generate_tokens, stream_text
 from .memory import resolve_experts_on_device
 from .kernels import REFERENCE, Kernels, select_kernels, warm_up
-from .model import ATTENTION_PROJECTIONS, OffloadedMixtral, attention_shapes
+from .model import OffloadedModel
 from .quantize import MatrixLayout, QuantizationError, quantize_matrix
 
 MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
@@ -36,7 +38,7 @@ class Engine:
     """Thread-safe: calls are serialized by `lock` (see concurrency.py); a stream holds it until it is exhausted,
     closed or garbage-collected, so finish or close() streams you abandon."""
 
-    def __init__(self, model: OffloadedMixtral, config: EngineConfig, tokenizer=None, model_dir: Path | None = None,
+    def __init__(self, model: OffloadedModel, config: EngineConfig, tokenizer=None, model_dir: Path | None = None,
                  kernel_warmup_s: float = 0.0):
         self.model, self.config, self.tokenizer, self.model_dir = model, config, tokenizer, model_dir
         self.cache: ExpertCache = model.cache
@@ -163,7 +165,8 @@ class Engine:
 
 def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torch.device | None = None,
          progress: bool = True) -> Engine:
-    """Load a Mixtral checkpoint (local directory or hub repo id), quantize it as configured, and build the engine.
+    """Load an MoE checkpoint of a supported family (local directory or hub repo id), quantize it as configured,
+    and build the engine.
 
     Pre-quantized checkpoints (written by `quantize_checkpoint`) load without re-quantizing.
     """
@@ -187,16 +190,16 @@ def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torc
 
 def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, progress: bool) -> Engine:
     """Allocate the cache and trunk, then let `source` fill them (from full-precision or pre-quantized weights)."""
-    check_config_for_model(cfg, hf_config)
-    dtype = cfg.torch_dtype
-    layout = ExpertLayout.build(hf_config.hidden_size, hf_config.intermediate_size, cfg.quant.experts, dtype)
+    anatomy = Anatomy.of(hf_config, cfg.torch_dtype)
+    check_config_for_model(cfg, anatomy)
+    layout = anatomy.expert_layout(cfg)
     k = resolve_experts_on_device(cfg, hf_config, device)
     cfg = cfg.replace(experts_on_device=k)
-    attention = [MatrixLayout.build(shape, cfg.quant.attention, dtype) for shape in attention_shapes(hf_config).values()]
-    kernels, warmup_s = _ready_kernels(cfg.kernels, device, [*layout.matrices.values(), *attention])
-    cache = ExpertCache(hf_config.num_hidden_layers, hf_config.num_local_experts, layout.nbytes, k,
-                        cfg.offload.prefetch, device, cfg.offload.policy)
-    model = OffloadedMixtral(hf_config, cache, layout, dtype, device, kernels)
+    trunk = [t.layout(cfg) for t in anatomy.quantized()]
+    kernels, warmup_s = _ready_kernels(cfg.kernels, device, [*layout.matrices.values(), *trunk])
+    cache = ExpertCache(len(anatomy.moe_layers), anatomy.num_experts, layout.nbytes, k, cfg.offload.prefetch, device,
+                        cfg.offload.policy)
+    model = OffloadedModel(hf_config, anatomy, cache, layout, cfg.torch_dtype, device, kernels)
     source(model, layout, progress)
     model.finish_loading()
     return Engine(model, cfg, kernel_warmup_s=warmup_s)
@@ -217,47 +220,52 @@ def _ready_kernels(choice: str, device: torch.device, layouts: list[MatrixLayout
         return REFERENCE, 0.0
 
 
-def check_config_for_model(cfg: EngineConfig, hf_config) -> None:
+def check_config_for_model(cfg: EngineConfig, anatomy: Anatomy) -> None:
     """The config rules that need the model's shapes, checked before anything is allocated."""
-    E = hf_config.num_local_experts
+    E = anatomy.num_experts
     if cfg.offload.prefetch > E:
         raise ConfigError(f"offload.prefetch is {cfg.offload.prefetch}, but this model has {E} experts per layer: "
                           f"use 0 (off) to {E}")
-    H, I = hf_config.hidden_size, hf_config.intermediate_size
-    for part, shapes in (("experts", [(I, H), (H, I)]), ("attention", attention_shapes(hf_config).values())):
-        spec = getattr(cfg.quant, part)
-        for shape in shapes:
-            try:
-                MatrixLayout.build(shape, spec, cfg.torch_dtype)
-            except QuantizationError as e:
-                raise ConfigError(f"quant.{part}.group_size {spec.group_size} does not fit this model: {e}") from None
+    try:
+        anatomy.expert_layout(cfg)
+    except QuantizationError as e:
+        raise ConfigError(f"quant.experts.group_size {cfg.quant.experts.group_size} does not fit this model: "
+                          f"{e}") from None
+    for tensor in anatomy.quantized():
+        try:
+            tensor.layout(cfg)
+        except QuantizationError as e:
+            spec = getattr(cfg.quant, tensor.part)
+            raise ConfigError(f"quant.{tensor.part}.group_size {spec.group_size} does not fit this model: "
+                              f"{e}") from None
 
 
 def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineConfig, device: torch.device):
     """Fill a model from a full-precision checkpoint, quantizing tensor by tensor (on the GPU when there is one)."""
-    H, L, E = hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_local_experts
-    shapes = attention_shapes(hf_config)
     quant_device = device if device.type == "cuda" else torch.device("cpu")
 
-    def fill(model: OffloadedMixtral, layout: ExpertLayout, progress: bool) -> None:
-        V = hf_config.vocab_size
-        model.set_tensor("model.embed_tokens.weight", checkpoint.get("model.embed_tokens.weight", (V, H)))
-        model.set_tensor("model.norm.weight", checkpoint.get("model.norm.weight", (H,)))
-        if not hf_config.tie_word_embeddings:
-            model.set_tensor("lm_head.weight", checkpoint.get("lm_head.weight", (V, H)))
-        for l in tqdm(range(L), desc="quantizing layers", disable=not progress):
-            prefix = f"model.layers.{l}"
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                model.set_tensor(f"{prefix}.{norm}.weight", checkpoint.get(f"{prefix}.{norm}.weight", (H,)))
-            model.set_tensor(f"{prefix}.mlp.gate.weight", checkpoint.router(l, hf_config))
-            for proj in ATTENTION_PROJECTIONS:
-                weight = checkpoint.get(f"{prefix}.self_attn.{proj}.weight", shapes[proj])
-                attn_layout, buffer = quantize_matrix(weight.to(quant_device, cfg.torch_dtype), cfg.quant.attention,
-                                                      cfg.torch_dtype)
-                model.set_attention(l, proj, attn_layout, buffer)
-            for e in range(E):
-                weights = {m: w.to(quant_device, cfg.torch_dtype) for m, w in checkpoint.expert(l, e, hf_config).items()}
-                model.cache.fill(l, e, lambda buffer: layout.pack(weights, buffer))
+    def fill(model: OffloadedModel, layout: ExpertLayout, progress: bool) -> None:
+        anatomy, renames = model.anatomy, model.family.renames
+        by_layer: dict[int | None, list] = {}
+        for tensor in anatomy.trunk:
+            by_layer.setdefault(tensor.layer, []).append(tensor)
+        moe_index = {l: m for m, l in enumerate(anatomy.moe_layers)}
+        for l in tqdm([None, *range(hf_config.num_hidden_layers)], desc="quantizing layers", disable=not progress):
+            for tensor in by_layer.get(l, []):
+                if tensor.part is None:
+                    model.set_tensor(tensor.name, checkpoint.trunk(tensor.name, tensor.shape, renames),
+                                     tensor.dtype(cfg))
+                    continue
+                weight = checkpoint.trunk(f"{tensor.name}.weight", tensor.shape, renames)
+                linear, buffer = quantize_matrix(weight.to(quant_device, cfg.torch_dtype),
+                                                 getattr(cfg.quant, tensor.part), cfg.torch_dtype)
+                model.set_linear(tensor.name, linear, buffer)
+            if l not in moe_index:
+                continue
+            for e in range(anatomy.num_experts):
+                weights = {name: read_expert_tensor(checkpoint, anatomy, l, e, name).to(quant_device, cfg.torch_dtype)
+                           for name in layout.names}
+                model.cache.fill(moe_index[l], e, lambda buffer: layout.pack(weights, buffer))
                 checkpoint.close()  # unmap the source shards, or their pages stay resident (host RAM is scarce)
 
     return fill

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-from .model import OffloadedMixtral
+from .model import OffloadedModel
 
 
 class ParameterTypeError(TypeError, ValueError):
@@ -143,7 +143,7 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 @torch.inference_mode()
-def generate_tokens(model: OffloadedMixtral, new_ids: Sequence[int], params: SamplingParams, kv_cache: DynamicCache,
+def generate_tokens(model: OffloadedModel, new_ids: Sequence[int], params: SamplingParams, kv_cache: DynamicCache,
                     eos_ids: Iterable[int] = (), context: Sequence[int] = (), feed_eos: bool = False) -> Iterator[int]:
     """Prefill `new_ids` on top of `kv_cache`, then yield up to max_new_tokens sampled tokens. EOS ends it and
     is not yielded; with `feed_eos` it is run through the model so the cache holds it (a chat's next turn

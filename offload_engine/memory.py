@@ -12,12 +12,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import MixtralConfig
 
+from .anatomy import Anatomy
 from .config import EngineConfig
 from .expert_cache import CacheAllocation
-from .experts import ExpertLayout
-from .quantize import MatrixLayout
 
 GiB = 1024**3
 # CUDA context, allocator fragmentation, activations and one expert's dequantized matrices at a time.
@@ -56,36 +54,39 @@ class MemoryPlan:
                 f"pinned + {g(self.host_margin_bytes)} process = {g(self.host_total_bytes)}")
 
 
-def _head_dim(hf: MixtralConfig) -> int:
-    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+def trunk_bytes(hf, cfg: EngineConfig) -> int:
+    """Embeddings, lm_head, norms, routers, attention, shared experts and dense MLPs, as the loader stores them."""
+    return Anatomy.of(hf, cfg.torch_dtype).trunk_bytes(cfg)
 
 
-def trunk_bytes(hf: MixtralConfig, cfg: EngineConfig) -> int:
-    itemsize = cfg.torch_dtype.itemsize
-    H, V, E = hf.hidden_size, hf.vocab_size, hf.num_local_experts
-    q_out, kv_out = hf.num_attention_heads * _head_dim(hf), hf.num_key_value_heads * _head_dim(hf)
-    shapes = [(q_out, H), (kv_out, H), (kv_out, H), (H, q_out)]
-    attention = sum(MatrixLayout.build(s, cfg.quant.attention, cfg.torch_dtype).nbytes for s in shapes)
-    per_layer = attention + (2 * H + E * H) * itemsize  # + two norms and the router
-    embeddings = V * H * itemsize * (1 if hf.tie_word_embeddings else 2)
-    return hf.num_hidden_layers * per_layer + embeddings + H * itemsize
+def kv_cache_bytes(hf, cfg: EngineConfig, context: int) -> int:
+    """Keys and values of `context` tokens in every layer, as transformers' DynamicCache holds them: MLA
+    (DeepSeek) caches decompressed per-head keys [qk_nope + qk_rope] and values [v_head_dim]; a sliding-window layer
+    (GPT-OSS) keeps at most its window."""
+    if getattr(hf, "kv_lora_rank", None):
+        per_token = hf.num_attention_heads * (hf.qk_nope_head_dim + hf.qk_rope_head_dim + hf.v_head_dim)
+    else:
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        per_token = 2 * hf.num_key_value_heads * head_dim
+    kinds = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
+    window = getattr(hf, "sliding_window", None) or context
+    tokens = sum(min(context, window) if kind == "sliding_attention" else context for kind in kinds)
+    return per_token * tokens * cfg.torch_dtype.itemsize
 
 
-def kv_cache_bytes(hf: MixtralConfig, cfg: EngineConfig, context: int) -> int:
-    return 2 * hf.num_hidden_layers * hf.num_key_value_heads * _head_dim(hf) * context * cfg.torch_dtype.itemsize
-
-
-def plan_memory(hf: MixtralConfig, cfg: EngineConfig, free_bytes: int, context: int | None = None,
+def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = None,
                 host_free_bytes: int | None = None) -> MemoryPlan:
     """The largest experts-per-layer count that fits `free_bytes` of device memory (or the configured count,
     checked), and, given `host_free_bytes`, whose offloaded experts fit the host's RAM. Raises NotEnoughMemory with
     the numbers when even the requested/minimal configuration does not fit."""
     context = context or cfg.max_context
-    E, L = hf.num_local_experts, hf.num_hidden_layers
-    expert = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, cfg.quant.experts, cfg.torch_dtype).nbytes
-    dequantized = 3 * hf.hidden_size * hf.intermediate_size * cfg.torch_dtype.itemsize  # one expert, unpacked
+    anatomy = Anatomy.of(hf, cfg.torch_dtype)
+    E, L = anatomy.num_experts, len(anatomy.moe_layers)
+    expert = anatomy.expert_layout(cfg).nbytes
+    dequantized = 3 * anatomy.hidden_size * anatomy.expert_intermediate * cfg.torch_dtype.itemsize  # one, unpacked
     margin = BASE_MARGIN + dequantized
-    fixed = trunk_bytes(hf, cfg) + kv_cache_bytes(hf, cfg, context) + margin
+    trunk = anatomy.trunk_bytes(cfg)
+    fixed = trunk + kv_cache_bytes(hf, cfg, context) + margin
 
     def spares(k: int) -> int:
         return 0 if k >= E else (1 + 2 * cfg.offload.prefetch) * expert
@@ -109,7 +110,7 @@ def plan_memory(hf: MixtralConfig, cfg: EngineConfig, free_bytes: int, context: 
                 f"{free_bytes / GiB:.2f} GiB is free; " + (f"at most {fits} fit(s): set offload.experts_on_device "
                 f"to {fits} or 'auto'" if fits else "not even 1 fits: use fewer bits or a larger GPU"))
     pinned = CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, cuda=True).locked_host_bytes
-    plan = MemoryPlan(k, expert, trunk_bytes(hf, cfg), kv_cache_bytes(hf, cfg, context), spares(k), margin,
+    plan = MemoryPlan(k, expert, trunk, kv_cache_bytes(hf, cfg, context), spares(k), margin,
                       total(k), context, pinned)
     if host_free_bytes is not None and plan.host_total_bytes > host_free_bytes:
         raise NotEnoughMemory(
@@ -132,11 +133,11 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_experts_on_device(cfg: EngineConfig, hf: MixtralConfig, device: torch.device) -> int:
+def resolve_experts_on_device(cfg: EngineConfig, hf, device: torch.device) -> int:
     """On CUDA: plan against the free device memory and the available host RAM. On CPU the 'device' is host RAM
     and nothing is page-locked, so 'auto' keeps every expert."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return plan_memory(hf, cfg, free, host_free_bytes=available_host_bytes()).experts_on_device
-    requested = cfg.offload.experts_on_device
-    return hf.num_local_experts if requested == "auto" else min(requested, hf.num_local_experts)
+    requested, E = cfg.offload.experts_on_device, Anatomy.of(hf, cfg.torch_dtype).num_experts
+    return E if requested == "auto" else min(requested, E)

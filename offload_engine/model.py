@@ -1,54 +1,213 @@
-"""Offloaded Mixtral: transformers' trunk (embeddings, attention, rotary, norms, lm_head) around our MoE layers.
+"""Offloaded MoE model: a family's own transformers modules around routed experts that live in the expert cache.
 
-A token's path, as `OffloadedMixtral.forward` spells it out:
-  embedding -> per layer: attention (HF module, optionally 4-bit) -> router -> expert cache -> experts
+A token's path, as `OffloadedModel.forward` spells it out:
+  embedding -> per layer: attention (the family's module, optionally quantized) -> the family's MLP block:
+  router -> `OffloadedExperts` -> expert cache -> experts (+ the family's shared experts; or a dense MLP)
   -> final norm -> lm_head -> logits (the sampler lives in generate.py).
+
+Only the routed experts are replaced: the family's MoE block calls `experts(hidden, top_k_index, top_k_weights)`
+as it calls its own experts module, and `OffloadedExperts` hands that call back to this model's loop, which
+owns what must be ordered across layers: the one device->host read of a layer's routing (with the next MoE
+layer's guess riding along), the demand copies queued before the next layer's speculative copies, and the
+statistics. Which layers are MoE, and where the router sits, come from the adapter table (families.py).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from transformers import DynamicCache, MixtralConfig, MixtralForCausalLM
-from transformers.masking_utils import create_causal_mask
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .anatomy import Anatomy, skeleton
 from .expert_cache import ExpertCache
 from .experts import ExpertLayout, expert_forward
 from .kernels import REFERENCE, Kernels
-from .prefetch import guess_experts, route
+from .prefetch import guess_experts
 from .quantize import MatrixLayout, QuantLinear
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+RoutingObserver = Callable[[int, list[list[int]], list[int]], None]
 
 
-def attention_shapes(config: MixtralConfig) -> dict[str, tuple[int, int]]:
-    """[out, in] of each attention projection."""
-    H = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or H // config.num_attention_heads
-    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    return {"q_proj": (q_out, H), "k_proj": (kv_out, H), "v_proj": (kv_out, H), "o_proj": (H, q_out)}
+class OffloadedExperts(nn.Module):
+    """Stands where the family's routed-experts module stood, and is called like it:
+    (hidden [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]. It owns nothing but its MoE-layer number
+    and a weak reference to the model's method that runs the layer (a strong one would make the model a reference
+    cycle, and dropping an engine would then wait for the garbage collector to release the cache's memory)."""
 
-
-class MoELayer(nn.Module):
-    """Mixtral's sparse MoE block with its experts behind the expert cache; called explicitly by the model."""
-
-    def __init__(self, layer_idx: int, config: MixtralConfig, cache: ExpertCache, layout: ExpertLayout,
-                 kernels: Kernels):
+    def __init__(self, moe_layer: int, run: Callable[..., torch.Tensor]):
         super().__init__()
-        self.layer_idx, self.top_k = layer_idx, config.num_experts_per_tok
-        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)  # the router
-        self.cache, self.layout, self.kernels = cache, layout, kernels
+        self.moe_layer, self.run = moe_layer, weakref.WeakMethod(run)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, routed: list[int],
-                then: Callable[[], None] | None = None) -> torch.Tensor:
-        """x: [T, H] normed hidden states; weights, experts: [T, K]; routed: `experts` already read to the host
-        (flat, T*K). `then()` runs once every demand copy is queued (the next layer's speculative copies)."""
-        cache, layer = self.cache, self.layer_idx
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self.run()(self.moe_layer, hidden, top_k_index, top_k_weights)
+
+
+@dataclass
+class _Pass:
+    """What one forward carries from layer to layer."""
+    residual: torch.Tensor  # [T, H]: the latest residual stream, from which the next MoE layer is guessed
+    on_routing: RoutingObserver | None
+    guessed: list[int] = field(default_factory=list)  # the guess for the MoE layer about to run
+
+
+class OffloadedModel(nn.Module):
+    def __init__(self, config, anatomy: Anatomy, cache: ExpertCache, layout: ExpertLayout, dtype: torch.dtype,
+                 device: torch.device, kernels: Kernels = REFERENCE):
+        super().__init__()
+        family = anatomy.family
+        config._attn_implementation = "sdpa" if family.model_class()._supports_sdpa else "eager"
+        self.config, self.anatomy, self.family = config, anatomy, family
+        self.cache, self.layout, self.dtype, self.device = cache, layout, dtype, torch.device(device)
+        self.kernels = kernels  # quantized matmuls of experts and trunk (offload_engine.kernels)
+        hf, moe_layers, _ = skeleton(config, family)  # the trunk's tensors stay on the meta device until loaded
+        self.model, self.lm_head = hf.model, hf.lm_head
+        self.layers = self.model.layers
+        self.routers = []  # per MoE layer: the family's router module, (logits, weights, indices)
+        for m, l in enumerate(moe_layers):
+            self.layers[l].mlp.experts = OffloadedExperts(m, self._experts)
+            self.routers.append(getattr(self.layers[l].mlp, family.router))
+        self.moe_layers = moe_layers
+        self.prefetch = cache.prefetch_count
+        self.host_syncs = 0  # device->host reads of routing decisions (one per MoE layer, plus one with prefetch)
+        self._pass: _Pass | None = None
+
+    # ---- loading ----
+    def set_tensor(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Materialise one trunk parameter (e.g. 'model.norm.weight') on the device in the model dtype (or `dtype`)."""
+        # dtype= is needed: without it accelerate casts to the meta parameter's dtype (float32), not ours.
+        set_module_tensor_to_device(self, name, self.device, value=value, dtype=dtype or self.dtype)
+
+    def set_linear(self, name: str, layout: MatrixLayout, buffer: torch.Tensor) -> None:
+        """A trunk linear layer (e.g. 'model.layers.0.self_attn.q_proj') from its packed bytes; a bias it has was
+        set before with set_tensor and stays."""
+        if layout.spec.bits is None:
+            self.set_tensor(f"{name}.weight", layout.views(buffer)["weight"])
+            return
+        parent, _, attr = name.rpartition(".")
+        old = self.get_submodule(name)
+        setattr(self.get_submodule(parent), attr, QuantLinear(layout, buffer.to(self.device), self.kernels, old.bias))
+
+    def finish_loading(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        meta = [n for n, p in self.named_parameters() if p.device.type == "meta"]
+        if meta:
+            raise RuntimeError(f"parameters left unloaded: {meta[:5]}")
+        for module in self.modules():  # buffers never loaded (rotary tables, built on the CPU) join the device
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.device.type != self.device.type:
+                    setattr(module, name, buffer.to(self.device))
+        self.eval()
+
+    # ---- forward ----
+    def _speculate(self, moe_layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """MoE layer `moe_layer`'s router on an earlier hidden state: [T, H] -> guessed experts [prefetch] (device)."""
+        if not self.prefetch or moe_layer >= len(self.moe_layers):
+            return None
+        norm = self.layers[self.moe_layers[moe_layer]].post_attention_layernorm
+        logits = self.routers[moe_layer](norm(hidden))[0]  # [T, E]
+        return guess_experts(logits, self.prefetch)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None,
+                on_routing: RoutingObserver | None = None) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V] (float32). `kv_cache` is extended in place when given.
+        `on_routing(moe_layer, experts per token, guess)` observes each MoE layer's decisions (profiling, tests):
+        the experts each token was routed to, and the experts speculatively guessed for this layer before it
+        ran (empty with prefetch off). MoE layers are numbered 0, 1, ... as the expert cache numbers them.
+
+        Whatever this raises (KeyboardInterrupt included), the expert cache is back in its idle state before the
+        exception leaves (`ExpertCache.recover`); `kv_cache` may then hold part of this call and should be dropped."""
+        cache = self.cache
+        if cache.busy:  # an earlier forward was interrupted and never recovered: finish that first
+            cache.recover()
+        try:
+            cache.busy = True
+            logits = self._forward(input_ids, kv_cache, on_routing)
+            cache.busy = False
+            return logits
+        except BaseException:
+            while True:  # a second Ctrl-C must not leave the cache half-restored; the first one is re-raised
+                try:
+                    cache.recover()
+                    break
+                except KeyboardInterrupt:
+                    continue
+            raise
+        finally:
+            self._pass = None
+
+    def _masks(self, hidden: torch.Tensor, kv_cache: DynamicCache | None, position_ids: torch.Tensor) -> list:
+        """Each layer's attention mask, built the way the family's own model builds it."""
+        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=kv_cache,
+                      position_ids=position_ids)
+        builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        if self.family.masks == "layer_types":
+            kinds = list(self.config.layer_types)
+        elif self.family.masks == "window" and getattr(self.config, "sliding_window", None) is not None:
+            kinds = ["sliding_attention"] * len(self.layers)
+        else:
+            kinds = ["full_attention"] * len(self.layers)
+        masks = {kind: builders[kind](**kwargs) for kind in set(kinds)}
+        return [masks[kind] for kind in kinds]
+
+    def _forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None, on_routing) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        past = kv_cache.get_seq_length() if kv_cache is not None else 0
+        position_ids = torch.arange(past, past + seq, device=self.device)[None]  # [1, S]
+        # non_blocking: a pageable host->device copy is staged before it returns, so it needs no stream sync.
+        hidden = self.model.embed_tokens(input_ids.to(self.device, non_blocking=True))  # [B, S, H]
+        masks = self._masks(hidden, kv_cache, position_ids)
+        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        self._pass = step = _Pass(hidden.view(-1, hidden.shape[-1]), on_routing)
+        guess = self._speculate(0, step.residual)
+        if guess is not None:
+            step.guessed = guess.tolist()
+            self.host_syncs += 1
+            self.cache.prefetch(0, step.guessed)
+        for l, layer in enumerate(self.layers):
+            attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=masks[l],
+                                          position_embeddings=position_embeddings, position_ids=position_ids,
+                                          cache=kv_cache)
+            hidden = hidden + attn_out  # [B, S, H]
+            step.residual = hidden.view(-1, hidden.shape[-1])  # [T, H]
+            # The family's MLP: an MoE block (router, our experts, its shared experts) or a dense MLP.
+            out = layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + (out[0] if self.family.block_returns_tuple else out)
+        hidden = self.model.norm(hidden)
+        return self.lm_head(hidden).float()
+
+    def _experts(self, moe_layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts of MoE layer `moe_layer`, called from inside the family's block.
+        x: [T, H] normed hidden states; experts, weights: [T, K] (the family's router's choice) -> [T, H]."""
+        step = self._pass
+        guess = self._speculate(moe_layer + 1, step.residual)
+        # The one device->host read of the layer: the routing decides which experts to fetch, and the guess
+        # for the next MoE layer rides along in the same transfer. Everything else stays on the device.
+        both = experts.reshape(-1) if guess is None else torch.cat([experts.reshape(-1), guess])
+        both = both.tolist()
+        self.host_syncs += 1
+        routed, next_guess = both[: experts.numel()], both[experts.numel() :]
+        if step.on_routing is not None:
+            k = experts.shape[-1]
+            step.on_routing(moe_layer, [routed[i : i + k] for i in range(0, len(routed), k)], step.guessed)
+        step.guessed = next_guess
+        # The next layer's speculative copies are queued after this layer's demand copies.
+        then = (lambda: self.cache.prefetch(moe_layer + 1, next_guess)) if guess is not None else None
+        return self._run_experts(moe_layer, x, weights, experts, routed, then)
+
+    def _run_experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                     routed: list[int], then: Callable[[], None] | None) -> torch.Tensor:
+        """x: [T, H]; weights, experts: [T, K]; routed: `experts` already read to the host (flat, T*K).
+        `then()` runs once every demand copy is queued (the next layer's speculative copies)."""
+        cache = self.cache
         order = list(dict.fromkeys(routed))  # distinct experts in order of first use
         # Each expert's (token, k) positions from one device sort, sliced at offsets counted on the host: no
         # host sync per expert. Stable, so each expert's tokens stay ascending (the reference's summation order).
@@ -58,7 +217,7 @@ class MoELayer(nn.Module):
         for expert in sorted(counts):
             starts[expert], offset = offset, offset + counts[expert]
         out = torch.zeros_like(x)
-        flat_weights = weights.view(-1)  # [T*K]
+        flat_weights = weights.reshape(-1)  # [T*K]
 
         def run(expert: int) -> None:
             pos = positions[starts[expert] : starts[expert] + counts[expert]]  # [n]
@@ -83,117 +242,3 @@ class MoELayer(nn.Module):
             run(expert)
         cache.end_layer(layer)
         return out
-
-
-class OffloadedMixtral(nn.Module):
-    def __init__(self, config: MixtralConfig, cache: ExpertCache, layout: ExpertLayout, dtype: torch.dtype,
-                 device: torch.device, kernels: Kernels = REFERENCE):
-        super().__init__()
-        config._attn_implementation = "sdpa"
-        self.config, self.cache, self.dtype, self.device = config, cache, dtype, torch.device(device)
-        self.kernels = kernels  # quantized matmuls of experts and attention (offload_engine.kernels)
-        with init_empty_weights():  # the trunk's tensors stay on the meta device until loaded one by one
-            hf = MixtralForCausalLM(config)
-            for i, layer in enumerate(hf.model.layers):
-                layer.mlp = MoELayer(i, config, cache, layout, kernels)
-        self.model, self.lm_head = hf.model, hf.lm_head
-        self.layers = self.model.layers
-        self.prefetch = cache.prefetch_count
-        self.host_syncs = 0  # device->host reads of routing decisions (one per layer, plus one with prefetch)
-
-    # ---- loading ----
-    def set_tensor(self, name: str, value: torch.Tensor) -> None:
-        """Materialise one trunk parameter (e.g. 'model.norm.weight') on the device in the model dtype."""
-        # dtype= is needed: without it accelerate casts to the meta parameter's dtype (float32), not ours.
-        set_module_tensor_to_device(self, name, self.device, value=value, dtype=self.dtype)
-
-    def set_attention(self, layer: int, proj: str, layout: MatrixLayout, buffer: torch.Tensor) -> None:
-        attention = self.layers[layer].self_attn
-        if layout.spec.bits is None:
-            weight = layout.views(buffer)["weight"]
-            self.set_tensor(f"model.layers.{layer}.self_attn.{proj}.weight", weight)
-        else:
-            setattr(attention, proj, QuantLinear(layout, buffer.to(self.device), self.kernels))
-
-    def finish_loading(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        meta = [n for n, p in self.named_parameters() if p.device.type == "meta"]
-        if meta:
-            raise RuntimeError(f"parameters left unloaded: {meta[:5]}")
-        self.model.rotary_emb.to(self.device)
-        self.eval()
-
-    # ---- forward ----
-    def _speculate(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Layer `layer`'s router on an earlier hidden state: [T, H] -> guessed experts [prefetch], on device."""
-        if not self.prefetch or layer >= len(self.layers):
-            return None
-        target = self.layers[layer]
-        return guess_experts(target.mlp.gate(target.post_attention_layernorm(hidden)), self.prefetch)
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None,
-                on_routing: Callable[[int, list[list[int]], list[int]], None] | None = None) -> torch.Tensor:
-        """input_ids [B, S] -> logits [B, S, V] (float32). `kv_cache` is extended in place when given.
-        `on_routing(layer, experts per token, guess)` observes each layer's decisions (profiling, tests):
-        the experts each token was routed to, and the experts speculatively guessed for this layer before it
-        ran (empty with prefetch off).
-
-        Whatever this raises (KeyboardInterrupt included), the expert cache is back in its idle state before the
-        exception leaves (`ExpertCache.recover`); `kv_cache` may then hold part of this call and should be dropped."""
-        cache = self.cache
-        if cache.busy:  # an earlier forward was interrupted and never recovered: finish that first
-            cache.recover()
-        try:
-            cache.busy = True
-            logits = self._forward(input_ids, kv_cache, on_routing)
-            cache.busy = False
-            return logits
-        except BaseException:
-            while True:  # a second Ctrl-C must not leave the cache half-restored; the first one is re-raised
-                try:
-                    cache.recover()
-                    break
-                except KeyboardInterrupt:
-                    continue
-            raise
-
-    def _forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None, on_routing) -> torch.Tensor:
-        batch, seq = input_ids.shape
-        past = kv_cache.get_seq_length() if kv_cache is not None else 0
-        position_ids = torch.arange(past, past + seq, device=self.device)[None]  # [1, S]
-        # non_blocking: a pageable host->device copy is staged before it returns, so it needs no stream sync.
-        hidden = self.model.embed_tokens(input_ids.to(self.device, non_blocking=True))  # [B, S, H]
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=kv_cache,
-                                  position_ids=position_ids)
-        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
-        guess = self._speculate(0, hidden.view(-1, hidden.shape[-1]))
-        guessed: list[int] = []  # the guess for the layer about to run
-        if guess is not None:
-            guessed = guess.tolist()
-            self.host_syncs += 1
-            self.cache.prefetch(0, guessed)
-        for l, layer in enumerate(self.layers):
-            attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
-                                          position_embeddings=position_embeddings, cache=kv_cache)
-            hidden = hidden + attn_out  # [B, S, H]
-            flat = hidden.view(-1, hidden.shape[-1])  # [T, H]
-            x = layer.post_attention_layernorm(flat)
-            weights, experts = route(layer.mlp.gate(x), layer.mlp.top_k)  # [T, K], [T, K]
-            guess = self._speculate(l + 1, flat)
-            # The one device->host read of the layer: the routing decides which experts to fetch, and the guess
-            # for the next layer rides along in the same transfer. Everything else stays on the device.
-            both = experts.reshape(-1) if guess is None else torch.cat([experts.reshape(-1), guess])
-            both = both.tolist()
-            self.host_syncs += 1
-            routed, next_guess = both[: experts.numel()], both[experts.numel() :]
-            if on_routing is not None:
-                k = layer.mlp.top_k
-                on_routing(l, [routed[i : i + k] for i in range(0, len(routed), k)], guessed)
-            guessed = next_guess
-            # The next layer's speculative copies are queued after this layer's demand copies.
-            then = (lambda l=l, g=next_guess: self.cache.prefetch(l + 1, g)) if guess is not None else None
-            hidden = hidden + layer.mlp(x, weights, experts, routed, then).view_as(hidden)
-        hidden = self.model.norm(hidden)
-        return self.lm_head(hidden).float()

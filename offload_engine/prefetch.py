@@ -13,13 +13,6 @@ from __future__ import annotations
 import torch
 
 
-def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral routing: softmax in fp32, top-k, renormalise.  [T, E] -> weights [T, K] (fp32), experts [T, K]."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), experts
-
-
 def guess_experts(router_logits: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` experts with the most router probability summed over the tokens.  [T, E] -> [count]."""
     probs = torch.softmax(router_logits.float(), dim=-1).sum(dim=0)  # [E]

@@ -1,13 +1,16 @@
-"""Pre-quantized checkpoints: convert a Mixtral checkpoint once, then load it without re-quantizing.
+"""Pre-quantized checkpoints: convert an MoE checkpoint once, then load it without re-quantizing.
 
 A pre-quantized directory holds
   * `trunk.safetensors`: embeddings, final norm and lm_head in the model dtype;
-  * `layer-NNN.safetensors`, one per layer: the two norms and the router in the model dtype, each attention
-    projection as one packed uint8 tensor `model.layers.{l}.self_attn.{proj}` (a `MatrixLayout` buffer), and
-    each expert as one packed uint8 tensor `model.layers.{l}.experts.{e}` (an `ExpertLayout` buffer);
-  * `offload_manifest.json`: format version, the quant config (`EngineConfig.to_dict()`), model shapes, the
-    byte layouts (`layouts.expert`: bits, group size, `ExpertLayout.describe()`; `layouts.attention.{proj}`),
-    per file its byte size, and per tensor its file, dtype, shape, CRC-32 and (packed ones) which layout;
+  * `layer-NNN.safetensors`, one per layer: its plain tensors (norms, router, biases, sinks) in the model dtype
+    (or float32 where the family keeps them so), each quantized linear layer (attention projections; shared
+    experts and dense MLPs) as one packed uint8 tensor named by its module, e.g. `model.layers.{l}.self_attn.q_proj`
+    (a `MatrixLayout` buffer), and in MoE layers each expert as one packed uint8 tensor
+    `model.layers.{l}.experts.{e}` (an `ExpertLayout` buffer);
+  * `offload_manifest.json`: format version, the family (`model_type`), the quant config
+    (`EngineConfig.to_dict()`), model shapes, the byte layouts (`layouts.expert`: bits, group size,
+    `ExpertLayout.describe()`; `layouts.attention.{proj}`; `layouts.trunk.{module}`), per file its byte size, and
+    per tensor its file, dtype, shape, CRC-32 and (packed ones) which layout;
   * config.json, generation_config.json and the tokenizer files, copied from the source.
 
 Conversion (convert/): the safetensors headers are computed from the layouts before anything is quantized, so
@@ -27,11 +30,12 @@ from typing import BinaryIO, NoReturn, Union
 import torch
 from tqdm.auto import tqdm
 
+from .anatomy import Anatomy
 from .checkpoint import read_config
 from .config import CONFIG_DIR, ConfigError, EngineConfig, load_config, read_yaml
 from .engine import MANIFEST, Engine, build_engine, load_tokenizer
 from .experts import ExpertLayout
-from .model import ATTENTION_PROJECTIONS, OffloadedMixtral, attention_shapes
+from .model import OffloadedModel
 from .prequantized_io import ST_DTYPES, PrequantizedError, TensorSpec, read_header, read_into
 from .quantize import MatrixLayout
 
@@ -51,57 +55,64 @@ def layer_file(layer: int) -> str:
 # ---- what goes where: computed from config.json and the quant config alone ----
 def plan_files(hf, cfg: EngineConfig) -> dict[str, list[TensorSpec]]:
     """File name -> its tensors in write order (typed tensors first, so every offset is aligned to its dtype)."""
-    dtype, H, V, E = cfg.torch_dtype, hf.hidden_size, hf.vocab_size, hf.num_local_experts
-    trunk = [TensorSpec("model.embed_tokens.weight", dtype, (V, H)), TensorSpec("model.norm.weight", dtype, (H,))]
-    if not hf.tie_word_embeddings:
-        trunk.append(TensorSpec("lm_head.weight", dtype, (V, H)))
-    files = {TRUNK_FILE: trunk}
-    expert_bytes = ExpertLayout.build(H, hf.intermediate_size, cfg.quant.experts, dtype).nbytes
-    attn_bytes = {p: MatrixLayout.build(s, cfg.quant.attention, dtype).nbytes for p, s in attention_shapes(hf).items()}
-    for l in range(hf.num_hidden_layers):
-        prefix = f"model.layers.{l}"
-        files[layer_file(l)] = [
-            TensorSpec(f"{prefix}.input_layernorm.weight", dtype, (H,)),
-            TensorSpec(f"{prefix}.post_attention_layernorm.weight", dtype, (H,)),
-            TensorSpec(f"{prefix}.mlp.gate.weight", dtype, (E, H)),
-            *[TensorSpec(f"{prefix}.self_attn.{p}", torch.uint8, (attn_bytes[p],)) for p in ATTENTION_PROJECTIONS],
-            *[TensorSpec(f"{prefix}.experts.{e}", torch.uint8, (expert_bytes,)) for e in range(E)],
-        ]
+    anatomy = Anatomy.of(hf, cfg.torch_dtype)
+    files: dict[str, list[TensorSpec]] = {TRUNK_FILE: []}
+    files.update({layer_file(l): [] for l in range(hf.num_hidden_layers)})
+    for t in anatomy.trunk:
+        spec = (TensorSpec(t.name, t.dtype(cfg), t.shape) if t.part is None
+                else TensorSpec(t.name, torch.uint8, (t.nbytes(cfg),)))
+        files[TRUNK_FILE if t.layer is None else layer_file(t.layer)].append(spec)
+    expert_bytes = anatomy.expert_layout(cfg).nbytes
+    for l in anatomy.moe_layers:
+        files[layer_file(l)] += [TensorSpec(f"model.layers.{l}.experts.{e}", torch.uint8, (expert_bytes,))
+                                 for e in range(anatomy.num_experts)]
     return files
 
 
 def _describe_matrix(layout: MatrixLayout) -> dict:
     return {"shape": list(layout.shape), "bits": layout.spec.bits, "group_size": layout.spec.group_size,
             "nbytes": layout.nbytes,
-            "segments": [{"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
-                          "offset": s.offset, "nbytes": s.nbytes} for s in layout.segments]}
+            "segments": [s.describe() for s in layout.segments]}
+
+
+def layout_key(name: str) -> str:
+    """A packed trunk tensor's key under `layouts` (and its manifest entry's `layout`): `attention.q_proj` for
+    'model.layers.3.self_attn.q_proj', `trunk.mlp.shared_experts.up_proj` for the others."""
+    within = name.split(".", 3)[3]
+    return f"attention.{within.removeprefix('self_attn.')}" if within.startswith("self_attn.") else f"trunk.{within}"
 
 
 def _layouts(hf, cfg: EngineConfig) -> dict:
     """The packed byte layouts as plain data: written into the manifest, compared on load."""
-    expert = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, cfg.quant.experts, cfg.torch_dtype)
-    return {
-        "expert": {"nbytes": expert.nbytes, "bits": expert.spec.bits, "group_size": expert.spec.group_size,
-                   "matrices": expert.describe()},
-        "attention": {p: _describe_matrix(MatrixLayout.build(s, cfg.quant.attention, cfg.torch_dtype))
-                      for p, s in attention_shapes(hf).items()},
-    }
+    anatomy = Anatomy.of(hf, cfg.torch_dtype)
+    expert = anatomy.expert_layout(cfg)
+    layouts = {"expert": {"nbytes": expert.nbytes, "bits": expert.spec.bits, "group_size": expert.spec.group_size,
+                          "matrices": expert.describe()}, "attention": {}}
+    for t in anatomy.quantized():
+        part, key = layout_key(t.name).split(".", 1)
+        layouts.setdefault(part, {})[key] = _describe_matrix(t.layout(cfg))
+    return layouts
 
 
 MODEL_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_attention_heads",
-              "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings")  # None where a family has no such key
 # config.json fields that change outputs without changing any tensor's shape: recorded too, so that an edited
 # config.json is refused by name instead of silently giving other tokens. (Training-only fields such as
 # router_jitter_noise or attention_dropout do not matter at inference.)
 OUTPUT_KEYS = ("head_dim", "num_experts_per_tok", "rms_norm_eps", "rope_theta", "rope_parameters", "sliding_window",
-               "max_position_embeddings", "hidden_act", "eos_token_id")
+               "max_position_embeddings", "hidden_act", "eos_token_id",
+               # other families' shapes and routing (recorded by manifests that have them)
+               "num_experts", "n_routed_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
+               "n_shared_experts", "first_k_dense_replace", "mlp_only_layers", "decoder_sparse_step", "layer_types",
+               "norm_topk_prob", "routed_scaling_factor", "topk_method", "n_group", "topk_group", "swiglu_limit",
+               "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 def _model_summary(hf, raw: dict | None = None) -> dict:
     """The config.json fields the weights depend on, as plain JSON data (compared with the manifest on load).
     `raw`: config.json as written, on load: a top-level rope_theta there (transformers 4 style) is what the user
     sees and edits, even where transformers 5 reads rope_parameters instead."""
-    summary = {k: getattr(hf, k) for k in MODEL_KEYS}
+    summary = {k: getattr(hf, k, None) for k in MODEL_KEYS}
     for key in OUTPUT_KEYS:
         summary[key] = getattr(hf, key, None)
     if summary["rope_parameters"] is None:  # older transformers: rope_theta alone
@@ -204,6 +215,10 @@ def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineCon
 
 def validate(model_dir: Path, manifest: dict, hf, cfg: EngineConfig) -> dict[str, tuple[int, dict]]:
     """Check every file against the manifest and the layouts this code computes; -> file: (data start, header)."""
+    family = manifest.get("family", "mixtral")  # written before other families existed: Mixtral
+    if family != hf.model_type:
+        raise PrequantizedError(f"{model_dir / 'config.json'} describes a {hf.model_type!r} model, but {MANIFEST} was "
+                                f"written for a {family!r} one; the files do not belong together")
     recorded, current = manifest["model"], _model_summary(hf, json.loads((model_dir / "config.json").read_text()))
     shapes = [k for k in MODEL_KEYS if recorded[k] != current[k]]
     if shapes:
@@ -271,21 +286,24 @@ def load_prequantized(model_dir: Path, config: ConfigLike, device: torch.device,
         read(f, file, spec.name, buffer)
         return buffer.view(spec.dtype).view(spec.shape)
 
-    def fill(model: OffloadedMixtral, layout: ExpertLayout, progress: bool) -> None:
+    def fill(model: OffloadedModel, layout: ExpertLayout, progress: bool) -> None:
         with open(model_dir / TRUNK_FILE, "rb", buffering=0) as f:
             for spec in plan[TRUNK_FILE]:
-                model.set_tensor(spec.name, fresh(f, TRUNK_FILE, spec))
-        attention = {p: MatrixLayout.build(s, cfg.quant.attention, cfg.torch_dtype) for p, s in attention_shapes(hf).items()}
+                model.set_tensor(spec.name, fresh(f, TRUNK_FILE, spec), spec.dtype)
+        packed = {t.name: t.layout(cfg) for t in model.anatomy.quantized()}
+        moe_index = {l: m for m, l in enumerate(model.anatomy.moe_layers)}
         for l in tqdm(range(hf.num_hidden_layers), desc="loading layers", disable=not progress):
-            file, prefix = layer_file(l), f"model.layers.{l}"
+            file = layer_file(l)
             with open(model_dir / file, "rb", buffering=0) as f:
-                for spec in plan[file][:3]:  # norms and router
-                    model.set_tensor(spec.name, fresh(f, file, spec))
-                for proj, spec in zip(ATTENTION_PROJECTIONS, plan[file][3:7], strict=True):
-                    model.set_attention(l, proj, attention[proj], fresh(f, file, spec))
-                for e in range(hf.num_local_experts):  # each expert straight into its home buffer
-                    name = f"{prefix}.experts.{e}"
-                    model.cache.fill(l, e, lambda buffer, f=f, file=file, name=name: read(f, file, name, buffer))
+                for spec in plan[file]:
+                    if spec.name in packed:
+                        model.set_linear(spec.name, packed[spec.name], fresh(f, file, spec))
+                    elif ".experts." in spec.name:  # each expert straight into its home buffer
+                        e = int(spec.name.rsplit(".", 1)[1])
+                        model.cache.fill(moe_index[l], e, lambda buffer, f=f, file=file, name=spec.name:
+                                         read(f, file, name, buffer))
+                    else:
+                        model.set_tensor(spec.name, fresh(f, file, spec), spec.dtype)
 
     engine = build_engine(hf, cfg, device, fill, progress)
     engine.tokenizer = load_tokenizer(model_dir)

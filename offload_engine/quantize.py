@@ -46,6 +46,11 @@ class Segment:
         """This segment of a flat uint8 buffer, as a typed tensor (no copy)."""
         return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
 
+    def describe(self) -> dict:
+        """As plain data (pre-quantized checkpoints' manifests record every byte layout)."""
+        return {"name": self.name, "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape),
+                "offset": self.offset, "nbytes": self.nbytes}
+
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
@@ -183,19 +188,22 @@ def quantize_matrix(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -
 
 
 class QuantLinear(torch.nn.Module):
-    """A bias-free linear layer whose weight lives in a packed buffer, multiplied by `kernels`
-    (offload_engine.kernels; None = the reference: dequantize at each call, then F.linear)."""
+    """A linear layer whose weight lives in a packed buffer, multiplied by `kernels` (offload_engine.kernels;
+    None = the reference: dequantize at each call, then F.linear); an optional bias stays in the model dtype."""
 
-    def __init__(self, layout: MatrixLayout, buffer: torch.Tensor, kernels=None):
+    def __init__(self, layout: MatrixLayout, buffer: torch.Tensor, kernels=None, bias: torch.Tensor | None = None):
         super().__init__()
         if kernels is None:
             from .kernels import REFERENCE as kernels
         self.layout, self.kernels = layout, kernels
         self.register_buffer("packed", buffer)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.out_features, self.in_features = layout.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.kernels.linear(x.reshape(-1, self.in_features), self.layout, self.packed)  # [tokens, out]
+        if self.bias is not None:
+            y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
 

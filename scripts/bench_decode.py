@@ -33,8 +33,6 @@ from transformers import DynamicCache, MixtralConfig  # noqa: E402
 
 from offload_engine.config import load_config  # noqa: E402
 from offload_engine.engine import build_engine  # noqa: E402
-from offload_engine.model import ATTENTION_PROJECTIONS, attention_shapes  # noqa: E402
-from offload_engine.quantize import MatrixLayout  # noqa: E402
 from offload_engine.simulate import default_trace_paths, load_traces  # noqa: E402
 
 SHAPES = {"mixtral-8x7b": {}, "small": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=4)}
@@ -53,26 +51,23 @@ def random_source(hf: MixtralConfig, cfg, seed: int = 0):
         return buffer
 
     def fill(model, layout, progress: bool) -> None:
-        H, V = hf.hidden_size, hf.vocab_size
         small = lambda *shape: torch.randn(*shape, generator=gen) * 0.02  # noqa: E731
-        model.set_tensor("model.embed_tokens.weight", small(V, H))
-        model.set_tensor("lm_head.weight", small(V, H))
-        model.set_tensor("model.norm.weight", torch.ones(H))
         expert = sane(torch.randint(0, 256, (layout.nbytes,), dtype=torch.uint8, generator=gen),
                       layout.matrices.values())
-        for l in range(hf.num_hidden_layers):
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                model.set_tensor(f"model.layers.{l}.{norm}.weight", torch.ones(H))
-            model.set_tensor(f"model.layers.{l}.mlp.gate.weight", small(hf.num_local_experts, H))
-            for proj, shape in zip(ATTENTION_PROJECTIONS, attention_shapes(hf).values()):
-                attn = MatrixLayout.build(shape, cfg.quant.attention, cfg.torch_dtype)
-                if attn.spec.bits is None:
-                    model.set_tensor(f"model.layers.{l}.self_attn.{proj}.weight", small(*shape))
-                else:
-                    buffer = torch.randint(0, 256, (attn.nbytes,), dtype=torch.uint8, generator=gen)
-                    model.set_attention(l, proj, attn, sane(buffer, [attn]))
-            for e in range(hf.num_local_experts):
-                model.cache.fill(l, e, lambda buffer: buffer.copy_(expert))
+        for tensor in model.anatomy.trunk:
+            if tensor.part is None:  # norms at one, the rest (embeddings, lm_head, routers) small
+                norm = "norm" in tensor.name
+                model.set_tensor(tensor.name, torch.ones(tensor.shape) if norm else small(*tensor.shape))
+                continue
+            packed = tensor.layout(cfg)
+            if packed.spec.bits is None:
+                model.set_tensor(f"{tensor.name}.weight", small(*tensor.shape))
+            else:
+                buffer = torch.randint(0, 256, (packed.nbytes,), dtype=torch.uint8, generator=gen)
+                model.set_linear(tensor.name, packed, sane(buffer, [packed]))
+        for m in range(len(model.moe_layers)):
+            for e in range(model.anatomy.num_experts):
+                model.cache.fill(m, e, lambda buffer: buffer.copy_(expert))
 
     return fill
 
@@ -85,11 +80,13 @@ class ReplayRouter(torch.nn.Module):
         self.routing, self.layer, self.num_experts, self.device = routing, layer, num_experts, device
         self.token = 0  # set by the driver before each forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, E]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, H] -> logits [T, E], weights [T, 2], experts [T, 2], as Mixtral's router returns them."""
         logits = torch.zeros(x.shape[0], self.num_experts, device=x.device, dtype=x.dtype)
         chosen = torch.as_tensor(self.routing[self.token % len(self.routing), self.layer], device=x.device)
         logits[:, chosen] = torch.tensor([2.0, 1.0], device=x.device, dtype=x.dtype)
-        return logits
+        weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1)
+        return logits, weights / weights.sum(dim=-1, keepdim=True), experts
 
 
 def routing_from_traces(paths, layers: int, num_experts: int) -> np.ndarray:
@@ -136,10 +133,9 @@ def main() -> None:
             overrides["experts_on_device"] = k if k == "auto" else int(k)
         cfg = dataclasses.replace(cfg.replace(**overrides), kernels=args.kernels)
         engine = build_engine(hf, cfg, device, random_source(hf, cfg), progress=False)
-        routers = []
+        routers = engine.model.routers  # speculation calls them too
         for l, layer in enumerate(engine.model.layers):
-            layer.mlp.gate = ReplayRouter(routing, l, hf.num_local_experts, device)
-            routers.append(layer.mlp.gate)
+            layer.mlp.gate = routers[l] = ReplayRouter(routing, l, hf.num_local_experts, device)
         ids = list(range(1, 9))
         kv = DynamicCache(config=hf)
         seconds, token = 0.0, 0

@@ -37,6 +37,14 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
+def set_up(args: argparse.Namespace) -> None:
+    """Threads as asked (`args.threads`), then the command and the machine, as every benchmark prints them."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
+    print("machine:", machine())
+
+
 def best_of_interleaved(runs: dict[str, Callable[[], list[int]]], repeats: int) -> dict[str, tuple[float, list[int]]]:
     """Best time of `repeats` per run, after one warm-up each. The runs take turns (A B C, A B C, ...), so a burst
     of load from another process slows one repeat of each rather than every repeat of one: this VM is shared
@@ -49,6 +57,11 @@ def best_of_interleaved(runs: dict[str, Callable[[], list[int]]], repeats: int) 
             outputs[name] = fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return {name: (best[name], outputs[name]) for name in runs}
+
+
+def timed(fn: Callable[[], list[int]], repeats: int) -> tuple[float, list[int]]:
+    """One run's best time of `repeats` after a warm-up, and its output."""
+    return best_of_interleaved({"run": fn}, repeats)["run"]
 
 
 def main() -> None:
@@ -64,10 +77,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
-    print("machine:", machine())
+    set_up(args)
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,

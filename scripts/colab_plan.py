@@ -29,7 +29,8 @@ from transformers import MixtralConfig  # noqa: E402
 
 from offload_engine.config import load_config  # noqa: E402
 from offload_engine.memory import GiB, plan_memory  # noqa: E402
-from offload_engine.prequantized import FILE_METADATA, attention_shapes, plan_files  # noqa: E402
+from offload_engine.anatomy import Anatomy  # noqa: E402
+from offload_engine.prequantized import FILE_METADATA, plan_files  # noqa: E402
 from offload_engine.prequantized_io import safetensors_header  # noqa: E402
 
 MIXTRAL_8X7B = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -45,7 +46,7 @@ CONFIGS = {"t4-16gb (4-bit attention / 2-bit g16 experts)": "t4-16gb",
 def source_tensors(hf: MixtralConfig) -> dict[str, int]:
     """Parameter count of every kind of source tensor, times how many there are."""
     H, I, L, E, V = hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.num_local_experts, hf.vocab_size
-    attn = sum(math.prod(s) for s in attention_shapes(hf).values())
+    attn = sum(math.prod(t.shape) for t in Anatomy.of(hf).quantized() if t.layer == 0)
     return {"embed + lm_head": 2 * V * H, "final norm": H, "attention": L * attn, "experts": L * E * 3 * I * H,
             "routers": L * E * H, "layer norms": L * 2 * H}
 

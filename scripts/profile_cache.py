@@ -5,13 +5,13 @@
         [--max-new-tokens N] [--experts-on-device K] [--prefetch N] [--policy NAME] [--threads N] [--out report.json]
         [--plot F.png]
 
-MODEL is a local Mixtral checkpoint directory or a hub repo id. Prompts: one per line of FILE; without --prompts, four
-built-in prompts. A model without tokenizer files gets token ids instead: each line of FILE is then a list of
+MODEL is a local checkpoint directory (any family in the README's table) or a hub repo id. Prompts: one per line
+of FILE; without --prompts, four built-in prompts. A model without tokenizer files gets token ids instead: each line of FILE is then a list of
 integers, and the default is four random prompts (seeded by --seed). Every prompt is decoded greedily.
 
 What is measured: the engine's own cache counters, for the single-token decode steps only (the prefill is reported
 separately: it fetches each expert once for the whole prompt, so its hit rate means something else). The routing and
-the prefetch guesses are recorded through ``OffloadedMixtral.forward(..., on_routing=...)``, which reports per layer
+the prefetch guesses are recorded through ``OffloadedModel.forward(..., on_routing=...)``, which reports per layer
 the experts routed to and the experts guessed for that layer before it ran. Per decode step, time is split into
   * copies:  CPU device: time inside the cache's (synchronous) copies, timed by wrapping ``ExpertCache._copy`` on this
              instance; CUDA: the host's wait for in-flight copies (the counters' ``wait_s``). Copies that overlap
@@ -104,7 +104,7 @@ class Recorder:
         self.engine, self.model, self.cache = engine, engine.model, engine.cache
         self.cuda = engine.device.type == "cuda"
         self.cache.timing = self.cuda  # CUDA: block on in-flight copies to measure the wait (counted as syncs)
-        n_layers = len(self.model.layers)
+        n_layers = len(self.model.moe_layers)  # the expert cache numbers MoE layers only
         self.prefill_stats = [LayerStats() for _ in range(n_layers)]
         self.routing: list[list[list[int]]] = []
         self.guesses: list[list[list[int]]] = []
@@ -122,7 +122,7 @@ class Recorder:
 
     def __call__(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None) -> torch.Tensor:
         prefill, self._next_is_prefill = self._next_is_prefill, False
-        n_layers = len(self.model.layers)
+        n_layers = len(self.model.moe_layers)  # the expert cache numbers MoE layers only
         rows: list[list[int]] = [[] for _ in range(n_layers)]
         guesses: list[list[int]] = [[] for _ in range(n_layers)]
 
@@ -213,7 +213,7 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
             ignore_eos: bool = False) -> dict:
     """Generate greedily for every prompt and return the report (without model/command/config keys)."""
     rec = Recorder(engine)
-    n_layers = len(engine.model.layers)
+    n_layers = len(engine.model.moe_layers)
     decode_stats = [LayerStats() for _ in range(n_layers)]
     params = SamplingParams(max_new_tokens=max_new_tokens)
     eos = () if ignore_eos else engine.eos_ids
@@ -261,10 +261,11 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
                          "other": per_token(decode_wall - forward)},
         "step_forward_ms": [round(1e3 * s, 4) for s in rec.forward_s],
     }
-    hf = engine.model.config
+    anatomy = engine.model.anatomy
     return {
         "schema_version": SCHEMA_VERSION, "machine": machine_info(engine), "num_layers": n_layers,
-        "num_experts": hf.num_local_experts, "top_k": hf.num_experts_per_tok, "prompts": prompt_info,
+        "family": anatomy.family.model_type, "num_experts": anatomy.num_experts, "top_k": anatomy.top_k,
+        "prompts": prompt_info,
         "tokens": steps, "routing": rec.routing, "guesses": rec.guesses,
         "per_layer": [with_rates(s) for s in decode_stats], "overall": with_rates(total),
         "prefill": {"prompt_tokens": sum(len(ids) for _, ids in prompts), "seconds": rec.prefill_s,

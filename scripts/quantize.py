@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Quantize a Hugging Face Mixtral checkpoint once and write a pre-quantized checkpoint that loads fast.
+"""Quantize a Hugging Face mixture-of-experts checkpoint (any family in the README's table) once and write a
+pre-quantized checkpoint that loads fast.
 
     python scripts/quantize.py SRC DST [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--overwrite]
                                [--keep-source] [--revision REV] [--push-to-hub REPO [--private]] [--quiet] [--debug]
@@ -35,7 +36,7 @@ from offload_engine.convert.push import push_to_hub  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="Mixtral checkpoint directory or hub repo id")
+    parser.add_argument("src", help="checkpoint directory or hub repo id")
     parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--config", default=None, help="packaged config name or YAML path (default: 4-bit attention, "
                         "2-bit experts, float16)")

@@ -26,10 +26,11 @@ def model_card(folder: str | os.PathLike, repo_id: str, source: str | None = Non
     base = f"base_model: {source}\n" if source and "/" in source and not Path(source).exists() else ""
     source_text = f"[{source}](https://huggingface.co/{source})" if base else (source or "not recorded")
     offload = cfg.offload
+    num_experts = next(n for n in (model.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")) if n)
     return f"""---
 {base}library_name: offload_engine
 tags:
-- mixtral
+- {manifest.get('family', 'mixtral')}
 - mixture-of-experts
 - hqq
 - offload_engine
@@ -38,13 +39,13 @@ tags:
 # {repo_id.split('/')[-1]}
 
 A pre-quantized checkpoint of {source_text} for
-offload_engine, which runs Mixtral-style mixture-of-experts models on one small GPU by
+offload_engine, which runs mixture-of-experts models (Mixtral, Qwen3-MoE, DeepSeek-V2, GPT-OSS, ...) on one small GPU by
 keeping part of each layer's experts on the GPU and the rest in host memory.
 
 ## Quantization
 
 - {_describe_quant(cfg)}, quantized with HQQ
-- model: {model['num_hidden_layers']} layers, {model['num_local_experts']} experts per layer, hidden size
+- model: {model['num_hidden_layers']} layers, {num_experts} experts per MoE layer, hidden size
   {model['hidden_size']}, vocabulary {model['vocab_size']}
 - written by {manifest.get('created_by', 'offload_engine')}, format version {manifest['format_version']}
 - default offload settings: {offload.experts_on_device} experts per layer on the GPU, prefetch {offload.prefetch},

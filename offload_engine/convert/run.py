@@ -1,4 +1,4 @@
-"""`quantize_checkpoint`: convert a Mixtral checkpoint (local directory or hub repo) into a pre-quantized one,
+"""`quantize_checkpoint`: convert an MoE checkpoint (local directory or hub repo) into a pre-quantized one,
 shard by shard and resumably.
 
 Work is split into units (units.py), each computing one byte range of the output from one source tensor, hence
@@ -25,12 +25,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..anatomy import Anatomy
 from ..checkpoint import CheckpointError, SafetensorsCheckpoint, read_config
 from ..config import load_config
 from ..engine import MANIFEST, default_device
 from ..experts import ExpertLayout
 from ..prequantized import (AUX_FILES, FILE_METADATA, FORMAT, FORMAT_VERSION, ConfigLike, _layouts, _model_summary,
-                            plan_files)
+                            layout_key, plan_files)
 from ..prequantized_io import TensorSpec, _bytes_of, safetensors_header
 from .journal import Journal, clear_stale, conversion_key
 from .source import HubSource, LocalSource, open_source
@@ -122,7 +123,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
                         keep_source: bool = False, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
                         confirm: Callable[[ConversionPlan], bool] | None = None) -> Path:
-    """Quantize the Mixtral checkpoint `src` (a directory or a hub repo id) as `config` says and write a
+    """Quantize the MoE checkpoint `src` (a directory or a hub repo id) as `config` says and write a
     pre-quantized checkpoint to `dst`. Quantization runs on `device` (default: CUDA if available), the way
     `load(src)` would there, so `load(dst)` gives exactly the logits of `load(src, config)` on that kind of device.
 
@@ -171,9 +172,10 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
              confirm) -> Path:
     hf = read_config(source.dir)
     plan = plan_files(hf, cfg)  # raises QuantizationError (a ValueError) for a group size that does not fit
-    layout = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, cfg.quant.experts, cfg.torch_dtype)
+    anatomy = Anatomy.of(hf, cfg.torch_dtype)
+    layout = anatomy.expert_layout(cfg)
     try:
-        units, sizes = build_units(plan, source.weight_map, layout)
+        units, sizes = build_units(plan, source.weight_map, layout, anatomy)
     except KeyError as e:
         raise ConversionError(f"tensor {e.args[0]} is missing from the source checkpoint {source.name}") from None
     journal.resume({"format_version": FORMAT_VERSION, "files": sizes})
@@ -192,7 +194,7 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
         os.pwrite(fd, safetensors_header(specs, FILE_METADATA), 0)
         fds[name] = fd
     try:
-        _run_units(source, pending, fds, journal, hf, cfg, quant_device, layout, progress)
+        _run_units(source, pending, fds, journal, anatomy, cfg, quant_device, layout, progress)
         for name, fd in fds.items():
             os.ftruncate(fd, sizes[name])  # a no-op unless an earlier run left a longer file
             os.fsync(fd)
@@ -218,8 +220,8 @@ def _plan(source, dst, partial, units, pending, sizes, quant_device) -> Conversi
                           len(to_fetch), len(source.sizes), output - written + shard_disk, free, seconds, streamed)
 
 
-def _run_units(source, pending: list[Unit], fds: dict[str, int], journal: Journal, hf, cfg, quant_device,
-               layout: ExpertLayout, progress: bool) -> None:
+def _run_units(source, pending: list[Unit], fds: dict[str, int], journal: Journal, anatomy: Anatomy, cfg,
+               quant_device, layout: ExpertLayout, progress: bool) -> None:
     """Fetch shards in index order; convert every unit of a shard, then release the shard before the next."""
     order = {s: i for i, s in enumerate(sorted(source.sizes))}
     by_shard: dict[str, list[Unit]] = {}
@@ -232,7 +234,7 @@ def _run_units(source, pending: list[Unit], fds: dict[str, int], journal: Journa
         SafetensorsCheckpoint._check_complete(path)
         checkpoint.file_of = {n: path for n, s in source.weight_map.items() if s == shard}
         for unit in by_shard[shard]:
-            data = _bytes_of(compute(unit, checkpoint, hf, cfg, quant_device, layout).cpu())
+            data = _bytes_of(compute(unit, checkpoint, anatomy, cfg, quant_device, layout).cpu())
             os.pwrite(fds[unit.file], data, unit.offset)
             os.fsync(fds[unit.file])  # the bytes are durable before the journal vouches for them
             journal.record({"tensor": unit.key, "file": unit.file, "offset": unit.offset, "nbytes": data.nbytes,
@@ -265,13 +267,14 @@ def _finish(source, dst: Path, partial: Path, journal: Journal, hf, cfg, plan, s
             tensors[s.name] = {"file": name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
                                "crc32": crcs[s.name]}
             if s.dtype == torch.uint8:  # a packed buffer: name its byte layout (bits, group size, segments)
-                kind = "expert" if ".experts." in s.name else f"attention.{s.name.rsplit('.', 1)[1]}"
+                kind = "expert" if ".experts." in s.name else layout_key(s.name)
                 tensors[s.name]["layout"] = kind
     for name in AUX_FILES:
         if (source.dir / name).exists():
             shutil.copyfile(source.dir / name, partial / name)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"offload_engine {__version__}",
-                "config": cfg.to_dict(), "model": _model_summary(hf), "layouts": _layouts(hf, cfg),
+                "family": hf.model_type, "config": cfg.to_dict(), "model": _model_summary(hf),
+                "layouts": _layouts(hf, cfg),
                 "files": files, "tensors": tensors, "aux_files": [n for n in AUX_FILES if (partial / n).exists()],
                 # hqq's optimizer runs in fp16 on CUDA and fp32 on CPU: the bytes depend on where they were made.
                 "quantized_on": quant_device.type}

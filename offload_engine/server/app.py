@@ -1,6 +1,6 @@
 """The HTTP routes: OpenAI's /v1/models, /v1/chat/completions and /v1/completions, plus /health and /metrics.
 
-    app = create_app(engine, model_name="mixtral", api_key=None, max_queue=32)
+    app = create_app(engine, model_name="mixtral-8x7b", api_key=None, max_queue=32)
 
 Handlers validate and tokenize on the event loop, then hand a Job to the single Worker and relay its events:
 as server-sent events for `stream: true` (`data: {chunk}` ... `data: [DONE]`), else as one JSON body. Every error
@@ -188,7 +188,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         if messages[-1]["role"] != "user":
             raise APIError(400, "the last message must be the user's: the model answers it", param="messages")
         try:
-            ids = encode_chat(tokenizer, messages)
+            ids = encode_chat(tokenizer, messages, engine.model.family.chat == "mixtral")
         except TemplateError as e:
             raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages")
         return await generate(request, body, ids, chat=True)

@@ -21,8 +21,8 @@ from ..memory import NotEnoughMemory
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="offload-serve", description="Serve a Mixtral checkpoint whose experts are offloaded to host memory "
-                                          "over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).",
+        prog="offload-serve", description="Serve a mixture-of-experts checkpoint whose experts are offloaded to host "
+                                          "memory over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).",
         epilog="One request is generated at a time; others wait in a FIFO queue. GET /metrics gives Prometheus "
                "metrics, GET /health a liveness check.")
     add_model_arguments(p, "serve the small demo model shipped in the package")
