@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -100,23 +101,40 @@ def _build(bits: int, group_size: int) -> Path:
 @functools.cache
 def _library(bits: int, group_size: int) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_build(bits, group_size)))
-    pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    matrix = [pointer] * 7 + [i32, i64, i64, i64]  # codes, scale/zero segments, dtype, N, K, S
-    lib.gemv.argtypes = [*matrix, pointer, i32, pointer, i32]
+    pointer, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.gemv.argtypes = [pointer, pointer, pointer, pointer, i32, pointer, i32]  # base, offsets, shape, x, T, y, threads
     lib.gemv.restype = None
-    lib.dequantize.argtypes = [*matrix, pointer, i32]
+    lib.dequantize.argtypes = [pointer, pointer, pointer, pointer, i32]  # base, offsets, shape, out, threads
     lib.dequantize.restype = None
     lib.max_tokens.restype = i32
     lib.token_block = lib.max_tokens()  # the GEMV's widest token block
     return lib
 
 
-@functools.cache
-def _segment_offsets(layout: MatrixLayout) -> tuple[int | None, ...]:
-    """Byte offsets of codes, scale_q, scale_range, zero_q, zero_range, scale, zero (None where absent)."""
-    offsets = {s.name: s.offset for s in layout.segments}
-    return tuple(offsets.get(name) for name in
-                 ("codes", "scale_q", "scale_range", "zero_q", "zero_range", "scale", "zero"))
+SEGMENTS = ("codes", "scale_q", "scale_range", "zero_q", "zero_range", "scale", "zero")  # cpu_kernel.cpp's order
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every call on one matrix layout passes, prepared once: the library for its format and two small
+    int64 arrays the C++ side reads (segment offsets; dtype and shape), so a call converts few Python values."""
+
+    lib: ctypes.CDLL
+    offsets: ctypes.Array  # byte offset of each of SEGMENTS in the buffer, -1 where absent
+    shape: ctypes.Array  # dtype code, N, K, S
+    end: int  # bytes the buffer must hold
+    threads_from: int  # tokens from which the matmul is worth every thread
+
+
+@functools.cache  # called for every matmul: one hash of the layout, the rest prepared here
+def _plan(layout: MatrixLayout) -> _Plan:
+    fmt = PackedFormat.of(layout)
+    where = {s.name: s.offset for s in layout.segments}
+    offsets = (ctypes.c_int64 * len(SEGMENTS))(*(where.get(name, -1) for name in SEGMENTS))
+    shape = (ctypes.c_int64 * 4)(DTYPE_CODES[layout.dtype], fmt.out_features, fmt.in_features, fmt.packed_rows)
+    weights = fmt.out_features * fmt.in_features
+    return _Plan(_library(layout.spec.bits, layout.spec.group_size), offsets, shape, layout.start + layout.nbytes,
+                 -(-SMALL_WORK // weights))
 
 
 class CPUKernels:
@@ -150,35 +168,28 @@ class CPUKernels:
             return f"the fused CPU kernel needs an even group_size, got {layout.spec.group_size}"
         return None
 
-    def _matrix(self, layout: MatrixLayout, buffer: torch.Tensor) -> tuple:
-        fmt = PackedFormat.of(layout)
-        if buffer.device.type != "cpu" or buffer.dtype != torch.uint8 or not buffer.is_contiguous():
-            raise ValueError("the fused CPU kernel reads a contiguous uint8 CPU buffer")
-        if buffer.numel() < layout.start + layout.nbytes:  # the C++ code would read past its end
-            raise ValueError(f"buffer of {buffer.numel()} bytes is too small for a matrix layout ending at byte "
-                             f"{layout.start + layout.nbytes}")
-        base = buffer.data_ptr()
-        pointers = [None if offset is None else base + offset for offset in _segment_offsets(layout)]
-        return (*pointers, DTYPE_CODES[layout.dtype], fmt.out_features, fmt.in_features, fmt.packed_rows)
-
     def linear(self, x: torch.Tensor, layout: MatrixLayout, buffer: torch.Tensor) -> torch.Tensor:
         """y = x @ W.T for W in `layout` within `buffer`.  x: [T, K] -> [T, N]."""
         if layout.spec.bits is None:
             return F.linear(x, layout.views(buffer)["weight"])
-        matrix = self._matrix(layout, buffer)
-        lib = _library(layout.spec.bits, layout.spec.group_size)
+        plan = _plan(layout)
+        if buffer.device.type != "cpu" or buffer.dtype != torch.uint8 or not buffer.is_contiguous():
+            raise ValueError("the fused CPU kernel reads a contiguous uint8 CPU buffer")
+        if buffer.numel() < plan.end:  # the C++ code would read past its end
+            raise ValueError(f"buffer of {buffer.numel()} bytes is too small for a matrix layout ending at byte "
+                             f"{plan.end}")
         (out_features, in_features), tokens = layout.shape, x.shape[0]
-        threads = 1 if out_features * in_features * max(1, tokens) < SMALL_WORK else torch.get_num_threads()
+        threads = torch.get_num_threads() if tokens >= plan.threads_from else 1
         if tokens > GEMV_MAX_TOKENS:
             weight = self._weight_buffer(layout)  # [N, K], what the reference dequantizes to
-            lib.dequantize(*matrix, weight.data_ptr(), threads)
+            plan.lib.dequantize(buffer.data_ptr(), plan.offsets, plan.shape, weight.data_ptr(), threads)
             return F.linear(x, weight)
         x32 = x.float().contiguous()  # [T, K]
         y = torch.empty(tokens, out_features, dtype=torch.float32)  # [T, N]
-        block = lib.token_block
+        block = plan.lib.token_block
         for start in range(0, tokens, block):
-            lib.gemv(*matrix, x32.data_ptr() + 4 * start * in_features, min(block, tokens - start),
-                     y.data_ptr() + 4 * start * out_features, threads)
+            plan.lib.gemv(buffer.data_ptr(), plan.offsets, plan.shape, x32.data_ptr() + 4 * start * in_features,
+                          min(block, tokens - start), y.data_ptr() + 4 * start * out_features, threads)
         return y.to(layout.dtype)
 
     def warm_up(self, layout: MatrixLayout, device: torch.device) -> None:

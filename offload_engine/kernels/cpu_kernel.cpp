@@ -308,13 +308,22 @@ static void dequantize_matrix(const Matrix& m, void* out, int threads) {
     }
 }
 
+// A matrix inside a packed buffer: `base` is the buffer, `offsets` the byte offsets of its segments in the order
+// codes, scale_q, scale_range, zero_q, zero_range, scale, zero (-1 for a segment the format does not have) and
+// `shape` = {dtype, N, K, S}. Passing these two small arrays, prepared once per layout, keeps the call cheap.
+static Matrix matrix_at(const uint8_t* base, const int64_t* offsets, const int64_t* shape) {
+    auto at = [&](int i) -> const void* { return offsets[i] < 0 ? nullptr : base + offsets[i]; };
+    const Meta meta{(const uint8_t*)at(1), (const uint16_t*)at(2), (const uint8_t*)at(3), (const float*)at(4),
+                    (const uint16_t*)at(5), (const uint16_t*)at(6), (int)shape[0]};
+    return Matrix{(const WORD*)at(0), meta, shape[1], shape[2], shape[3]};
+}
+
 extern "C" {
 
 // y [T, N] float32 = x [T, K] float32 @ W.T, for T <= MAX_TOKENS.
-void gemv(const WORD* codes, const uint8_t* scale_q, const uint16_t* scale_range, const uint8_t* zero_q,
-          const float* zero_range, const uint16_t* scale16, const uint16_t* zero16, int dtype, int64_t n, int64_t k,
-          int64_t packed_rows, const float* x, int tokens, float* y, int threads) {
-    const Matrix m{codes, {scale_q, scale_range, zero_q, zero_range, scale16, zero16, dtype}, n, k, packed_rows};
+void gemv(const uint8_t* base, const int64_t* offsets, const int64_t* shape, const float* x, int tokens, float* y,
+          int threads) {
+    const Matrix m = matrix_at(base, offsets, shape);
     switch (tokens) {
         case 1: gemv_tokens<1>(m, x, y, threads); break;
         case 2: gemv_tokens<2>(m, x, y, threads); break;
@@ -326,11 +335,9 @@ void gemv(const WORD* codes, const uint8_t* scale_q, const uint16_t* scale_range
 int max_tokens() { return MAX_TOKENS; }
 
 // The full matrix W [N, K] in the compute dtype (`dtype`), as hqq's dequantize builds it there.
-void dequantize(const WORD* codes, const uint8_t* scale_q, const uint16_t* scale_range, const uint8_t* zero_q,
-                const float* zero_range, const uint16_t* scale16, const uint16_t* zero16, int dtype, int64_t n,
-                int64_t k, int64_t packed_rows, void* out, int threads) {
-    const Matrix m{codes, {scale_q, scale_range, zero_q, zero_range, scale16, zero16, dtype}, n, k, packed_rows};
-    switch (dtype) {
+void dequantize(const uint8_t* base, const int64_t* offsets, const int64_t* shape, void* out, int threads) {
+    const Matrix m = matrix_at(base, offsets, shape);
+    switch (m.meta.dtype) {
         case FLOAT32: dequantize_matrix<FLOAT32>(m, out, threads); break;
         case BFLOAT16: dequantize_matrix<BFLOAT16>(m, out, threads); break;
         case FLOAT16: dequantize_matrix<FLOAT16>(m, out, threads); break;
