@@ -183,3 +183,37 @@ def test_the_cpu_kernel_refuses_a_buffer_it_would_read_past():
         shared_cpu_kernels().linear(torch.randn(1, 256), layout, buffer[:-1])
     with pytest.raises(ValueError, match="uint8"):
         shared_cpu_kernels().linear(torch.randn(1, 256), layout, buffer.float())
+
+
+def _compilers() -> list[str]:
+    import shutil
+
+    return [c for c in ("g++", "g++-11", "clang++") if shutil.which(c)]
+
+
+@pytest.mark.parametrize("compiler,extra_flags", [(c, f) for c in _compilers() for f in ("", "-mno-f16c")])
+def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, extra_flags, tmp_path, monkeypatch):
+    """g++ 11 (Colab's) has no _Float16; clang here has no libomp (the build then drops -fopenmp); -mno-f16c runs
+    the portable float16 conversions instead of the F16C instructions."""
+    import platform
+
+    import offload_engine.kernels.cpu as cpu_kernels
+
+    if extra_flags and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("F16C is an x86 extension")
+    monkeypatch.setenv("CXX", compiler)
+    monkeypatch.setenv("OFFLOAD_ENGINE_CXXFLAGS", extra_flags)
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
+    cpu_kernels._library.cache_clear()
+    cpu_kernels._plan.cache_clear()
+    try:
+        for bits, group_size, quant_meta in [(2, 16, True), (4, 64, False), (3, 16, True)]:
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                layout = layout_for((40, 4 * group_size), bits, group_size, quant_meta, dtype)
+                buffer = random_packed(layout, seed=bits)
+                for tokens in (1, GEMV_MAX_TOKENS + 1):
+                    x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
+                    assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+    finally:  # later tests get the default build again
+        cpu_kernels._library.cache_clear()
+        cpu_kernels._plan.cache_clear()

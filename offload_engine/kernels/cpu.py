@@ -69,17 +69,23 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+# Tried in order until one compiles: OpenMP may be missing (Apple's clang, a clang without libomp: the kernel then
+# runs on one thread), and a compiler may not know -march=native (it then targets the baseline ISA).
+FLAG_CHOICES = (["-march=native", "-fopenmp"], ["-march=native"], [])
+
+
 def _build(bits: int, group_size: int) -> Path:
-    """The shared library for one packed format, compiled now unless a matching one is cached."""
+    """The shared library for one packed format, compiled now unless a matching one is cached.
+    $OFFLOAD_ENGINE_CXXFLAGS adds flags to every attempt (e.g. -mno-f16c, to test the portable float16 code)."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError(compiler_problem())
     pack = 10 if bits == 3 else 8 // bits
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", f"-DWORD={WORD_TYPES[bits]}",
-             f"-DBITS={bits}", f"-DPACK={pack}", f"-DGROUP={group_size}"]
+    common = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-DWORD={WORD_TYPES[bits]}", f"-DBITS={bits}",
+              f"-DPACK={pack}", f"-DGROUP={group_size}", *os.environ.get("OFFLOAD_ENGINE_CXXFLAGS", "").split()]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_id()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"qmatmul_b{bits}_g{group_size}_{key}.so"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *common, repr(FLAG_CHOICES), version, _cpu_id()]).encode())
+    target = _cache_dir() / f"qmatmul_b{bits}_g{group_size}_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -87,15 +93,18 @@ def _build(bits: int, group_size: int) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to compile {SOURCE.name} for {bits}-bit group {group_size}: "
-                               f"{result.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
+        errors = []
+        for flags in FLAG_CHOICES:
+            result = subprocess.run([compiler, *common, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(result.stderr.strip())
+        raise RuntimeError(f"{compiler} failed to compile {SOURCE.name} for {bits}-bit group {group_size}: "
+                           f"{errors[0][-2000:]}")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return target
 
 
 @functools.cache

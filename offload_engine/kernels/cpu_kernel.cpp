@@ -1,6 +1,7 @@
 // Fused dequantize-matmul for CPU: y = x @ W.T straight from hqq's packed codes and the 8-bit scale/zero codes.
 //
-// Built by cpu.py with g++ (-O3 -march=native -fopenmp) once per packed format, which it fixes at compile time:
+// Built by cpu.py with g++ or clang (-O3 -march=native -fopenmp, dropping what the compiler lacks) once per packed
+// format, which it fixes at compile time:
 //   WORD  the word type of the codes (uint8_t, or uint32_t for hqq's 3-bit packing)
 //   BITS  bits per code;  PACK  codes per word;  GROUP  weights per quantization group (g)
 // Everything else (shapes, dtype, scale format) is a runtime argument. The layout (see packing.py): group
@@ -47,11 +48,58 @@ typedef int32_t vint __attribute__((vector_size(4 * LANES)));
 
 enum Dtype { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
-static inline float half_to_float(uint16_t bits) {
-    _Float16 h;
-    std::memcpy(&h, &bits, 2);
-    return (float)h;
+// float16 <-> float32 without the _Float16 type (GCC before 12 has none on x86: Colab's g++ is 11): the F16C
+// instructions where the CPU has them (-march=native turns them on), bit arithmetic elsewhere.
+static inline float half_to_float(uint16_t half) {
+#if defined(__F16C__)
+    return _cvtsh_ss(half);
+#else
+    const uint32_t sign = (uint32_t)(half & 0x8000u) << 16, exponent = (half >> 10) & 0x1fu, mantissa = half & 0x3ffu;
+    if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
+        const float value = (float)mantissa * 5.9604644775390625e-08f;
+        return sign ? -value : value;
+    }
+    const uint32_t bits = sign | (exponent == 0x1f ? 0x7f800000u | (mantissa << 13)  // inf, nan
+                                                   : ((exponent + 112) << 23) | (mantissa << 13));
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+#endif
 }
+
+// The float16 nearest to v (ties to even, overflow to infinity), as its bits.
+static inline uint16_t half_bits(float v) {
+#if defined(__F16C__)
+    return _cvtss_sh(v, 0);  // 0: round to nearest even
+#else
+    // F. Giesen's float_to_half_fast3_rtne (public domain).
+    const uint32_t infinity = 255u << 23, half_max = (127u + 16) << 23;
+    const uint32_t denormal_magic = ((127u - 15) + (23 - 10) + 1) << 23;
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    const uint32_t sign = bits & 0x80000000u;
+    bits ^= sign;
+    uint16_t half;
+    if (bits >= half_max) {
+        half = bits > infinity ? 0x7e00 : 0x7c00;
+    } else if (bits < (113u << 23)) {  // becomes a subnormal: let the float adder round it
+        float magnitude, magic;
+        std::memcpy(&magnitude, &bits, 4);
+        std::memcpy(&magic, &denormal_magic, 4);
+        magnitude += magic;
+        uint32_t rounded;
+        std::memcpy(&rounded, &magnitude, 4);
+        half = (uint16_t)(rounded - denormal_magic);
+    } else {
+        const uint32_t odd = (bits >> 13) & 1u;
+        bits += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
+        half = (uint16_t)(bits >> 13);
+    }
+    return (uint16_t)(half | (sign >> 16));
+#endif
+}
+
+static inline float round_to_half(float v) { return half_to_float(half_bits(v)); }
 
 // Where a matrix's scales and zeros live: 8-bit codes with float ranges (quant_meta) or float16 values.
 struct Meta {
@@ -67,7 +115,7 @@ struct Meta {
 // v[0 .. count) rounded to the compute dtype in place (vectorizable loops, one per dtype).
 static void round_all(float* v, int count, int dtype) {
     if (dtype == FLOAT16) {
-        for (int j = 0; j < count; j++) v[j] = (float)(_Float16)v[j];
+        for (int j = 0; j < count; j++) v[j] = round_to_half(v[j]);
     } else if (dtype == BFLOAT16) {
         for (int j = 0; j < count; j++) {
             uint32_t u;
@@ -81,7 +129,9 @@ static void round_all(float* v, int count, int dtype) {
 
 // Scales and zeros of groups [first, first + count) into s and z, as fp32 values of the compute dtype.
 // Separate multiply and add (no FMA contraction): the same two roundings as the reference's torch ops.
+#if !defined(__clang__)  // GCC contracts across statements by default; clang does not
 __attribute__((optimize("fp-contract=off")))
+#endif
 static void scales_and_zeros(const Meta& m, int64_t first, int count, float* s, float* z) {
     if (m.scale_q) {
         for (int j = 0; j < count;) {  // runs of scales sharing one (min, step) pair
@@ -256,7 +306,7 @@ static inline vfloat round_vector(vfloat v) {
         u = (u & 0x7fffffffu) > 0x7f800000u ? u : rounded;  // NaN stays NaN
         std::memcpy(&v, &u, sizeof(v));
     } else if constexpr (DT == FLOAT16) {
-        for (int j = 0; j < LANES; j++) v[j] = (float)(_Float16)v[j];
+        for (int j = 0; j < LANES; j++) v[j] = round_to_half(v[j]);
     }
     return v;
 }
@@ -274,10 +324,7 @@ static inline void store(void* out, int64_t at, vfloat v) {
             std::memcpy(&u, &v, sizeof(v));
             bits = __builtin_convertvector(u >> 16, vhalf);  // exact: the low half is zero
         } else {
-            for (int j = 0; j < LANES; j++) {
-                const _Float16 h = (_Float16)v[j];
-                std::memcpy(&bits[j], &h, 2);
-            }
+            for (int j = 0; j < LANES; j++) bits[j] = half_bits(v[j]);
         }
         std::memcpy((uint16_t*)out + at, &bits, sizeof(bits));
     }
