@@ -205,7 +205,7 @@ def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, ex
     monkeypatch.setenv("OFFLOAD_ENGINE_CXXFLAGS", extra_flags)
     monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
     cpu_kernels._library.cache_clear()
-    cpu_kernels._plan.cache_clear()
+    cpu_kernels._PLANS.clear()
     try:
         for bits, group_size, quant_meta in [(2, 16, True), (4, 64, False), (3, 16, True)]:
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -216,4 +216,4 @@ def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, ex
                     assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
     finally:  # later tests get the default build again
         cpu_kernels._library.cache_clear()
-        cpu_kernels._plan.cache_clear()
+        cpu_kernels._PLANS.clear()
