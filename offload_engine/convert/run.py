@@ -5,8 +5,8 @@ Work is split into units (units.py), each computing one byte range of the output
 one shard (an MXFP4 matrix from two tensors, which may sit in two shards). The converter fetches the shards in
 index order (a hub source downloads each one then), converts every unit the shard completes, writing each at its
 final offset in its output file, and releases (for a hub source: deletes) the shard before fetching the next,
-unless a unit still waits for a later shard: peak disk is the output plus one shard (two where an MXFP4 matrix
-straddles a boundary).
+unless a unit still waits for a later shard: peak disk is the output plus one shard, or plus the shards that an
+MXFP4 matrix's `_blocks` and `_scales` straddle (the printed plan counts them).
 Every unit is journalled once durable (journal.py), so a killed conversion resumes without redoing any of them;
 the order in which units complete does not change a single output byte.
 """
