@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -285,16 +286,26 @@ def test_streamed_conversion_reads_each_familys_layout(model_type, mxfp4, tmp_pa
     local = quantize_checkpoint(whole, tmp_path / "local", str(config), progress=False, device="cpu")
 
     out, home = tmp_path / "out", tmp_path / "hf"
-    held = []  # source shards on disk whenever a download starts: those the conversion has not released yet
+    held = []  # (shards, their bytes and the incoming one's) whenever a shard's download starts
+
+    def on_get(name: str) -> None:  # None: the whole file is sent
+        if name.endswith(".safetensors"):
+            kept = list(out.glob(".m.partial-*/source/*.safetensors"))  # not yet released by the conversion
+            held.append((len(kept), sum(p.stat().st_size for p in kept) + (sharded / name).stat().st_size))
+
     with StandInHub({"org/fam": sharded}) as hub:
-        hub.on_get = lambda name: held.append(len(list(out.glob(".m.partial-*/source/*.safetensors"))))  # sends all
+        hub.on_get = on_get
         result = subprocess.run(quantize_cmd("org/fam", out / "m", config), env=hub_env(hub, home),
                                 capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert hub.gets() == {s: 1 for s in shards}
     assert not list(home.rglob("*.safetensors")) and sorted(os.listdir(out)) == ["m"]
-    # Each shard is deleted before the next is fetched, but a `_blocks` shard waits for its `_scales` shard.
-    assert max(held) == (1 if mxfp4 else 0), held
+    # Each shard is deleted before the next is fetched, but a `_blocks` shard waits for its `_scales` shard; the
+    # printed plan counted that peak (to its 0.01 MB).
+    assert max(n for n, _ in held) == (1 if mxfp4 else 0), held
+    needed = float(re.search(r"disk needed ([\d.]+) MB", result.stderr).group(1)) * 1e6
+    output = sum(p.stat().st_size for p in (out / "m").glob("*.safetensors"))
+    assert abs(needed - output - max(b for _, b in held)) < 5e3, (needed, output, held)
     assert_same_files(out / "m", local)
     assert json.loads((out / "m" / MANIFEST).read_text())["family"] == model_type
     expected = offload_engine.load(sharded, config=str(config), device="cpu", progress=False)
