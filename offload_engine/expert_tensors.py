@@ -47,6 +47,17 @@ def expert_source(anatomy: Anatomy, available: Container[str], layer: int, exper
     return fused if fused in available or f"{fused}_blocks" not in available else f"{fused}_blocks"
 
 
+def expert_sources(anatomy: Anatomy, available: Container[str], layer: int, expert: int, name: str) -> tuple[str, ...]:
+    """Every on-disk tensor that `name` of one expert is read from: `expert_source`, and for an MXFP4 matrix its
+    `_scales` too (a checkpoint's shard boundary may fall between the two)."""
+    source = expert_source(anatomy, available, layer, expert, name)
+    return (source, _scales_of(source)) if source.endswith("_blocks") else (source,)
+
+
+def _scales_of(blocks: str) -> str:
+    return blocks.removesuffix("_blocks") + "_scales"
+
+
 def read_expert_tensor(checkpoint, anatomy: Anatomy, layer: int, expert: int, name: str) -> torch.Tensor:
     """One expert's `name` as `ExpertLayout.pack` takes it. `checkpoint`: a checkpoint.SafetensorsCheckpoint."""
     source = expert_source(anatomy, checkpoint, layer, expert, name)
@@ -61,7 +72,7 @@ def read_expert_tensor(checkpoint, anatomy: Anatomy, layer: int, expert: int, na
     cols = H if name != "w2" else I
     if source.endswith("_blocks"):  # MXFP4, stored [out, in] whatever the model's in-memory orientation
         blocks = checkpoint.get_expert(source, expert, (E, rows, cols // 32, 16))
-        scales = checkpoint.get_expert(source.removesuffix("_blocks") + "_scales", expert, (E, rows, cols // 32))
+        scales = checkpoint.get_expert(_scales_of(source), expert, (E, rows, cols // 32))
         matrix = mxfp4_dequantize(blocks, scales)  # [out, in]
     elif anatomy.transposed:
         matrix = checkpoint.get_expert(source, expert, (E, cols, rows)).T  # [out, in]

@@ -64,6 +64,30 @@ def make_family_checkpoint(path: Path, model_type: str, seed: int = 0, std: floa
     return path
 
 
+def mxfp4_encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> blocks [out, in/32, 16] uint8, scales [out, in/32] uint8: each 32 values share a power of two
+    (the exponent + 127), each value rounded to the nearest FP4 (e2m1) value, two a byte, low nibble first."""
+    values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    groups = weight.reshape(weight.shape[0], -1, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0)).to(torch.int32)  # [out, G]
+    scaled = groups / torch.exp2(exponent.float())[..., None]
+    codes = (scaled.abs()[..., None] - values).abs().argmin(-1) + 8 * (scaled < 0)  # [out, G, 32]
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def mxfp4_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A GPT-OSS state dict with its fused experts as the releases store them: `{fused}_blocks` / `{fused}_scales`
+    in place of each gate_up_proj / down_proj."""
+    out = dict(tensors)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        fused = out.pop(name)  # [E, in, out] (GPT-OSS is transposed)
+        encoded = [mxfp4_encode(fused[e].T.contiguous()) for e in range(fused.shape[0])]
+        out[f"{name}_blocks"] = torch.stack([b for b, _ in encoded])
+        out[f"{name}_scales"] = torch.stack([s for _, s in encoded])
+    return out
+
+
 def reference(path: Path, model_type: str):
     cls = getattr(transformers, FAMILIES[model_type].hf_class)
     return cls.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()

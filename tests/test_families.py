@@ -23,7 +23,7 @@ from offload_engine.engine import MANIFEST
 from offload_engine.families import FAMILIES
 from offload_engine.quantize import QuantLinear, dequantize, quantize_matrix
 
-from families_cases import CONFIGS, family_config, make_family_checkpoint, num_experts, reference
+from families_cases import CONFIGS, family_config, make_family_checkpoint, mxfp4_experts, num_experts, reference
 
 TYPES = sorted(CONFIGS)
 EXACT = {"dtype": "float32", "quant": {p: {"bits": None} for p in ("attention", "experts", "trunk")}}
@@ -200,18 +200,6 @@ def test_prequantized_round_trip_is_bit_identical(family_dirs, tmp_path, model_t
         expected.generate_ids(IDS[0, :4].tolist(), max_new_tokens=8)
 
 
-def _mxfp4_encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] -> blocks [out, in/32, 16] uint8, scales [out, in/32] uint8: each 32 values share a power of two
-    (the exponent + 127), each value rounded to the nearest FP4 (e2m1) value, two a byte, low nibble first."""
-    values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-    groups = weight.reshape(weight.shape[0], -1, 32)
-    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0)).to(torch.int32)  # [out, G]
-    scaled = groups / torch.exp2(exponent.float())[..., None]
-    codes = (scaled.abs()[..., None] - values).abs().argmin(-1) + 8 * (scaled < 0)  # [out, G, 32]
-    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
-    return blocks, (exponent + 127).to(torch.uint8)
-
-
 def test_gpt_oss_mxfp4_experts_are_dequantized_then_quantized(family_dirs, tmp_path):
     """A GPT-OSS checkpoint whose experts are stored as the releases store them (MXFP4 `_blocks` / `_scales`):
     the engine equals transformers run on transformers' own dequantization of those blocks."""
@@ -219,12 +207,7 @@ def test_gpt_oss_mxfp4_experts_are_dequantized_then_quantized(family_dirs, tmp_p
 
     src, dst = family_dirs["gpt_oss"], tmp_path / "mxfp4"
     dst.mkdir()
-    tensors = load_file(src / "model.safetensors")
-    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        fused = tensors.pop(name)  # [E, in, out] (GPT-OSS is transposed)
-        encoded = [_mxfp4_encode(fused[e].T.contiguous()) for e in range(fused.shape[0])]
-        tensors[f"{name}_blocks"] = torch.stack([b for b, _ in encoded])
-        tensors[f"{name}_scales"] = torch.stack([s for _, s in encoded])
+    tensors = mxfp4_experts(load_file(src / "model.safetensors"))
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     (dst / "config.json").write_text((src / "config.json").read_text())
 

@@ -2,9 +2,11 @@
 shard by shard and resumably.
 
 Work is split into units (units.py), each computing one byte range of the output from one source tensor, hence
-one shard. The converter fetches the shards in index order (a hub source downloads each one then), converts every
-unit the shard feeds, writing each at its final offset in its output file, and releases (for a hub source:
-deletes) the shard before fetching the next: peak disk is the output plus one shard and the next one's download.
+one shard (an MXFP4 matrix from two tensors, which may sit in two shards). The converter fetches the shards in
+index order (a hub source downloads each one then), converts every unit the shard completes, writing each at its
+final offset in its output file, and releases (for a hub source: deletes) the shard before fetching the next,
+unless a unit still waits for a later shard: peak disk is the output plus one shard, or plus the shards that an
+MXFP4 matrix's `_blocks` and `_scales` straddle (the printed plan counts them).
 Every unit is journalled once durable (journal.py), so a killed conversion resumes without redoing any of them;
 the order in which units complete does not change a single output byte.
 """
@@ -35,7 +37,7 @@ from ..prequantized import (AUX_FILES, FILE_METADATA, FORMAT, FORMAT_VERSION, Co
 from ..prequantized_io import TensorSpec, _bytes_of, safetensors_header
 from .journal import Journal, clear_stale, conversion_key
 from .source import HubSource, LocalSource, open_source
-from .units import Unit, build_units, compute
+from .units import Step, build_units, compute, schedule
 
 # Rough rates for the time estimate printed with the plan (stated there as assumptions, not measurements).
 DOWNLOAD_RATE = 100e6  # bytes/s from the hub (Colab typically sees 50-200 MB/s)
@@ -180,7 +182,8 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
         raise ConversionError(f"tensor {e.args[0]} is missing from the source checkpoint {source.name}") from None
     journal.resume({"format_version": FORMAT_VERSION, "files": sizes})
     pending = [u for u in units if u.key not in journal.done]
-    conversion_plan = _plan(source, dst, partial, units, pending, sizes, quant_device)
+    steps = schedule(pending, sorted(source.sizes))
+    conversion_plan = _plan(source, dst, partial, units, pending, steps, sizes, quant_device)
     log(conversion_plan.describe())
     if conversion_plan.disk_needed > conversion_plan.disk_free:
         raise ConversionError(f"the conversion needs {conversion_plan.disk_needed / 1e9:.2f} GB of free disk in "
@@ -194,7 +197,7 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
         os.pwrite(fd, safetensors_header(specs, FILE_METADATA), 0)
         fds[name] = fd
     try:
-        _run_units(source, pending, fds, journal, anatomy, cfg, quant_device, layout, progress)
+        _run_units(source, steps, len(pending), fds, journal, anatomy, cfg, quant_device, layout, progress)
         for name, fd in fds.items():
             os.ftruncate(fd, sizes[name])  # a no-op unless an earlier run left a longer file
             os.fsync(fd)
@@ -204,13 +207,12 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
     return _finish(source, dst, partial, journal, hf, cfg, plan, sizes, quant_device)
 
 
-def _plan(source, dst, partial, units, pending, sizes, quant_device) -> ConversionPlan:
-    needed_shards = {u.shard for u in pending}
+def _plan(source, dst, partial, units, pending, steps: list[Step], sizes, quant_device) -> ConversionPlan:
+    needed_shards = {s.shard for s in steps}
     to_fetch = sorted(needed_shards & source.missing)
     download = sum(source.sizes[s] for s in to_fetch)
     streamed = isinstance(source, HubSource) and not source.keep_source
-    largest = sorted((source.sizes[s] for s in to_fetch), reverse=True)
-    shard_disk = max(largest, default=0) if streamed else download  # one shard on disk at a time
+    shard_disk = _peak_download(steps, source) if streamed else download
     output = sum(sizes.values())
     written = sum(u.nbytes for u in units) - sum(u.nbytes for u in pending)
     source_bytes = sum(source.sizes[s] for s in needed_shards)
@@ -220,20 +222,26 @@ def _plan(source, dst, partial, units, pending, sizes, quant_device) -> Conversi
                           len(to_fetch), len(source.sizes), output - written + shard_disk, free, seconds, streamed)
 
 
-def _run_units(source, pending: list[Unit], fds: dict[str, int], journal: Journal, anatomy: Anatomy, cfg,
+def _peak_download(steps: list[Step], source: HubSource) -> int:
+    """The most bytes of downloaded shards on disk at once when each is deleted as `steps` release it."""
+    held = peak = 0
+    for step in steps:
+        held += source.sizes[step.shard] if step.shard in source.missing else 0
+        peak = max(peak, held)
+        held -= sum(source.sizes[s] for s in step.release if s in source.missing)
+    return peak
+
+
+def _run_units(source, steps: list[Step], total: int, fds: dict[str, int], journal: Journal, anatomy: Anatomy, cfg,
                quant_device, layout: ExpertLayout, progress: bool) -> None:
-    """Fetch shards in index order; convert every unit of a shard, then release the shard before the next."""
-    order = {s: i for i, s in enumerate(sorted(source.sizes))}
-    by_shard: dict[str, list[Unit]] = {}
-    for unit in pending:
-        by_shard.setdefault(unit.shard, []).append(unit)
+    """Fetch shards in index order; convert the units each one completes, then release the shards done with."""
     checkpoint = SafetensorsCheckpoint(source.dir, file_of={})
-    bar = tqdm(total=len(pending), desc="converting", unit="matrix", disable=not progress)
-    for shard in sorted(by_shard, key=order.__getitem__):
-        path = source.fetch(shard)
+    bar = tqdm(total=total, desc="converting", unit="matrix", disable=not progress)
+    for step in steps:
+        path = source.fetch(step.shard)
         SafetensorsCheckpoint._check_complete(path)
-        checkpoint.file_of = {n: path for n, s in source.weight_map.items() if s == shard}
-        for unit in by_shard[shard]:
+        checkpoint.file_of.update({n: path for n, s in source.weight_map.items() if s == step.shard})
+        for unit in step.units:
             data = _bytes_of(compute(unit, checkpoint, anatomy, cfg, quant_device, layout).cpu())
             os.pwrite(fds[unit.file], data, unit.offset)
             os.fsync(fds[unit.file])  # the bytes are durable before the journal vouches for them
@@ -241,7 +249,9 @@ def _run_units(source, pending: list[Unit], fds: dict[str, int], journal: Journa
                             "crc32": zlib.crc32(data)})
             checkpoint.close()  # unmap the source shard, or its pages stay resident (host RAM is scarce)
             bar.update()
-        source.release(shard)
+        for shard in step.release:
+            checkpoint.file_of = {n: p for n, p in checkpoint.file_of.items() if source.weight_map[n] != shard}
+            source.release(shard)
     bar.close()
 
 
