@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import offload_engine
 from offload_engine.anatomy import Anatomy
 from offload_engine.config import QuantSpec
+from offload_engine.convert import model_card
 from offload_engine.engine import MANIFEST
 from offload_engine.families import FAMILIES
 from offload_engine.quantize import QuantLinear, dequantize, quantize_matrix
@@ -193,6 +194,7 @@ def test_prequantized_round_trip_is_bit_identical(family_dirs, tmp_path, model_t
     config = _offload(QUANT, 2, 1)
     dst = offload_engine.quantize_checkpoint(family_dirs[model_type], tmp_path / "pq", config, progress=False)
     assert json.loads((dst / MANIFEST).read_text())["family"] == model_type
+    assert f"{num_experts(model_type)} experts per MoE layer" in model_card(dst, "me/tiny")  # the hub's model card
     expected = offload_engine.load(family_dirs[model_type], config=config, progress=False)
     engine = offload_engine.load(dst, config={"offload": {"experts_on_device": 2}}, progress=False)
     assert torch.equal(engine.logits(IDS), expected.logits(IDS))

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from ..anatomy import Anatomy
 from ..checkpoint import read_config
 from ..engine import MANIFEST
 from ..prequantized import _describe_quant, _read_manifest, resolve_config, validate
@@ -26,7 +27,7 @@ def model_card(folder: str | os.PathLike, repo_id: str, source: str | None = Non
     base = f"base_model: {source}\n" if source and "/" in source and not Path(source).exists() else ""
     source_text = f"[{source}](https://huggingface.co/{source})" if base else (source or "not recorded")
     offload = cfg.offload
-    num_experts = next(n for n in (model.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")) if n)
+    num_experts = Anatomy.of(read_config(folder)).num_experts  # each family names it differently in its config
     return f"""---
 {base}library_name: offload_engine
 tags:
