@@ -264,11 +264,12 @@ def write_shards(tensors: dict[str, torch.Tensor], config_from: Path, dst: Path,
 
 
 @pytest.mark.parametrize("model_type, mxfp4", [("qwen3_moe", False), ("deepseek_v2", False), ("gpt_oss", False),
-                                               ("gpt_oss", True)], ids=["qwen3_moe", "deepseek_v2", "gpt_oss",
-                                                                        "gpt_oss-mxfp4"])
+                                               ("gpt_oss", True), ("phimoe", False), ("ernie4_5_moe", False)],
+                         ids=["qwen3_moe", "deepseek_v2", "gpt_oss", "gpt_oss-mxfp4", "phimoe", "ernie4_5_moe"])
 def test_streamed_conversion_reads_each_familys_layout(model_type, mxfp4, tmp_path, one_thread):
     """Qwen3-MoE (per-expert tensors, a dense layer), DeepSeek-V2 (MLA, shared experts, dense first layer), GPT-OSS
-    (fused 3-D experts with biases; MXFP4 `_blocks` / `_scales` in different shards) from a sharded hub repo: the
+    (fused 3-D experts with biases; MXFP4 `_blocks` / `_scales` in different shards), Phi-3.5-MoE and ERNIE-4.5
+    (trunk tensors renamed on disk) from a sharded hub repo: the
     same bytes as the local conversion of the same weights in one file, and the logits of quantizing at load."""
     whole = make_family_checkpoint(tmp_path / "whole", model_type)
     if mxfp4:  # the local conversion reads the same MXFP4 tensors, from one file
