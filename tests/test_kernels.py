@@ -192,16 +192,16 @@ def _compilers() -> list[str]:
     return [c for c in ("g++", "g++-11", "clang++") if shutil.which(c)]
 
 
-@pytest.mark.parametrize("compiler,extra_flags", [(c, f) for c in _compilers() for f in ("", "-mno-f16c")])
+@pytest.mark.parametrize("compiler,extra_flags", [(c, f) for c in _compilers() for f in ("", "-mno-f16c", "-mno-avx512f")])
 def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, extra_flags, tmp_path, monkeypatch):
     """g++ 11 (Colab's) has no _Float16; clang here has no libomp (the build then drops -fopenmp); -mno-f16c runs
-    the portable float16 conversions instead of the F16C instructions."""
+    the portable float16 conversions instead of the F16C instructions; -mno-avx512f the AVX2 (8-lane) code."""
     import platform
 
     import offload_engine.kernels.cpu as cpu_kernels
 
     if extra_flags and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("F16C is an x86 extension")
+        pytest.skip("F16C and AVX-512 are x86 extensions")
     monkeypatch.setenv("CXX", compiler)
     monkeypatch.setenv("OFFLOAD_ENGINE_CXXFLAGS", extra_flags)
     monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
