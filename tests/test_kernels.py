@@ -9,6 +9,7 @@ from conftest import make_checkpoint
 from kernel_cases import AWKWARD_SHAPES, FORMATS, assert_close_to_reference, layout_for, random_packed
 
 import offload_engine
+import offload_engine.kernels.cpu as cpu_kernels
 from offload_engine.config import ConfigError
 from offload_engine.kernels import REFERENCE, select_kernels
 from offload_engine.kernels.cpu import GEMV_MAX_TOKENS, compiler_problem, shared_cpu_kernels
@@ -122,8 +123,6 @@ def test_auto_picks_the_fused_kernels_on_cpu_and_unquantized_models_need_none(ge
 
 
 def test_without_a_cpp_compiler_auto_warns_once_and_uses_the_reference(gentle_dir, monkeypatch):
-    import offload_engine.kernels.cpu as cpu_kernels
-
     monkeypatch.setattr(cpu_kernels, "compiler_problem", lambda: "no C++ compiler (g++) on the PATH")
     with pytest.warns(RuntimeWarning, match="no C.. compiler.*reference") as caught:
         engine = offload_engine.load(gentle_dir, config=QUANTIZED, progress=False)
@@ -146,8 +145,6 @@ def test_a_kernel_that_fails_to_compile_falls_back_under_auto(gentle_dir, monkey
 
 
 def test_the_cpu_kernel_library_is_built_once_per_format_into_the_cache(tmp_path, monkeypatch):
-    import offload_engine.kernels.cpu as cpu_kernels
-
     monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
     built = cpu_kernels._build(2, 16)
     assert built.parent == tmp_path / "cpu_kernels" and built.suffix == ".so"
@@ -157,24 +154,29 @@ def test_the_cpu_kernel_library_is_built_once_per_format_into_the_cache(tmp_path
     assert cpu_kernels._build(4, 64) != built
 
 
-def test_a_compiler_that_fails_leaves_nothing_behind_and_auto_falls_back(gentle_dir, tmp_path, monkeypatch):
-    import offload_engine.kernels.cpu as cpu_kernels
+@pytest.fixture
+def fresh_build():
+    """Libraries built anew under the test's compiler settings; later tests get the default build back."""
+    cpu_kernels._library.cache_clear()
+    cpu_kernels._PLANS.clear()
+    yield
+    cpu_kernels._library.cache_clear()
+    cpu_kernels._PLANS.clear()
 
+
+def test_a_compiler_that_fails_leaves_nothing_behind_and_auto_falls_back(gentle_dir, tmp_path, monkeypatch,
+                                                                          fresh_build):
     broken = tmp_path / "broken-g++"
     broken.write_text("#!/bin/sh\necho 'internal compiler error (injected)' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CXX", str(broken))
     monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path / "cache"))
-    cpu_kernels._library.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="failed to compile.*injected"):
-            cpu_kernels._build(2, 16)
-        assert list((tmp_path / "cache" / "cpu_kernels").iterdir()) == []
-        with pytest.warns(RuntimeWarning, match="failed to compile"):
-            engine = offload_engine.load(gentle_dir, config=QUANTIZED, progress=False)
-        assert engine.stats()["kernels"] == "reference"
-    finally:
-        cpu_kernels._library.cache_clear()  # later tests load the real libraries again (from the disk cache)
+    with pytest.raises(RuntimeError, match="failed to compile.*injected"):
+        cpu_kernels._build(2, 16)
+    assert list((tmp_path / "cache" / "cpu_kernels").iterdir()) == []
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        engine = offload_engine.load(gentle_dir, config=QUANTIZED, progress=False)
+    assert engine.stats()["kernels"] == "reference"
 
 
 def test_the_cpu_kernel_refuses_a_buffer_it_would_read_past():
@@ -193,28 +195,21 @@ def _compilers() -> list[str]:
 
 
 @pytest.mark.parametrize("compiler,extra_flags", [(c, f) for c in _compilers() for f in ("", "-mno-f16c", "-mno-avx512f")])
-def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, extra_flags, tmp_path, monkeypatch):
+def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, extra_flags, tmp_path, monkeypatch,
+                                                                    fresh_build):
     """g++ 11 (Colab's) has no _Float16; clang here has no libomp (the build then drops -fopenmp); -mno-f16c runs
     the portable float16 conversions instead of the F16C instructions; -mno-avx512f the AVX2 (8-lane) code."""
     import platform
-
-    import offload_engine.kernels.cpu as cpu_kernels
 
     if extra_flags and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("F16C and AVX-512 are x86 extensions")
     monkeypatch.setenv("CXX", compiler)
     monkeypatch.setenv("OFFLOAD_ENGINE_CXXFLAGS", extra_flags)
     monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
-    cpu_kernels._library.cache_clear()
-    cpu_kernels._PLANS.clear()
-    try:
-        for bits, group_size, quant_meta in [(2, 16, True), (4, 64, False), (3, 16, True)]:
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                layout = layout_for((40, 4 * group_size), bits, group_size, quant_meta, dtype)
-                buffer = random_packed(layout, seed=bits)
-                for tokens in (1, GEMV_MAX_TOKENS + 1):
-                    x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
-                    assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
-    finally:  # later tests get the default build again
-        cpu_kernels._library.cache_clear()
-        cpu_kernels._PLANS.clear()
+    for bits, group_size, quant_meta in [(2, 16, True), (4, 64, False), (3, 16, True)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            layout = layout_for((40, 4 * group_size), bits, group_size, quant_meta, dtype)
+            buffer = random_packed(layout, seed=bits)
+            for tokens in (1, GEMV_MAX_TOKENS + 1):
+                x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
+                assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,23 +136,24 @@ class _Plan:
     threads_from: int  # tokens from which the matmul is worth every thread
 
 
-_PLANS: dict[int, tuple[MatrixLayout, _Plan]] = {}
+_PLANS: dict[int, _Plan] = {}  # by id() of a live layout; an entry goes when its layout does
 
 
 def _plan(layout: MatrixLayout) -> _Plan:
     """The call plan for `layout`, prepared on first use. Looked up by identity: hashing a frozen layout (its
-    segments and spec) on every matmul cost ~4 us, a tenth of a small expert's matmul. The entry keeps the layout
-    alive, so its id cannot be reused by another object."""
-    entry = _PLANS.get(id(layout))
-    if entry is None or entry[0] is not layout:
+    segments and spec) on every matmul cost ~4 us, a tenth of a small expert's matmul. The entry is dropped when
+    the layout is collected, so an id is never reused for another layout while its entry stands."""
+    plan = _PLANS.get(id(layout))
+    if plan is None:
         fmt = PackedFormat.of(layout)
         where = {s.name: s.offset for s in layout.segments}
         offsets = (ctypes.c_int64 * len(SEGMENTS))(*(where.get(name, -1) for name in SEGMENTS))
         shape = (ctypes.c_int64 * 4)(DTYPE_CODES[layout.dtype], fmt.out_features, fmt.in_features, fmt.packed_rows)
         weights = fmt.out_features * fmt.in_features
-        entry = _PLANS[id(layout)] = (layout, _Plan(_library(layout.spec.bits, layout.spec.group_size), offsets,
-                                                    shape, layout.start + layout.nbytes, -(-SMALL_WORK // weights)))
-    return entry[1]
+        plan = _PLANS[id(layout)] = _Plan(_library(layout.spec.bits, layout.spec.group_size), offsets, shape,
+                                          layout.start + layout.nbytes, -(-SMALL_WORK // weights))
+        weakref.finalize(layout, _PLANS.pop, id(layout), None)
+    return plan
 
 
 class CPUKernels:
