@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .anatomy import Anatomy
 from .chat import ChatSession
 from .concurrency import EngineLock, locked_iter
-from .anatomy import Anatomy
 from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
 from .config import ConfigError, EngineConfig, load_config
 from .expert_cache import ExpertCache, LayerStats
