@@ -3,8 +3,8 @@
 The conversation's token ids are kept exactly as the model saw them (prompt, generated reply, EOS). A new
 turn renders the conversation with the tokenizer's own chat template (Mixtral-Instruct's
 `<s>[INST] ... [/INST] reply</s>[INST] ...`, Qwen's `<|im_start|>`, ...) and tokenizes only the text that the new
-turn adds, so the tokens already in the KV cache stay valid even when a generated reply would re-tokenize differently. The
-cache keeps its longest prefix shared with the new ids (cropped if needed) and only the rest is prefilled.
+turn adds, so the tokens already in the KV cache stay valid even when a generated reply would re-tokenize
+differently. The cache keeps its longest prefix shared with the new ids (cropped if needed) and only the rest is prefilled.
 When old turns are dropped to fit the context window the whole conversation is re-tokenized.
 
 `encode_chat` and `PrefixCache` are shared with the HTTP server (offload_engine/server/).
