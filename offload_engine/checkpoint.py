@@ -230,8 +230,11 @@ class SafetensorsCheckpoint:
         return sliced[expert]
 
     def trunk(self, name: str, shape: tuple[int, ...], renames: tuple[tuple[str, str], ...]) -> torch.Tensor:
-        """A trunk tensor by its module name (see `disk_name`)."""
-        return self.get(disk_name(name, self, renames), shape)
+        """A trunk tensor by its module name (see `disk_name`), copied into memory of its own: safetensors returns
+        a view of its private mmap of the shard, which would keep the file mapped (and see it rewritten) for the
+        engine's lifetime, and whose address is only 8-byte aligned: BLAS sums a 1-row matmul (Qwen2-MoE's
+        shared-expert gate) in another order there than on the same values in aligned memory."""
+        return self.get(disk_name(name, self, renames), shape).clone()
 
 
 def disk_name(name: str, available: Container[str], renames: tuple[tuple[str, str], ...]) -> str:

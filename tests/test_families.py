@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,23 @@ def test_prequantized_round_trip_is_bit_identical(family_dirs, tmp_path, model_t
     assert torch.equal(engine.logits(IDS), expected.logits(IDS))
     assert engine.generate_ids(IDS[0, :4].tolist(), max_new_tokens=8) == \
         expected.generate_ids(IDS[0, :4].tolist(), max_new_tokens=8)
+
+
+def test_loaded_engine_does_not_alias_the_source_files(family_dirs, tmp_path):
+    """Quantize-at-load on CPU: the trunk tensors are the engine's own memory, not views of safetensors' mmap of the
+    source (those are 8-byte aligned, which changed Qwen2-MoE's shared-expert gate sums by 1e-6, and they would see
+    the file rewritten under a running engine)."""
+    src = tmp_path / "src"
+    shutil.copytree(family_dirs["qwen2_moe"], src)
+    engine = offload_engine.load(src, config=_offload(QUANT, 2, 1), progress=False)
+    before = engine.logits(IDS)
+    assert all(p.data_ptr() % 64 == 0 for p in engine.model.parameters())  # torch's allocator, not the mmap
+    for shard in src.glob("*.safetensors"):  # rewritten in place, e.g. by a re-download into the same directory
+        size = shard.stat().st_size
+        with open(shard, "r+b") as f:
+            f.seek(size // 2)
+            f.write(bytes(size - size // 2))
+    assert torch.equal(engine.logits(IDS), before)
 
 
 def test_gpt_oss_mxfp4_experts_are_dequantized_then_quantized(family_dirs, tmp_path):
