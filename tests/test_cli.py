@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from offload_engine import cli
 
+import paced_chat
 from conftest import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,8 +176,8 @@ def test_unknown_config_is_a_one_line_error(runs):
 class LiveCli:
     """A running interactive CLI whose stdout/stderr are collected by threads, so that a test can wait for text."""
 
-    def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen(cli_command(*args), stdin=subprocess.PIPE,
+    def __init__(self, args: list[str], command: list[str] | None = None):
+        self.proc = subprocess.Popen([*(command or cli_command()), *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=REPO)
         self.text = {"stdout": "", "stderr": ""}
         self.threads = [threading.Thread(target=self._collect, args=(name,), daemon=True) for name in self.text]
@@ -210,13 +211,15 @@ class LiveCli:
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT cannot be sent to a console child on Windows")
 def test_ctrl_c_stops_the_reply_not_the_program(chat_model):
     model_dir, config = chat_model
-    # 400 tokens take seconds even on a fast machine: Ctrl-C arrives while the reply is being written.
-    live = LiveCli([str(model_dir), "--config", str(config), "--max-new-tokens", "400", "--seed", "0"])
+    # tests/paced_chat.py runs the CLI with each reply paused in the middle of a decode step until SIGINT: the
+    # Ctrl-C lands while the reply is being generated however fast the machine is.
+    live = LiveCli([str(model_dir), "--config", str(config), "--max-new-tokens", "400", "--seed", "0"],
+                   command=[sys.executable, str(REPO / "tests" / "paced_chat.py")])
     try:
         for turn in (1, 2):  # a second reply after an interrupted one: the session is still usable
             live.wait_for("stdout", lambda out, turn=turn: out.count(PROMPT) == turn)
             live.send("hello\n")
-            live.wait_for("stdout", lambda out, turn=turn: len(out.split(PROMPT)[turn]) >= 5)  # reply started
+            live.wait_for("stderr", lambda err, turn=turn: err.count(paced_chat.PAUSED) == turn)
             live.proc.send_signal(signal.SIGINT)
             live.wait_for("stderr", lambda err, turn=turn: err.count("(stopped by Ctrl-C") == turn)
         # Ctrl-C at the prompt (e.g. meant for a reply that had just ended) only asks; two in a row quit.
@@ -235,7 +238,9 @@ def test_ctrl_c_stops_the_reply_not_the_program(chat_model):
             live.proc.kill()
     assert "Traceback" not in live.text["stderr"]
     stopped = STATS.findall(live.text["stderr"])
-    assert len(stopped) == 2 and all(1 <= int(tokens) < 400 for tokens, *_ in stopped)
+    # Each reply stopped during its PAUSE_AT_STEP-th forward pass: the tokens of the passes before it were shown.
+    assert [int(tokens) for tokens, *_ in stopped] == [paced_chat.PAUSE_AT_STEP - 1] * 2
+    assert all(out.strip() for out in live.text["stdout"].split(PROMPT)[1:3])  # each partial reply was printed
     assert "hit rate by layer:" in live.text["stdout"]  # /stats ran after the interrupts
 
 
