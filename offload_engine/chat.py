@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from .concurrency import BusyGuard, locked_iter
 from .generate import SamplingParams, generate_tokens, stream_text
+from .tokenization import encode_text
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -50,9 +51,10 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], per_message: bool = T
 
     `per_message` (Mixtral, families.py's `chat: mixtral`): each message's text (what it adds to the rendered
     conversation) is tokenized on its own after a leading BOS, as mistral-common's `encode_chat_completion` does:
-    sentencepiece then gives `[INST]` and a reply their leading "▁" wherever they sit, so Mixtral-Instruct sees
-    exactly the prompts it was tuned on. Otherwise, and for a template whose rendering of a conversation is not a
-    prefix of the next one's, the rendered text is tokenized as one, as `apply_chat_template` does."""
+    sentencepiece then gives `[INST]` and a reply their leading "▁" wherever they sit, and Mixtral's text is
+    encoded by sentencepiece itself (tokenization.py), so Mixtral-Instruct sees exactly the prompts it was tuned
+    on. Otherwise, and for a template whose rendering of a conversation is not a prefix of the next one's, the
+    rendered text is tokenized as one, as `apply_chat_template` does."""
     messages = fold_system(tokenizer, messages)
     text = render_chat(tokenizer, messages)
     cuts: list[int] = []  # where each message's text ends in `text`
@@ -73,7 +75,7 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], per_message: bool = T
             ids.append(tokenizer.bos_token_id)
             segment = segment[len(bos):]
         if segment:
-            ids.extend(tokenizer(segment, add_special_tokens=False)["input_ids"])
+            ids.extend(encode_text(tokenizer, segment))
     return ids
 
 
@@ -195,8 +197,7 @@ class ChatSession:
         before, after = self._render(self.messages, tokenize=False), self._render(messages, tokenize=False)
         if not self.history_ids or not after.startswith(before):
             return self._render(messages)
-        new = self.engine.tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
-        return self.history_ids + list(new)
+        return self.history_ids + encode_text(self.engine.tokenizer, after[len(before):])
 
     def _render(self, messages: list[dict[str, str]], tokenize: bool = True):
         """The chat template applied to `messages`: token ids, or the text with `tokenize=False`."""

@@ -25,6 +25,7 @@ from .memory import resolve_experts_on_device
 from .kernels import REFERENCE, Kernels, select_kernels, warm_up
 from .model import OffloadedModel
 from .quantize import MatrixLayout, QuantizationError, quantize_matrix
+from .tokenization import encode_text, load_tokenizer
 
 MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
 ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
@@ -72,11 +73,12 @@ class Engine:
             return self.model(ids).cpu()
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        """A string through the tokenizer (with BOS), or token ids as given."""
+        """A string through the tokenizer (with BOS; Mixtral's as sentencepiece encodes it, see tokenization.py),
+        or token ids as given."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer files; pass token ids instead of text")
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids = encode_text(self.tokenizer, prompt, bos=True)
         else:
             ids = check_token_ids(prompt, self.model.config.vocab_size)
             if len(getattr(prompt, "shape", (0,))) > 1:
@@ -269,12 +271,3 @@ def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineC
                 checkpoint.close()  # unmap the source shards, or their pages stay resident (host RAM is scarce)
 
     return fill
-
-
-def load_tokenizer(model_dir: Path):
-    """The checkpoint's own tokenizer, or None when it ships none (logits and token-id generation still work)."""
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
