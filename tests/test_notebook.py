@@ -1,7 +1,11 @@
-"""notebooks/colab_t4.ipynb runs top to bottom (CPU, the demo model), so it cannot rot (issue 13)."""
+"""notebooks/colab_t4.ipynb runs top to bottom (CPU, the demo model), so it cannot rot (issue 13), and it runs as
+on Colab: from the clone's parent directory (issue 19: a clone named `offload_engine` there was imported as an
+empty namespace package instead of the installed package)."""
 
 from __future__ import annotations
 
+import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -14,16 +18,32 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_colab_notebook_runs_with_the_demo_model(tmp_path):
+def test_colab_notebook_runs_with_the_demo_model_from_the_clones_parent(tmp_path, monkeypatch):
+    """The kernel starts in a Colab-like /content holding the clone (`offload-engine`, as the README says) and
+    a folder named offload_engine (a clone under the name the README used to give, or anything else): the
+    install cell must import the clone's package, not that folder."""
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "offload-engine").symlink_to(ROOT, target_is_directory=True)
+    (content / "offload_engine").symlink_to(ROOT, target_is_directory=True)
+    try:
+        version("offload_engine")
+        # Installed (CI: `pip install -e .`): the kernel finds the package as a user's does, through the install,
+        # not through a PYTHONPATH entry (which would win over the folder in the working directory by itself).
+        monkeypatch.delenv("PYTHONPATH", raising=False)
+    except PackageNotFoundError:
+        pass  # the install cell would pip-install: keep PYTHONPATH, the test then cannot show the shadowing
+
     nb = nbformat.read(ROOT / "notebooks/colab_t4.ipynb", as_version=4)
     (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     params.source += '\nMODEL = "demo"\nMAX_NEW_TOKENS = 8\n'  # what papermill would inject
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT)}}).execute()
+                            resources={"metadata": {"path": str(content)}}).execute()
     outputs = {i: "".join(o.get("text", "") for o in c.get("outputs", [])) for i, c in enumerate(nb.cells)
                if c.cell_type == "code"}
     text = "\n".join(outputs.values())
-    assert "offload_engine" in text and "4/8 experts per layer" in text
+    assert f"from {content / 'offload-engine' / 'offload_engine' / '__init__.py'}" in text
+    assert "4/8 experts per layer" in text
     assert text.count(">>> ") == 2  # both chat turns ran
     assert "expert cache since loading" in text and "hit rate by layer" in text  # the /stats report
     assert "decode steps" in text
