@@ -3,6 +3,11 @@ engine with `kernels: fused` against `kernels: reference`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_checkpoint
@@ -148,10 +153,58 @@ def test_the_cpu_kernel_library_is_built_once_per_format_into_the_cache(tmp_path
     monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
     built = cpu_kernels._build(2, 16)
     assert built.parent == tmp_path / "cpu_kernels" and built.suffix == ".so"
-    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left behind
+    # no temporary file left behind; the size and checksum recorded beside the library
+    assert sorted(p.name for p in built.parent.iterdir()) == [built.name, built.name + ".sha256"]
     mtime = built.stat().st_mtime_ns
     assert cpu_kernels._build(2, 16) == built and built.stat().st_mtime_ns == mtime  # cached, not rebuilt
     assert cpu_kernels._build(4, 64) != built
+
+
+def _damage_library(library, how: str) -> None:
+    if how == "truncated":  # loading it would kill the process with SIGBUS
+        with open(library, "r+b") as f:
+            f.truncate(library.stat().st_size // 2)
+    elif how == "garbage":
+        library.write_bytes(bytes(range(256)) * (library.stat().st_size // 256))
+    elif how == "record lost":
+        (library.parent / (library.name + ".sha256")).unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "record lost"])
+def test_a_damaged_cached_library_is_rebuilt_with_a_warning_naming_it(how, tmp_path, monkeypatch, fresh_build):
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
+    built = cpu_kernels._build(2, 16)
+    intact = built.read_bytes()
+    _damage_library(built, how)
+    with pytest.warns(RuntimeWarning, match=f"{built}.*damaged.*rebuilding"):
+        assert cpu_kernels._build(2, 16) == built
+    assert built.read_bytes() == intact and cpu_kernels._damage(built) is None
+    layout = layout_for((64, 256), 2, 16, True, torch.float32)
+    buffer, x = random_packed(layout), torch.randn(2, 256)
+    assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+
+
+def test_offload_chat_rebuilds_damaged_cached_libraries_instead_of_dying(tmp_path, monkeypatch):
+    """Issue 19: a truncated cached library killed every later load with SIGBUS (exit 135, no message) and garbage
+    bytes made every load fall back to the reference kernels. Both are damaged here, then the demo is run."""
+    if not (Path(offload_engine.__file__).parent / "demo" / "model.safetensors").exists():
+        pytest.skip("demo model not built")
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
+    libraries = [cpu_kernels._build(bits, group) for bits, group in ((2, 16), (4, 64))]  # the demo's formats
+    intact = [library.read_bytes() for library in libraries]
+    for library, how in zip(libraries, ("truncated", "garbage")):
+        _damage_library(library, how)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    offload_chat = [sys.executable, "-m", "offload_engine.cli"]  # the `offload-chat` entry point
+    run = subprocess.run([*offload_chat, "--demo", "--prompt", "hi", "--max-new-tokens", "2"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "kernels fused-cpu" in run.stderr  # the fast kernels, not the reference fallback
+    for library, before in zip(libraries, intact):
+        assert str(library) in run.stderr and library.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.joinpath("cpu_kernels").iterdir()) == sorted(
+        name for library in libraries for name in (library.name, library.name + ".sha256"))
 
 
 @pytest.fixture

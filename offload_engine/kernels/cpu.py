@@ -10,6 +10,8 @@ Why hand-written rather than `torch.compile`: inductor's loop for the group-sum 
 once per row runs several times faster, and a 300-line C++ file compiles in about a second where inductor took
 seconds per matrix shape. The library is built once per packed format (bits, group size) with -march=native and
 cached on disk (`OFFLOAD_ENGINE_CACHE`, else ~/.cache/offload_engine), keyed by source, flags, compiler and CPU.
+Each build records the library's size and sha256 beside it (`<name>.so.sha256`); a cached library that does not
+match (truncated, overwritten, half-written) is rebuilt with a warning naming it, never loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +73,46 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _record_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _fingerprint(library: Path) -> str:
+    """What the build records beside a library, to check it against before loading: its size and sha256."""
+    data = library.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"
+
+
+def _damage(library: Path) -> str | None:
+    """Why the cached `library` must not be loaded, or None when it is what its build recorded. Loading a
+    truncated library kills the process with SIGBUS (no Python error to catch), so this runs before every load."""
+    try:
+        recorded = _record_path(library).read_text()
+    except (OSError, UnicodeDecodeError):
+        return f"no size and checksum recorded in {_record_path(library).name}: an interrupted build?"
+    try:
+        actual = _fingerprint(library)
+    except OSError as e:
+        return f"unreadable: {e}"
+    if recorded == actual:
+        return None
+    size = actual.split()[0]
+    expected = recorded.split()[0] if recorded.split() else "?"
+    return (f"{size} bytes, the build recorded {expected}" if size != expected
+            else "its checksum differs from the one its build recorded")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # Tried in order until one compiles: OpenMP may be missing (Apple's clang, a clang without libomp: the kernel then
 # runs on one thread), and a compiler may not know -march=native (it then targets the baseline ISA).
 FLAG_CHOICES = (["-march=native", "-fopenmp"], ["-march=native"], [])
@@ -88,9 +131,14 @@ def _build(bits: int, group_size: int) -> Path:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *common, repr(FLAG_CHOICES), version, _cpu_id()]).encode())
     target = _cache_dir() / f"qmatmul_b{bits}_g{group_size}_{key.hexdigest()[:16]}.so"
     if target.exists():
-        return target
+        damage = _damage(target)
+        if damage is None:
+            return target
+        warnings.warn(f"the cached CPU kernel library {target} is damaged ({damage}); rebuilding it",
+                      RuntimeWarning, stacklevel=2)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name, then rename: a concurrent or interrupted build never leaves a partial library.
+    # Compile to a temporary name, then rename: a concurrent or interrupted build never leaves a partial library,
+    # and a process that has the old file mapped keeps its own copy (a file truncated in place would SIGBUS it).
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -98,7 +146,9 @@ def _build(bits: int, group_size: int) -> Path:
         for flags in FLAG_CHOICES:
             result = subprocess.run([compiler, *common, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
             if result.returncode == 0:
+                record = _fingerprint(Path(tmp))
                 os.replace(tmp, target)
+                _write_atomically(_record_path(target), record)
                 return target
             errors.append(result.stderr.strip())
         raise RuntimeError(f"{compiler} failed to compile {SOURCE.name} for {bits}-bit group {group_size}: "
@@ -110,7 +160,11 @@ def _build(bits: int, group_size: int) -> Path:
 
 @functools.cache
 def _library(bits: int, group_size: int) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_build(bits, group_size)))
+    path = _build(bits, group_size)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise RuntimeError(f"cannot load the CPU kernel library {path} ({e}); delete it to have it rebuilt") from e
     pointer, i32 = ctypes.c_void_p, ctypes.c_int
     lib.gemv.argtypes = [pointer, pointer, pointer, pointer, i32, pointer, i32]  # base, offsets, shape, x, T, y, threads
     lib.gemv.restype = None
