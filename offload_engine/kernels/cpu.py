@@ -89,7 +89,7 @@ def _damage(library: Path) -> str | None:
     try:
         recorded = _record_path(library).read_text()
     except (OSError, UnicodeDecodeError):
-        return f"no size and checksum recorded in {_record_path(library).name}: an interrupted build?"
+        return f"no size and checksum recorded beside it: an interrupted build, or one by an older version"
     try:
         actual = _fingerprint(library)
     except OSError as e:
