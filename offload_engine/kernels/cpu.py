@@ -37,6 +37,7 @@ from ..quantize import MatrixLayout
 from .packing import PackedFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+HEADERS = [SOURCE.with_name(name) for name in ("cpu_kernel_common.h", "cpu_kernel_bf16.h")]  # SOURCE includes them
 # Beyond this many tokens, dequantize + BLAS is faster: measured crossovers lie between ~16 (bfloat16 on a CPU with
 # AVX512-BF16, whose BLAS is fast) and ~50 (float32) tokens (scripts/bench_kernels.py --crossover).
 GEMV_MAX_TOKENS = 32
@@ -128,7 +129,7 @@ def _build(bits: int, group_size: int) -> Path:
     common = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-DWORD={WORD_TYPES[bits]}", f"-DBITS={bits}",
               f"-DPACK={pack}", f"-DGROUP={group_size}", *os.environ.get("OFFLOAD_ENGINE_CXXFLAGS", "").split()]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *common, repr(FLAG_CHOICES), version, _cpu_id()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *(h.read_text() for h in HEADERS), *common, repr(FLAG_CHOICES), version, _cpu_id()]).encode())
     target = _cache_dir() / f"qmatmul_b{bits}_g{group_size}_{key.hexdigest()[:16]}.so"
     if target.exists():
         damage = _damage(target)
@@ -166,12 +167,13 @@ def _library(bits: int, group_size: int) -> ctypes.CDLL:
     except OSError as e:
         raise RuntimeError(f"cannot load the CPU kernel library {path} ({e}); delete it to have it rebuilt") from e
     pointer, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.gemv.argtypes = [pointer, pointer, pointer, pointer, i32, pointer, i32]  # base, offsets, shape, x, T, y, threads
+    # base, offsets, shape, x, T, y, threads, fp32_only
+    lib.gemv.argtypes = [pointer, pointer, pointer, pointer, i32, pointer, i32, i32]
     lib.gemv.restype = None
+    lib.bf16_dot.argtypes = [pointer]  # shape
+    lib.bf16_dot.restype = i32
     lib.dequantize.argtypes = [pointer, pointer, pointer, pointer, i32]  # base, offsets, shape, out, threads
     lib.dequantize.restype = None
-    lib.max_tokens.restype = i32
-    lib.token_block = lib.max_tokens()  # the GEMV's widest token block
     return lib
 
 
@@ -215,7 +217,9 @@ class CPUKernels:
 
     name = "fused-cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, fp32_only: bool = False) -> None:
+        # fp32_only: multiply in fp32 even where the bfloat16 dot products would run (to test and time both)
+        self.fp32_only = fp32_only
         # Prefill dequantizes into a reused buffer: a fresh one would cost page faults on every call (~65 ms for
         # a Mixtral expert matrix in float32, half the dequantize). One per thread, since engines share kernels.
         self._scratch = threading.local()
@@ -252,18 +256,25 @@ class CPUKernels:
             raise ValueError(f"buffer of {buffer.numel()} bytes is too small for a matrix layout ending at byte "
                              f"{plan.end}")
         (out_features, in_features), tokens = layout.shape, x.shape[0]
+        if x.dim() != 2 or x.shape[1] != in_features:
+            raise ValueError(f"x must be [tokens, {in_features}] for a matrix of shape {layout.shape}, got {list(x.shape)}")
         threads = torch.get_num_threads() if tokens >= plan.threads_from else 1
         if tokens > GEMV_MAX_TOKENS:
             weight = self._weight_buffer(layout)  # [N, K], what the reference dequantizes to
             plan.lib.dequantize(buffer.data_ptr(), plan.offsets, plan.shape, weight.data_ptr(), threads)
             return F.linear(x, weight)
-        x32 = x.float().contiguous()  # [T, K]
-        y = torch.empty(tokens, out_features, dtype=torch.float32)  # [T, N]
-        block = plan.lib.token_block
-        for start in range(0, tokens, block):
-            plan.lib.gemv(buffer.data_ptr(), plan.offsets, plan.shape, x32.data_ptr() + 4 * start * in_features,
-                          min(block, tokens - start), y.data_ptr() + 4 * start * out_features, threads)
-        return y.to(layout.dtype)
+        x = x.to(layout.dtype).contiguous()  # [T, K]
+        y = torch.empty(tokens, out_features, dtype=layout.dtype)  # [T, N]
+        plan.lib.gemv(buffer.data_ptr(), plan.offsets, plan.shape, x.data_ptr(), tokens, y.data_ptr(), threads,
+                      int(self.fp32_only))
+        return y
+
+    def multiplies_in(self, layout: MatrixLayout) -> str:
+        """How the decode GEMV multiplies `layout` on this CPU: "bfloat16 dot products" (AVX512-BF16, bfloat16
+        activations, 1- or 2-bit codes: the reference's own bfloat16 weights) or "fp32" (x converted once)."""
+        if not self.fp32_only and _plan(layout).lib.bf16_dot(_plan(layout).shape):
+            return "bfloat16 dot products"
+        return "fp32"
 
     def warm_up(self, layout: MatrixLayout, device: torch.device) -> None:
         """Build (or load from the disk cache) the library `layout` needs, so the first reply does not wait."""

@@ -1,0 +1,135 @@
+// The GEMV with bfloat16 dot products (AVX512-BF16: vdpbf16ps, 32 multiply-adds per instruction where an fp32
+// FMA does 16), for bfloat16 activations and 1- or 2-bit codes. Included by cpu_kernel.cpp.
+//
+// In bfloat16 the reference's weight is itself a bfloat16, w = bf16(bf16(q - z) * s), one of 2^BITS values per
+// group: those values are computed once per block of rows into a table (TABLE_GROUPS groups per 32 entries),
+// and the weights of 32 codes are looked up in it with one permute (vpermw). x is read as it comes. Each
+// product of two bfloat16s is exact in fp32 and accumulates in fp32, as the reference's matmul does, so only
+// the order of the sums differs from it. The table costs about a vector operation per group (16 weights), and
+// each 32 weights of a row then cost a shift, a mask and the lookup, plus one dot product per token.
+#pragma once
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+constexpr bool BF16_DOT_FORMAT = sizeof(WORD) == 1 && (BITS == 1 || BITS == 2) && (GROUP == 16 || GROUP % 32 == 0);
+#else
+constexpr bool BF16_DOT_FORMAT = false;
+#endif
+
+static bool bf16_dot_runs(const Matrix& m) {
+    return BF16_DOT_FORMAT && m.meta.dtype == BFLOAT16 && m.n % PACK == 0 && m.k % 32 == 0;
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+constexpr int LEVELS = 1 << BITS;                  // table entries per group
+constexpr int TABLE_GROUPS = LEVELS <= 32 ? 32 / LEVELS : 1;  // groups per table of 32 entries
+constexpr int CHUNKS_PER_TABLE = TABLE_GROUPS * GROUP / 32 > 0 ? TABLE_GROUPS * GROUP / 32 : 1;
+constexpr int BF16_TOKEN_BLOCK = std::clamp(16 / PACK, 1, 4);
+
+// v rounded to bfloat16 (to nearest even), kept in fp32.
+static inline __m512 round_bf16(__m512 v) {
+    const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// table[g * LEVELS + q] = the reference's bfloat16 weight for code q in group g, for the 16 groups whose scales
+// s and zeros z (fp32 values of bfloat16s) are given. A product of two bfloat16s is exact in fp32, so rounding
+// it once to bfloat16 is the reference's rounding of (q - z) * s.
+static inline void build_tables(vfloat s, vfloat z, uint16_t* table) {
+    __m512 sv, zv;
+    std::memcpy(&sv, &s, sizeof(sv));
+    std::memcpy(&zv, &z, sizeof(zv));
+    __m512 w[LEVELS];
+    for (int q = 0; q < LEVELS; q++)
+        w[q] = _mm512_mul_ps(q ? round_bf16(_mm512_sub_ps(_mm512_set1_ps((float)q), zv)) : -zv, sv);
+    // lanes 0-15 hold the weights for code 0 (or 2) of 16 groups, 16-31 for code 1 (or 3)
+    const __m512i low = (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]);
+    if constexpr (LEVELS == 2) {
+        alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+        _mm512_storeu_si512(table, _mm512_permutexvar_epi16(_mm512_load_si512(order), low));
+    } else {
+        const __m512i high = (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]);
+        alignas(64) static const uint16_t order[2][32] = {  // entry 4 g + q from low (q < 2) or high (+32)
+            {0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51,
+             4, 20, 36, 52, 5, 21, 37, 53, 6, 22, 38, 54, 7, 23, 39, 55},
+            {8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+             12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63}};
+        _mm512_storeu_si512(table, _mm512_permutex2var_epi16(low, _mm512_load_si512(order[0]), high));
+        _mm512_storeu_si512(table + 32, _mm512_permutex2var_epi16(low, _mm512_load_si512(order[1]), high));
+    }
+}
+
+// The PACK rows sharing a run of `weights` words, T tokens: out[r * T + t] += sum_k w[r, k] x[t, k], the weights
+// looked up in tables[r] (as build_tables makes them), x in bfloat16 (tokens x_stride apart).
+template <int T>
+static void dot_bf16(const uint8_t* words, int64_t weights, const uint16_t* const* tables, const uint16_t* x,
+                     int64_t x_stride, float* out) {
+    // Which group of its table each of a chunk's 32 weights is in, times LEVELS: the lookup's offsets.
+    alignas(64) static const auto offsets = [] {
+        struct { uint16_t lane[CHUNKS_PER_TABLE][32]; } o{};
+        for (int c = 0; c < CHUNKS_PER_TABLE; c++)
+            for (int l = 0; l < 32; l++) o.lane[c][l] = (uint16_t)(LEVELS * (((32 * c + l) / GROUP) % TABLE_GROUPS));
+        return o;
+    }();
+    const __m512i mask = _mm512_set1_epi16(MASK);
+    __m512 acc[PACK][T];
+    for (int r = 0; r < PACK; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    int chunk = 0;
+    int64_t table_at = 0;
+    for (int64_t c = 0; c < weights; c += 32) {
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(words + c)));
+        const __m512i offset = _mm512_load_si512(offsets.lane[chunk]);
+        __m512bh xv[T];
+        for (int t = 0; t < T; t++) xv[t] = (__m512bh)_mm512_loadu_si512(x + t * x_stride + c);
+        for (int r = 0; r < PACK; r++) {
+            const __m512i shifted = _mm512_srli_epi16(w, BITS * (PACK - 1 - r));
+            const __m512i index = _mm512_ternarylogic_epi32(shifted, mask, offset, 0xEA);  // (a & b) | c
+            const __m512bh weight = (__m512bh)_mm512_permutexvar_epi16(index, _mm512_loadu_si512(tables[r] + table_at));
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], weight, xv[t]);
+        }
+        if (++chunk == CHUNKS_PER_TABLE) chunk = 0, table_at += 32;
+    }
+    for (int r = 0; r < PACK; r++)
+        for (int t = 0; t < T; t++) out[r * T + t] += _mm512_reduce_add_ps(acc[r][t]);
+}
+
+// y [T, N] = x [T, K] @ W.T, both bfloat16, for a matrix bf16_dot_runs accepts.
+static void gemv_bf16(const Matrix& m, const uint16_t* x, int tokens, uint16_t* y, int threads) {
+    const int64_t G = m.k / GROUP, R = m.n / PACK;
+    const int64_t table_size = round_up(G, 16) * LEVELS;  // build_tables writes 16 groups at a time
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> out(PACK * tokens), block(PACK * BF16_TOKEN_BLOCK);
+        std::vector<uint16_t> table_store(PACK * table_size);
+        const uint16_t* tables[PACK];
+        for (int q = 0; q < PACK; q++) tables[q] = table_store.data() + q * table_size;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            for (int q = 0; q < PACK && r + 1 < R; q++) prefetch_meta(m.meta, (q * R + r + 1) * G, G);
+            for (int q = 0; q < PACK; q++)
+                for_each_scale_vector<BFLOAT16>(m.meta, (q * R + r) * G, (int)G, [&](int j, vfloat s, vfloat z) {
+                    build_tables(s, z, (uint16_t*)tables[q] + j * LEVELS);
+                });
+            const uint8_t* words = (const uint8_t*)(m.codes + r * G * GROUP);
+            for (int t0 = 0; t0 < tokens; t0 += BF16_TOKEN_BLOCK) {
+                const int count = std::min(BF16_TOKEN_BLOCK, tokens - t0);
+                const uint16_t* xt = x + t0 * m.k;
+                std::fill(block.begin(), block.end(), 0.f);
+                switch (count) {
+                    case 1: dot_bf16<1>(words, m.k, tables, xt, m.k, block.data()); break;
+                    case 2: if constexpr (BF16_TOKEN_BLOCK >= 2) dot_bf16<2>(words, m.k, tables, xt, m.k, block.data()); break;
+                    case 3: if constexpr (BF16_TOKEN_BLOCK >= 3) dot_bf16<3>(words, m.k, tables, xt, m.k, block.data()); break;
+                    case 4: if constexpr (BF16_TOKEN_BLOCK >= 4) dot_bf16<4>(words, m.k, tables, xt, m.k, block.data()); break;
+                }
+                for (int q = 0; q < PACK; q++)
+                    for (int t = 0; t < count; t++) out[q * tokens + t0 + t] = block[q * count + t];
+            }
+            for (int q = 0; q < PACK; q++)
+                for (int t = 0; t < tokens; t++) y[t * m.n + q * R + r] = bfloat16_bits(out[q * tokens + t]);
+        }
+    }
+}
+#else
+static void gemv_bf16(const Matrix&, const uint16_t*, int, uint16_t*, int) {}
+#endif
