@@ -49,14 +49,42 @@ def test_cpu_kernels_on_awkward_shapes(shape, bits):
         assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
 
 
+@pytest.mark.parametrize("fp32_only", [False, True], ids=["as-built", "fp32-path"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits,group_size,quant_meta", [(2, 16, True), (4, 64, False), (3, 16, True)])
-def test_cpu_kernels_in_half_precision_stay_within_the_references_rounding(dtype, bits, group_size, quant_meta):
+@pytest.mark.parametrize("bits,group_size,quant_meta", [(2, 16, True), (1, 32, True), (2, 64, False), (4, 64, False),
+                                                        (3, 16, True)])
+def test_cpu_kernels_in_half_precision_stay_within_the_references_rounding(dtype, bits, group_size, quant_meta,
+                                                                            fp32_only):
+    """bfloat16 with 1/2-bit codes runs on bfloat16 dot products where the CPU has them; fp32_only forces the
+    fp32 path that every other case (and every CPU without AVX512-BF16) takes, so both are checked here."""
     layout = layout_for((96, 4 * group_size), bits, group_size, quant_meta, dtype)
     buffer = random_packed(layout, seed=7)
-    for tokens in (1, 5, GEMV_MAX_TOKENS + 3):
+    kernels = cpu_kernels.CPUKernels(fp32_only=fp32_only)
+    for tokens in (1, 5, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS + 3):
         x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
-        assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+        assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)
+
+
+@pytest.mark.parametrize("bits,group_size,quant_meta", [(2, 16, True), (1, 32, True), (2, 64, False)])
+def test_bfloat16_dot_products_use_the_references_own_weights(bits, group_size, quant_meta):
+    """In bfloat16 the reference multiplies bfloat16 weights by bfloat16 x, summing in fp32; the dot-product path
+    looks those very weights up in its tables, so its fp32 sums round to the exactly rounded product almost
+    everywhere (a table entry off by one bfloat16 step would move whole rows)."""
+    from offload_engine.quantize import dequantize
+
+    layout = layout_for((256, 8 * group_size), bits, group_size, quant_meta, torch.bfloat16)
+    kernels = shared_cpu_kernels()
+    if kernels.multiplies_in(layout) != "bfloat16 dot products":
+        pytest.skip("this CPU has no AVX512-BF16: bfloat16 runs on the fp32 path (tested above)")
+    buffer = random_packed(layout, seed=bits)
+    weight = dequantize(layout, layout.views(buffer))  # [N, K] bfloat16: the reference's weights
+    for tokens in (1, 4, 7):
+        x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens)).bfloat16()
+        got = kernels.linear(x, layout, buffer)
+        exact = (x.double() @ weight.double().T).bfloat16()  # the true sum of the same products, rounded once
+        ulp = (exact.float().abs() * 2**-7).clamp_min(1e-30)
+        assert ((got.float() - exact.float()).abs() <= ulp).all()  # within one bfloat16 step everywhere
+        assert (got == exact).float().mean() > 0.98
 
 
 @pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336)])
@@ -239,6 +267,8 @@ def test_the_cpu_kernel_refuses_a_buffer_it_would_read_past():
         shared_cpu_kernels().linear(torch.randn(1, 256), layout, buffer[:-1])
     with pytest.raises(ValueError, match="uint8"):
         shared_cpu_kernels().linear(torch.randn(1, 256), layout, buffer.float())
+    with pytest.raises(ValueError, match=r"x must be \[tokens, 256\]"):
+        shared_cpu_kernels().linear(torch.randn(1, 128), layout, buffer)
 
 
 def _compilers() -> list[str]:
@@ -263,6 +293,6 @@ def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, ex
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             layout = layout_for((40, 4 * group_size), bits, group_size, quant_meta, dtype)
             buffer = random_packed(layout, seed=bits)
-            for tokens in (1, GEMV_MAX_TOKENS + 1):
+            for tokens in (1, 5, GEMV_MAX_TOKENS + 1):
                 x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
                 assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
