@@ -32,12 +32,14 @@ static inline __m512 round_bf16(__m512 v) {
 }
 
 // table[g * LEVELS + q] = the reference's bfloat16 weight for code q in group g, for the 16 groups whose scales
-// s and zeros z (fp32 values of bfloat16s) are given. A product of two bfloat16s is exact in fp32, so rounding
-// it once to bfloat16 is the reference's rounding of (q - z) * s.
+// s and zeros z are given in fp32 (rounded to bfloat16 here: one instruction, where round_vector takes five;
+// it flushes values below 2^-126 to zero, as vdpbf16ps does with the weights anyway). A product of two
+// bfloat16s is exact in fp32, so rounding it once to bfloat16 is the reference's rounding of (q - z) * s.
 static inline void build_tables(vfloat s, vfloat z, uint16_t* table) {
     __m512 sv, zv;
     std::memcpy(&sv, &s, sizeof(sv));
     std::memcpy(&zv, &z, sizeof(zv));
+    sv = round_bf16(sv), zv = round_bf16(zv);
     __m512 w[LEVELS];
     for (int q = 0; q < LEVELS; q++)
         w[q] = _mm512_mul_ps(q ? round_bf16(_mm512_sub_ps(_mm512_set1_ps((float)q), zv)) : -zv, sv);
@@ -62,7 +64,7 @@ static inline void build_tables(vfloat s, vfloat z, uint16_t* table) {
 // The PACK rows sharing a run of `weights` words, T tokens: out[r * T + t] += sum_k w[r, k] x[t, k], the weights
 // looked up in tables[r] (as build_tables makes them), x in bfloat16 (tokens x_stride apart).
 template <int T>
-static void dot_bf16(const uint8_t* words, int64_t weights, const uint16_t* const* tables, const uint16_t* x,
+__attribute__((noinline)) static void dot_bf16(const uint8_t* words, int64_t weights, const uint16_t* const* tables, const uint16_t* x,
                      int64_t x_stride, float* out) {
     // Which group of its table each of a chunk's 32 weights is in, times LEVELS: the lookup's offsets.
     alignas(64) static const auto offsets = [] {
@@ -107,10 +109,12 @@ static void gemv_bf16(const Matrix& m, const uint16_t* x, int tokens, uint16_t* 
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
             for (int q = 0; q < PACK && r + 1 < R; q++) prefetch_meta(m.meta, (q * R + r + 1) * G, G);
-            for (int q = 0; q < PACK; q++)
-                for_each_scale_vector<BFLOAT16>(m.meta, (q * R + r) * G, (int)G, [&](int j, vfloat s, vfloat z) {
+            for (int64_t j = 0; j < G; j += 16)  // the PACK rows side by side: independent work to overlap
+                for (int q = 0; q < PACK; q++) {
+                    vfloat s, z;
+                    scale_vector(m.meta, (q * R + r) * G + j, (int)std::min<int64_t>(16, G - j), s, z);
                     build_tables(s, z, (uint16_t*)tables[q] + j * LEVELS);
-                });
+                }
             const uint8_t* words = (const uint8_t*)(m.codes + r * G * GROUP);
             for (int t0 = 0; t0 < tokens; t0 += BF16_TOKEN_BLOCK) {
                 const int count = std::min(BF16_TOKEN_BLOCK, tokens - t0);
