@@ -25,39 +25,58 @@ constexpr int TABLE_GROUPS = LEVELS <= 32 ? 32 / LEVELS : 1;  // groups per tabl
 constexpr int CHUNKS_PER_TABLE = TABLE_GROUPS * GROUP / 32 > 0 ? TABLE_GROUPS * GROUP / 32 : 1;
 constexpr int BF16_TOKEN_BLOCK = std::clamp(16 / PACK, 1, 4);
 
-// v rounded to bfloat16 (to nearest even), kept in fp32.
-static inline __m512 round_bf16(__m512 v) {
-    const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+// Word indices for the permutes of build_tables, made once.
+struct TableIndices {
+    uint16_t spread[32];            // word w <- word w % 16: a group's scale beside each of its products
+    uint16_t zero_high[32];         // word 2 l + 1 <- word 16 + l: zero l as an fp32 (its bf16 in the high half)
+    uint16_t order[LEVELS / 2][32];  // table entry g * LEVELS + q <- its word in the packed products
+};
+static const TableIndices& table_indices() {
+    alignas(64) static const TableIndices indices = [] {
+        TableIndices t{};
+        for (int w = 0; w < 32; w++) t.spread[w] = (uint16_t)(w % 16), t.zero_high[w] = (uint16_t)(16 + w / 2);
+        // After build_tables' packing, the weight for code q = 2 p + c of group g is word
+        // (g odd ? 16 : 0) + 8 c + g / 2 of products[p] (product pairs p take 32 words each).
+        for (int e = 0; e < LEVELS * 16; e++) {
+            const int g = e / LEVELS, q = e % LEVELS, pair = q / 2, c = q % 2;
+            t.order[e / 32][e % 32] = (uint16_t)(32 * pair + (g % 2 ? 16 : 0) + 8 * c + g / 2);
+        }
+        return t;
+    }();
+    return indices;
 }
 
-// table[g * LEVELS + q] = the reference's bfloat16 weight for code q in group g, for the 16 groups whose scales
-// s and zeros z are given in fp32 (rounded to bfloat16 here: one instruction, where round_vector takes five;
-// it flushes values below 2^-126 to zero, as vdpbf16ps does with the weights anyway). A product of two
-// bfloat16s is exact in fp32, so rounding it once to bfloat16 is the reference's rounding of (q - z) * s.
+// table[g * LEVELS + q] = the reference's bfloat16 weight bf16(bf16(q - z) * s) for code q in group g, for the
+// 16 groups whose scales s and zeros z are given in fp32 (before their rounding to bfloat16, done here; like
+// vdpbf16ps, the rounding instructions treat values below 2^-126 as zero). Work in packed bfloat16 where it
+// can: the products of two bfloat16s come from vdpbf16ps against a vector holding each scale beside a zero
+// (exact in fp32), then round once to bfloat16: the reference's rounding of (q - z) * s.
 static inline void build_tables(vfloat s, vfloat z, uint16_t* table) {
+    const TableIndices& ix = table_indices();
     __m512 sv, zv;
     std::memcpy(&sv, &s, sizeof(sv));
     std::memcpy(&zv, &z, sizeof(zv));
-    sv = round_bf16(sv), zv = round_bf16(zv);
-    __m512 w[LEVELS];
-    for (int q = 0; q < LEVELS; q++)
-        w[q] = _mm512_mul_ps(q ? round_bf16(_mm512_sub_ps(_mm512_set1_ps((float)q), zv)) : -zv, sv);
-    // lanes 0-15 hold the weights for code 0 (or 2) of 16 groups, 16-31 for code 1 (or 3)
-    const __m512i low = (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]);
+    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(zv, sv);  // words 0-15: bf16(s); 16-31: bf16(z)
+    const __m512 zero = _mm512_castsi512_ps(
+        _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_load_si512(ix.zero_high), packed));
+    const __m512i spread = _mm512_load_si512(ix.spread);
+    const __m512bh scale_even = (__m512bh)_mm512_maskz_permutexvar_epi16(0x55555555u, spread, packed);
+    const __m512bh scale_odd = (__m512bh)_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, spread, packed);
+    __m512i products[LEVELS / 2];
+    for (int pair = 0; pair < LEVELS / 2; pair++) {
+        // words 0-15: bf16(2 p - z) of the 16 groups, 16-31: bf16(2 p + 1 - z)
+        const __m512bh centred = _mm512_cvtne2ps_pbh(_mm512_sub_ps(_mm512_set1_ps(2.f * pair + 1), zero),
+                                                     _mm512_sub_ps(_mm512_set1_ps(2.f * pair), zero));
+        const __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), centred, scale_even);  // even groups
+        const __m512 odd = _mm512_dpbf16_ps(_mm512_setzero_ps(), centred, scale_odd);
+        products[pair] = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
+    }
     if constexpr (LEVELS == 2) {
-        alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-        _mm512_storeu_si512(table, _mm512_permutexvar_epi16(_mm512_load_si512(order), low));
+        _mm512_storeu_si512(table, _mm512_permutexvar_epi16(_mm512_load_si512(ix.order[0]), products[0]));
     } else {
-        const __m512i high = (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]);
-        alignas(64) static const uint16_t order[2][32] = {  // entry 4 g + q from low (q < 2) or high (+32)
-            {0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51,
-             4, 20, 36, 52, 5, 21, 37, 53, 6, 22, 38, 54, 7, 23, 39, 55},
-            {8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
-             12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63}};
-        _mm512_storeu_si512(table, _mm512_permutex2var_epi16(low, _mm512_load_si512(order[0]), high));
-        _mm512_storeu_si512(table + 32, _mm512_permutex2var_epi16(low, _mm512_load_si512(order[1]), high));
+        for (int half = 0; half < 2; half++)
+            _mm512_storeu_si512(table + 32 * half, _mm512_permutex2var_epi16(
+                products[0], _mm512_load_si512(ix.order[half]), products[1]));
     }
 }
 
