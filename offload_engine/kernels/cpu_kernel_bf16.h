@@ -128,10 +128,12 @@ static void gemv_bf16(const Matrix& m, const uint16_t* x, int tokens, uint16_t* 
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
             for (int q = 0; q < PACK && r + 1 < R; q++) prefetch_meta(m.meta, (q * R + r + 1) * G, G);
+            ScaleReader readers[PACK];
+            for (int q = 0; q < PACK; q++) readers[q] = ScaleReader(m.meta);
             for (int64_t j = 0; j < G; j += 16)  // the PACK rows side by side: independent work to overlap
                 for (int q = 0; q < PACK; q++) {
                     vfloat s, z;
-                    scale_vector(m.meta, (q * R + r) * G + j, (int)std::min<int64_t>(16, G - j), s, z);
+                    readers[q].read((q * R + r) * G + j, (int)std::min<int64_t>(16, G - j), s, z);
                     build_tables(s, z, (uint16_t*)tables[q] + j * LEVELS);
                 }
             const uint8_t* words = (const uint8_t*)(m.codes + r * G * GROUP);

@@ -246,48 +246,66 @@ static inline vfloat multiply_then_add(vfloat a, vfloat b, vfloat c) {
     return product + c;
 }
 
-// The scales s and zeros z of groups at + [0, LANES) (of which n < LANES are real: the rest read no byte and
-// hold values of code 0) in fp32, rebuilt as quantize.dequantize does before it casts to the compute dtype:
-// fp32 arithmetic, a multiply and an add, each rounded.
-static inline void scale_vector(const Meta& m, int64_t at, int n, vfloat& s, vfloat& z) {
-    if (!m.scale_q) {
-        for (int l = 0; l < LANES; l++) {
-            s[l] = l < n ? half_to_float(m.scale16[at + l]) : 0.f;
-            z[l] = l < n ? half_to_float(m.zero16[at + l]) : 0.f;
+// Reads scales and zeros a vector of groups at a time, keeping the matrix's zero range and the current scale
+// range's (min, step) in registers (a new pair every SCALE_GROUP groups).
+struct ScaleReader {
+    Meta m;
+    vfloat zero_step, zero_min, step, low;
+    int64_t range = -1;
+
+    ScaleReader() = default;
+    explicit ScaleReader(const Meta& meta) : m(meta) {
+        if (m.scale_q) zero_step = vfloat{} + m.zero_range[1], zero_min = vfloat{} + m.zero_range[0];
+    }
+
+    // The scales s and zeros z of groups at + [0, LANES) (of which n < LANES are real: the rest read no byte
+    // and hold values of code 0) in fp32, rebuilt as quantize.dequantize does before it casts to the compute
+    // dtype: fp32 arithmetic, a multiply and an add, each rounded.
+    inline void read(int64_t at, int n, vfloat& s, vfloat& z) {
+        if (!m.scale_q) {
+            for (int l = 0; l < LANES; l++) {
+                s[l] = l < n ? half_to_float(m.scale16[at + l]) : 0.f;
+                z[l] = l < n ? half_to_float(m.zero16[at + l]) : 0.f;
+            }
+            return;
         }
-        return;
-    }
-    vfloat scale_codes, zero_codes, step, low;
-    if (n == LANES) {
-        scale_codes = byte_codes(m.scale_q + at), zero_codes = byte_codes(m.zero_q + at);
-    } else {  // the last vector of a matrix
-        uint8_t scale_tail[LANES] = {}, zero_tail[LANES] = {};
-        std::memcpy(scale_tail, m.scale_q + at, n);
-        std::memcpy(zero_tail, m.zero_q + at, n);
-        scale_codes = byte_codes(scale_tail), zero_codes = byte_codes(zero_tail);
-    }
-    if (at / SCALE_GROUP == (at + LANES - 1) / SCALE_GROUP) {  // one (min, step) pair for every lane
-        const int64_t range = at / SCALE_GROUP;
-        step = vfloat{} + half_to_float(m.scale_range[2 * range + 1]);
-        low = vfloat{} + half_to_float(m.scale_range[2 * range]);
-    } else {
-        for (int l = 0; l < LANES; l++) {
-            const int64_t range = (at + std::min(l, n - 1)) / SCALE_GROUP;
-            step[l] = half_to_float(m.scale_range[2 * range + 1]);
-            low[l] = half_to_float(m.scale_range[2 * range]);
+        vfloat scale_codes, zero_codes;
+        if (n == LANES) {
+            scale_codes = byte_codes(m.scale_q + at), zero_codes = byte_codes(m.zero_q + at);
+        } else {  // the last vector of a matrix
+            uint8_t scale_tail[LANES] = {}, zero_tail[LANES] = {};
+            std::memcpy(scale_tail, m.scale_q + at, n);
+            std::memcpy(zero_tail, m.zero_q + at, n);
+            scale_codes = byte_codes(scale_tail), zero_codes = byte_codes(zero_tail);
         }
+        if (at / SCALE_GROUP == (at + LANES - 1) / SCALE_GROUP) {  // one (min, step) pair for every lane
+            if (at / SCALE_GROUP != range) {
+                range = at / SCALE_GROUP;
+                step = vfloat{} + half_to_float(m.scale_range[2 * range + 1]);
+                low = vfloat{} + half_to_float(m.scale_range[2 * range]);
+            }
+            s = multiply_then_add(scale_codes, step, low);
+        } else {
+            vfloat lane_step, lane_low;
+            for (int l = 0; l < LANES; l++) {
+                const int64_t lane_range = (at + std::min(l, n - 1)) / SCALE_GROUP;
+                lane_step[l] = half_to_float(m.scale_range[2 * lane_range + 1]);
+                lane_low[l] = half_to_float(m.scale_range[2 * lane_range]);
+            }
+            s = multiply_then_add(scale_codes, lane_step, lane_low);
+        }
+        z = multiply_then_add(zero_codes, zero_step, zero_min);
     }
-    s = multiply_then_add(scale_codes, step, low);
-    z = multiply_then_add(zero_codes, vfloat{} + m.zero_range[1], vfloat{} + m.zero_range[0]);
-}
+};
 
 // Calls emit(j, s, z) for j = 0, LANES, 2 LANES, ... < count with the scales and zeros of groups
-// first + j + [0, LANES) (scale_vector) rounded to the compute dtype DT.
+// first + j + [0, LANES) (ScaleReader) rounded to the compute dtype DT.
 template <int DT, typename Emit>
 static void for_each_scale_vector(const Meta& m, int64_t first, int count, Emit emit) {
+    ScaleReader reader(m);
     for (int j = 0; j < count; j += LANES) {
         vfloat s, z;
-        scale_vector(m, first + j, std::min(LANES, count - j), s, z);
+        reader.read(first + j, std::min(LANES, count - j), s, z);
         emit(j, round_vector<DT>(s), round_vector<DT>(z));
     }
 }
