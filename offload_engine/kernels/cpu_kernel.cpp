@@ -22,7 +22,6 @@
 //  * bfloat16 dot products (cpu_kernel_bf16.h; AVX512-BF16 CPUs, bfloat16 activations, 1- and 2-bit codes): the
 //    reference's own bfloat16 weights from a per-group table, times x as it comes, accumulated in fp32.
 // Prefill instead dequantizes the whole matrix (dequantize below) for BLAS.
-#include <memory>
 #include <vector>
 
 #include "cpu_kernel_common.h"
@@ -156,8 +155,8 @@ static void for_each_run(const Matrix& m, int64_t row, Fn fn) {
 static void gemv_fp32(const Matrix& m, const float* x, int tokens, void* y, int threads) {
     const int64_t G = m.k / GROUP;
     const int dtype = m.meta.dtype;
-    const std::unique_ptr<float[]> sums(new float[tokens * G]);
-    group_sums(x, tokens, m.k, sums.get());
+    const AlignedFloats sums(tokens * G);
+    group_sums(x, tokens, m.k, sums.data);
     if (m.n % PACK == 0) {  // PACK rows share every word row: read each byte once
         const int64_t R = m.n / PACK;
 #pragma omp parallel num_threads(threads)
@@ -178,7 +177,7 @@ static void gemv_fp32(const Matrix& m, const float* x, int tokens, void* y, int 
                 for (int q = 0; q < PACK; q++)
                     gemv_meta(m.meta, (q * R + r) * G, (int)G, shifts[q], (float*)s[q], (float*)z[q]);
                 std::fill(out.begin(), out.end(), 0.f);
-                dot_run_tokens<PACK>(m.codes + r * G * GROUP, (int)G, shifts, s, z, x, m.k, sums.get(), G, tokens,
+                dot_run_tokens<PACK>(m.codes + r * G * GROUP, (int)G, shifts, s, z, x, m.k, sums.data, G, tokens,
                                      out.data());
                 for (int q = 0; q < PACK; q++)
                     for (int t = 0; t < tokens; t++) store_as(y, t * m.n + q * R + r, out[q * tokens + t], dtype);
@@ -200,7 +199,7 @@ static void gemv_fp32(const Matrix& m, const float* x, int tokens, void* y, int 
                 float* z = sz.data() + padded + first;
                 fma_form(s, z, run, shift);
                 dot_run_tokens<1>(m.codes + p * GROUP, run, &shift, (const float* const*)&s, (const float* const*)&z,
-                                  x + first * GROUP, m.k, sums.get() + first, G, tokens, out.data());
+                                  x + first * GROUP, m.k, sums.data + first, G, tokens, out.data());
             });
             for (int t = 0; t < tokens; t++) store_as(y, t * m.n + row, out[t], dtype);
         }
@@ -278,9 +277,9 @@ void gemv(const uint8_t* base, const int64_t* offsets, const int64_t* shape, con
         gemv_fp32(m, (const float*)x, tokens, y, threads);
         return;
     }
-    const std::unique_ptr<float[]> x32(new float[tokens * m.k]);  // converted once per call
-    to_float(x, m.meta.dtype, tokens * m.k, x32.get());
-    gemv_fp32(m, x32.get(), tokens, y, threads);
+    const AlignedFloats x32(tokens * m.k);  // converted once per call
+    to_float(x, m.meta.dtype, tokens * m.k, x32.data);
+    gemv_fp32(m, x32.data, tokens, y, threads);
 }
 
 // 1 when gemv multiplies a matrix of this `shape` with bfloat16 dot products, 0 when in fp32.

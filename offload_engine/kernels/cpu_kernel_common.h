@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -322,6 +323,16 @@ static void scales_and_zeros(const Meta& m, int64_t first, int count, float* s, 
 }
 
 static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// A float buffer aligned to a cache line: the vector loads from it never straddle two lines (x's rows, as torch
+// allocates them, are aligned too).
+struct AlignedFloats {
+    std::unique_ptr<float[]> storage;
+    float* data;
+    explicit AlignedFloats(int64_t count) : storage(new float[count + 16]) {
+        data = storage.get() + (16 - ((uintptr_t)storage.get() / sizeof(float)) % 16) % 16;
+    }
+};
 
 struct Matrix {
     const WORD* codes;  // [S, GROUP] words
