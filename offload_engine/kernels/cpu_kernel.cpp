@@ -98,6 +98,7 @@ static void dot_run(const WORD* words, int groups, const int* shifts, const floa
     vfloat acc[P][T] = {};
     for (int gi = 0; gi < groups; gi++) {
         for (int c = 0; c < GROUP; c += LANES) {
+            if (c == 0) __builtin_prefetch(words + (int64_t)gi * GROUP + PREFETCH_WORDS);
             const vuint w = load_words(words + (int64_t)gi * GROUP + c);
             vfloat xv[T];
             for (int t = 0; t < T; t++) xv[t] = load_floats(x + t * x_stride + (int64_t)gi * GROUP + c);

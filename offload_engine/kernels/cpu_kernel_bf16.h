@@ -99,6 +99,7 @@ __attribute__((noinline)) static void dot_bf16(const uint8_t* words, int64_t wei
     int chunk = 0;
     int64_t table_at = 0;
     for (int64_t c = 0; c < weights; c += 32) {
+        __builtin_prefetch(words + c + PREFETCH_WORDS);
         const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(words + c)));
         const __m512i offset = _mm512_load_si512(offsets.lane[chunk]);
         __m512bh xv[T];
