@@ -65,14 +65,16 @@ def test_cpu_kernels_in_half_precision_stay_within_the_references_rounding(dtype
         assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)
 
 
-@pytest.mark.parametrize("bits,group_size,quant_meta", [(2, 16, True), (1, 32, True), (2, 64, False)])
-def test_bfloat16_dot_products_use_the_references_own_weights(bits, group_size, quant_meta):
+@pytest.mark.parametrize("bits,group_size,quant_meta,groups", [(2, 16, True, 8), (2, 16, True, 300), (1, 32, True, 8),
+                                                               (2, 64, False, 8)])
+def test_bfloat16_dot_products_use_the_references_own_weights(bits, group_size, quant_meta, groups):
     """In bfloat16 the reference multiplies bfloat16 weights by bfloat16 x, summing in fp32; the dot-product path
     looks those very weights up in its tables, so its fp32 sums round to the exactly rounded product almost
     everywhere (a table entry off by one bfloat16 step would move whole rows)."""
     from offload_engine.quantize import dequantize
 
-    layout = layout_for((256, 8 * group_size), bits, group_size, quant_meta, torch.bfloat16)
+    # 300 groups per row: tabled 128 at a time (128, 128, 44), and several scale ranges per row
+    layout = layout_for((256, groups * group_size), bits, group_size, quant_meta, torch.bfloat16)
     kernels = shared_cpu_kernels()
     if kernels.multiplies_in(layout) != "bfloat16 dot products":
         pytest.skip("this CPU has no AVX512-BF16: bfloat16 runs on the fp32 path (tested above)")

@@ -24,6 +24,9 @@ constexpr int LEVELS = 1 << BITS;                  // table entries per group
 constexpr int TABLE_GROUPS = LEVELS <= 32 ? 32 / LEVELS : 1;  // groups per table of 32 entries
 constexpr int CHUNKS_PER_TABLE = TABLE_GROUPS * GROUP / 32 > 0 ? TABLE_GROUPS * GROUP / 32 : 1;
 constexpr int BF16_TOKEN_BLOCK = std::clamp(16 / PACK, 1, 4);
+// Groups of a row tabled at a time, so that the tables stay in L1 beside x (~5 % faster on 14336-wide rows than
+// tabling whole rows). A multiple of 16 (build_tables) and of TABLE_GROUPS.
+constexpr int CHUNK_GROUPS = 128;
 
 // Word indices for the permutes of build_tables, made once.
 struct TableIndices {
@@ -119,7 +122,7 @@ __attribute__((noinline)) static void dot_bf16(const uint8_t* words, int64_t wei
 // y [T, N] = x [T, K] @ W.T, both bfloat16, for a matrix bf16_dot_runs accepts.
 static void gemv_bf16(const Matrix& m, const uint16_t* x, int tokens, uint16_t* y, int threads) {
     const int64_t G = m.k / GROUP, R = m.n / PACK;
-    const int64_t table_size = round_up(G, 16) * LEVELS;  // build_tables writes 16 groups at a time
+    const int64_t table_size = CHUNK_GROUPS * LEVELS;
 #pragma omp parallel num_threads(threads)
     {
         std::vector<float> out(PACK * tokens), block(PACK * BF16_TOKEN_BLOCK);
@@ -131,25 +134,32 @@ static void gemv_bf16(const Matrix& m, const uint16_t* x, int tokens, uint16_t* 
             for (int q = 0; q < PACK && r + 1 < R; q++) prefetch_meta(m.meta, (q * R + r + 1) * G, G);
             ScaleReader readers[PACK];
             for (int q = 0; q < PACK; q++) readers[q] = ScaleReader(m.meta);
-            for (int64_t j = 0; j < G; j += 16)  // the PACK rows side by side: independent work to overlap
-                for (int q = 0; q < PACK; q++) {
-                    vfloat s, z;
-                    readers[q].read((q * R + r) * G + j, (int)std::min<int64_t>(16, G - j), s, z);
-                    build_tables(s, z, (uint16_t*)tables[q] + j * LEVELS);
+            std::fill(out.begin(), out.end(), 0.f);
+            for (int64_t first = 0; first < G; first += CHUNK_GROUPS) {
+                const int64_t groups = std::min<int64_t>(CHUNK_GROUPS, G - first);
+                for (int64_t j = 0; j < groups; j += 16)  // the PACK rows side by side: independent work
+                    for (int q = 0; q < PACK; q++) {
+                        vfloat s, z;
+                        readers[q].read((q * R + r) * G + first + j, (int)std::min<int64_t>(16, groups - j), s, z);
+                        build_tables(s, z, (uint16_t*)tables[q] + j * LEVELS);
+                    }
+                const uint8_t* words = (const uint8_t*)(m.codes + (r * G + first) * GROUP);
+                const int64_t weights = groups * GROUP;
+                for (int t0 = 0; t0 < tokens; t0 += BF16_TOKEN_BLOCK) {
+                    const int count = std::min(BF16_TOKEN_BLOCK, tokens - t0);
+                    const uint16_t* xt = x + t0 * m.k + first * GROUP;
+                    std::fill(block.begin(), block.end(), 0.f);
+                    switch (count) {
+#define DOT_BF16(T) dot_bf16<T>(words, weights, tables, xt, m.k, block.data())
+                        case 1: DOT_BF16(1); break;
+                        case 2: if constexpr (BF16_TOKEN_BLOCK >= 2) DOT_BF16(2); break;
+                        case 3: if constexpr (BF16_TOKEN_BLOCK >= 3) DOT_BF16(3); break;
+                        case 4: if constexpr (BF16_TOKEN_BLOCK >= 4) DOT_BF16(4); break;
+#undef DOT_BF16
+                    }
+                    for (int q = 0; q < PACK; q++)
+                        for (int t = 0; t < count; t++) out[q * tokens + t0 + t] += block[q * count + t];
                 }
-            const uint8_t* words = (const uint8_t*)(m.codes + r * G * GROUP);
-            for (int t0 = 0; t0 < tokens; t0 += BF16_TOKEN_BLOCK) {
-                const int count = std::min(BF16_TOKEN_BLOCK, tokens - t0);
-                const uint16_t* xt = x + t0 * m.k;
-                std::fill(block.begin(), block.end(), 0.f);
-                switch (count) {
-                    case 1: dot_bf16<1>(words, m.k, tables, xt, m.k, block.data()); break;
-                    case 2: if constexpr (BF16_TOKEN_BLOCK >= 2) dot_bf16<2>(words, m.k, tables, xt, m.k, block.data()); break;
-                    case 3: if constexpr (BF16_TOKEN_BLOCK >= 3) dot_bf16<3>(words, m.k, tables, xt, m.k, block.data()); break;
-                    case 4: if constexpr (BF16_TOKEN_BLOCK >= 4) dot_bf16<4>(words, m.k, tables, xt, m.k, block.data()); break;
-                }
-                for (int q = 0; q < PACK; q++)
-                    for (int t = 0; t < count; t++) out[q * tokens + t0 + t] = block[q * count + t];
             }
             for (int q = 0; q < PACK; q++)
                 for (int t = 0; t < tokens; t++) y[t * m.n + q * R + r] = bfloat16_bits(out[q * tokens + t]);
