@@ -50,16 +50,23 @@ static const TableIndices& table_indices() {
 }
 
 // table[g * LEVELS + q] = the reference's bfloat16 weight bf16(bf16(q - z) * s) for code q in group g, for the
-// 16 groups whose scales s and zeros z are given in fp32 (before their rounding to bfloat16, done here; like
-// vdpbf16ps, the rounding instructions treat values below 2^-126 as zero). Work in packed bfloat16 where it
+// 16 groups whose scales s and zeros z are given in fp32 (rounded to bfloat16 by pack_scales; like vdpbf16ps,
+// the rounding instructions treat values below 2^-126 as zero). Work in packed bfloat16 where it
 // can: the products of two bfloat16s come from vdpbf16ps against a vector holding each scale beside a zero
 // (exact in fp32), then round once to bfloat16: the reference's rounding of (q - z) * s.
-static inline void build_tables(vfloat s, vfloat z, uint16_t* table) {
-    const TableIndices& ix = table_indices();
+// Done in two passes over a chunk of groups, each a short chain of dependent instructions with many independent
+// iterations (one pass over the whole chain ran at half the speed: latency-bound):
+//   1. pack_scales: words 0-15: bf16(s), 16-31: bf16(z) of 16 groups;
+//   2. build_tables: the 16 groups' table entries from that.
+static inline __m512i pack_scales(vfloat s, vfloat z) {
     __m512 sv, zv;
     std::memcpy(&sv, &s, sizeof(sv));
     std::memcpy(&zv, &z, sizeof(zv));
-    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(zv, sv);  // words 0-15: bf16(s); 16-31: bf16(z)
+    return (__m512i)_mm512_cvtne2ps_pbh(zv, sv);
+}
+
+static inline void build_tables(__m512i packed, uint16_t* table) {
+    const TableIndices& ix = table_indices();
     const __m512 zero = _mm512_castsi512_ps(
         _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_load_si512(ix.zero_high), packed));
     const __m512i spread = _mm512_load_si512(ix.spread);
@@ -129,6 +136,7 @@ static void gemv_bf16(const Matrix& m, const uint16_t* x, int tokens, uint16_t* 
         std::vector<uint16_t> table_store(PACK * table_size);
         const uint16_t* tables[PACK];
         for (int q = 0; q < PACK; q++) tables[q] = table_store.data() + q * table_size;
+        __m512i packed[PACK][CHUNK_GROUPS / 16];
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
             for (int q = 0; q < PACK && r + 1 < R; q++) prefetch_meta(m.meta, (q * R + r + 1) * G, G);
@@ -137,12 +145,14 @@ static void gemv_bf16(const Matrix& m, const uint16_t* x, int tokens, uint16_t* 
             std::fill(out.begin(), out.end(), 0.f);
             for (int64_t first = 0; first < G; first += CHUNK_GROUPS) {
                 const int64_t groups = std::min<int64_t>(CHUNK_GROUPS, G - first);
-                for (int64_t j = 0; j < groups; j += 16)  // the PACK rows side by side: independent work
+                for (int64_t j = 0; j < groups; j += 16)
                     for (int q = 0; q < PACK; q++) {
                         vfloat s, z;
                         readers[q].read((q * R + r) * G + first + j, (int)std::min<int64_t>(16, groups - j), s, z);
-                        build_tables(s, z, (uint16_t*)tables[q] + j * LEVELS);
+                        packed[q][j / 16] = pack_scales(s, z);
                     }
+                for (int64_t j = 0; j < groups; j += 16)
+                    for (int q = 0; q < PACK; q++) build_tables(packed[q][j / 16], (uint16_t*)tables[q] + j * LEVELS);
                 const uint8_t* words = (const uint8_t*)(m.codes + (r * G + first) * GROUP);
                 const int64_t weights = groups * GROUP;
                 for (int t0 = 0; t0 < tokens; t0 += BF16_TOKEN_BLOCK) {
