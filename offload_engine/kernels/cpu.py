@@ -38,9 +38,10 @@ from .packing import PackedFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 HEADERS = [SOURCE.with_name(name) for name in ("cpu_kernel_common.h", "cpu_kernel_bf16.h")]  # SOURCE includes them
-# Beyond this many tokens, dequantize + BLAS is faster: measured crossovers lie between ~16 (bfloat16 on a CPU with
-# AVX512-BF16, whose BLAS is fast) and ~50 (float32) tokens (scripts/bench_kernels.py --crossover).
-GEMV_MAX_TOKENS = 32
+# Beyond this many tokens, dequantize + BLAS is faster: the GEMV reads each block of rows once for all of a call's
+# tokens, and measured crossovers on the Mixtral expert matrices lie between 64 and 128 tokens in float32 and in
+# bfloat16 (on a CPU with AVX512-BF16, whose BLAS is fast); scripts/bench_kernels.py --crossover.
+GEMV_MAX_TOKENS = 64
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 WORD_TYPES = {1: "uint8_t", 2: "uint8_t", 3: "uint32_t", 4: "uint8_t", 8: "uint8_t"}
 SMALL_WORK = 1 << 16  # weights x tokens below which one thread beats waking the others
