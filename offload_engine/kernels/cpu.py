@@ -1,13 +1,15 @@
 """CPU kernels: a small C++ kernel (cpu_kernel.cpp) built with the system's g++ for this machine, called via ctypes.
 
-Decode (at most `GEMV_MAX_TOKENS` tokens): a GEMV that reads each packed byte once, dequantizes in registers
-(w = (q - z) * s, the reference's own formula in fp32) and multiplies into fp32 vector accumulators, OpenMP
-over output rows. Prefill: a one-pass dequantize into the full matrix in the compute dtype, bit for bit what the
-reference builds, followed by BLAS (torch's F.linear).
+Decode (at most `GEMV_MAX_TOKENS` tokens): a GEMV that takes x and returns y in the compute dtype, reads each
+packed byte once for all of a call's tokens and accumulates in fp32, OpenMP over output rows. It multiplies
+either in fp32 (x converted once per call; weights dequantized in registers, w = (q - z) * s, the reference's
+formula) or, for bfloat16 activations with 1- or 2-bit codes on a CPU with AVX512-BF16, with bfloat16 dot
+products on the reference's own bfloat16 weights (`CPUKernels.multiplies_in` says which). Prefill: a one-pass
+dequantize into the full matrix in the compute dtype, bit for bit what the reference builds, then BLAS.
 
 Why hand-written rather than `torch.compile`: inductor's loop for the group-sum formulation ends every group of
 16 weights with a horizontal sum, about one cycle per weight; dequantizing into vector registers and summing
-once per row runs several times faster, and a 300-line C++ file compiles in about a second where inductor took
+once per row runs several times faster, and a few hundred lines of C++ compile in about a second where inductor took
 seconds per matrix shape. The library is built once per packed format (bits, group size) with -march=native and
 cached on disk (`OFFLOAD_ENGINE_CACHE`, else ~/.cache/offload_engine), keyed by source, flags, compiler and CPU.
 Each build records the library's size and sha256 beside it (`<name>.so.sha256`); a cached library that does not
