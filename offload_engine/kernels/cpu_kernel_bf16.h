@@ -2,11 +2,12 @@
 // FMA does 16), for bfloat16 activations and 1- or 2-bit codes. Included by cpu_kernel.cpp.
 //
 // In bfloat16 the reference's weight is itself a bfloat16, w = bf16(bf16(q - z) * s), one of 2^BITS values per
-// group: those values are computed once per block of rows into a table (TABLE_GROUPS groups per 32 entries),
-// and the weights of 32 codes are looked up in it with one permute (vpermw). x is read as it comes. Each
+// group: those values are computed 128 groups of a block of rows at a time into tables (TABLE_GROUPS groups per
+// 32 entries), and the weights of 32 codes are looked up with one permute (vpermw). x is read as it comes. Each
 // product of two bfloat16s is exact in fp32 and accumulates in fp32, as the reference's matmul does, so only
-// the order of the sums differs from it. The table costs about a vector operation per group (16 weights), and
-// each 32 weights of a row then cost a shift, a mask and the lookup, plus one dot product per token.
+// the order of the sums differs from it. Each 32 weights of a row cost a shift, a mask and the lookup, plus one
+// dot product per token; building the tables costs about as much again at one token (~1.5 vector operations per
+// group of 16 weights), which is why bfloat16 gains most from 2 tokens on.
 #pragma once
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -54,8 +55,8 @@ static const TableIndices& table_indices() {
 // the rounding instructions treat values below 2^-126 as zero). Work in packed bfloat16 where it
 // can: the products of two bfloat16s come from vdpbf16ps against a vector holding each scale beside a zero
 // (exact in fp32), then round once to bfloat16: the reference's rounding of (q - z) * s.
-// Done in two passes over a chunk of groups, each a short chain of dependent instructions with many independent
-// iterations (one pass over the whole chain ran at half the speed: latency-bound):
+// Done in two passes over a chunk of groups, each a shorter chain of dependent instructions (a few % faster than
+// one pass):
 //   1. pack_scales: words 0-15: bf16(s), 16-31: bf16(z) of 16 groups;
 //   2. build_tables: the 16 groups' table entries from that.
 static inline __m512i pack_scales(vfloat s, vfloat z) {
