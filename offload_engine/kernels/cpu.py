@@ -93,7 +93,7 @@ def _damage(library: Path) -> str | None:
     try:
         recorded = _record_path(library).read_text()
     except (OSError, UnicodeDecodeError):
-        return f"no size and checksum recorded beside it: an interrupted build, or one by an older version"
+        return "no size and checksum recorded beside it: an interrupted build, or one by an older version"
     try:
         actual = _fingerprint(library)
     except OSError as e:
@@ -132,7 +132,8 @@ def _build(bits: int, group_size: int) -> Path:
     common = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-DWORD={WORD_TYPES[bits]}", f"-DBITS={bits}",
               f"-DPACK={pack}", f"-DGROUP={group_size}", *os.environ.get("OFFLOAD_ENGINE_CXXFLAGS", "").split()]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *(h.read_text() for h in HEADERS), *common, repr(FLAG_CHOICES), version, _cpu_id()]).encode())
+    sources = [path.read_text() for path in (SOURCE, *HEADERS)]
+    key = hashlib.sha256("\0".join([*sources, *common, repr(FLAG_CHOICES), version, _cpu_id()]).encode())
     target = _cache_dir() / f"qmatmul_b{bits}_g{group_size}_{key.hexdigest()[:16]}.so"
     if target.exists():
         damage = _damage(target)
@@ -260,7 +261,8 @@ class CPUKernels:
                              f"{plan.end}")
         (out_features, in_features), tokens = layout.shape, x.shape[0]
         if x.dim() != 2 or x.shape[1] != in_features:
-            raise ValueError(f"x must be [tokens, {in_features}] for a matrix of shape {layout.shape}, got {list(x.shape)}")
+            raise ValueError(f"x must be [tokens, {in_features}] for a matrix of shape {layout.shape}, "
+                             f"got {list(x.shape)}")
         threads = torch.get_num_threads() if tokens >= plan.threads_from else 1
         if tokens > GEMV_MAX_TOKENS:
             weight = self._weight_buffer(layout)  # [N, K], what the reference dequantizes to
