@@ -1,7 +1,7 @@
 """Quantized matmul kernels, timed one by one: the reference (dequantize + F.linear) against the fused backend.
 
     python scripts/bench_kernels.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--tokens 1]
-                                    [--repeats 10] [--threads N]
+                                    [--repeats 10] [--threads N] [--sweep] [--crossover]
 
 Times, on Mixtral-8x7B's shapes (random packed bytes: speed does not depend on the values):
   * each matrix of one expert at 2-bit g16 with 8-bit scales/zeros (w1/w3 14336x4096, w2 4096x14336) and the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--datasheet-gbs", type=float, help="the GPU's memory bandwidth, GB/s")
     parser.add_argument("--crossover", action="store_true",
                         help="CPU: time the GEMV and dequantize + BLAS paths at 1-128 tokens (where to switch)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="CPU: a whole 2-bit expert in float32, bfloat16 and float16 at 1-4 tokens (medians), "
+                             "beside this machine's memory bandwidth and load average")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,6 +91,9 @@ def main() -> None:
         name = torch.cuda.get_device_name(device)
         datasheet = next((gbs for key, gbs in DATASHEET_GBS.items() if key in name), None)
 
+    if args.sweep:
+        sweep(args.repeats, device)
+        return
     expert = ExpertLayout.build(4096, 14336, QuantSpec(2, 16), dtype)
     attention = {"q/o_proj 4096x4096 (4-bit g64)": MatrixLayout.build((4096, 4096), QuantSpec(4, 64), dtype),
                  "k/v_proj 1024x4096 (4-bit g64)": MatrixLayout.build((1024, 4096), QuantSpec(4, 64), dtype)}
@@ -119,6 +126,74 @@ def main() -> None:
         ref = best_ms(lambda: expert_forward(expert, expert_buffer, x, REFERENCE), args.repeats, device)
         got = best_ms(lambda: expert_forward(expert, expert_buffer, x, fused), args.repeats, device)
         row("whole expert (w1, w3, SwiGLU, w2)", expert.nbytes, ref, got)
+
+
+def median_ms(fn, repeats: int) -> tuple[float, float]:
+    """(median, best) milliseconds of `repeats` calls after a warm-up (CPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, min(times) * 1e3
+
+
+def read_bandwidth_gbs(repeats: int = 5) -> float:
+    """GB/s a float32 torch.sum reads from a 512 MB tensor on torch's threads (median): the memory bound."""
+    data = torch.ones(128 << 20)
+    ms, _ = median_ms(lambda: data.sum(), repeats)
+    return data.numel() * 4 / ms / 1e6
+
+
+@torch.inference_mode()
+def sweep(repeats: int, device: torch.device) -> None:
+    """The CPU kernel's acceptance numbers: one whole 2-bit Mixtral expert (w1, w3, SwiGLU, w2) per activation
+    dtype and token count, as medians, in GB/s of the expert's packed bytes."""
+    from offload_engine.kernels.cpu import CPUKernels
+
+    if device.type != "cpu":
+        raise SystemExit("--sweep times the CPU kernel; run it with --device cpu")
+    flags = os.environ.get("OFFLOAD_ENGINE_CXXFLAGS", "")
+    print(f"CPU: {cpu_name()}; vector ISA {vector_isa(flags)}; OFFLOAD_ENGINE_CXXFLAGS={flags!r}")
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    bandwidth = read_bandwidth_gbs()
+    print(f"memory: a float32 torch.sum reads {bandwidth:.1f} GB/s on {torch.get_num_threads()} threads (median)\n")
+    print("| activations | tokens | multiply | median ms | best ms | GB/s of packed bytes (median) | vs float32 |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    float32_ms = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        kernels = CPUKernels()
+        expert = ExpertLayout.build(4096, 14336, QuantSpec(2, 16), dtype)
+        buffer = random_buffer(expert.nbytes, list(expert.matrices.values()), device)
+        multiply = kernels.multiplies_in(expert.matrices["w1"])
+        for tokens in (1, 2, 3, 4):
+            x = torch.randn(tokens, 4096, dtype=dtype)
+            ms, best = median_ms(lambda: expert_forward(expert, buffer, x, kernels), repeats)
+            float32_ms.setdefault(tokens, ms)
+            print(f"| {str(dtype).removeprefix('torch.')} | {tokens} | {multiply} | {ms:.2f} | {best:.2f} | "
+                  f"{expert.nbytes / ms / 1e6:.1f} | {float32_ms[tokens] / ms:.2f}x |", flush=True)
+    print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def vector_isa(extra_flags: str) -> str:
+    """What the kernel's -march=native build uses here (less what OFFLOAD_ENGINE_CXXFLAGS turns off)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return "unknown"
+    if "avx512f" in flags and "-mno-avx512f" not in extra_flags:
+        return "AVX-512" + (" + AVX512-BF16" if "avx512_bf16" in flags else "")
+    return "AVX2" if "avx2" in flags else "baseline"
 
 
 @torch.inference_mode()

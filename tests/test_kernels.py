@@ -3,6 +3,11 @@ engine with `kernels: fused` against `kernels: reference`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_checkpoint
@@ -44,14 +49,44 @@ def test_cpu_kernels_on_awkward_shapes(shape, bits):
         assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
 
 
+@pytest.mark.parametrize("fp32_only", [False, True], ids=["as-built", "fp32-path"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits,group_size,quant_meta", [(2, 16, True), (4, 64, False), (3, 16, True)])
-def test_cpu_kernels_in_half_precision_stay_within_the_references_rounding(dtype, bits, group_size, quant_meta):
+@pytest.mark.parametrize("bits,group_size,quant_meta", [(2, 16, True), (1, 32, True), (2, 64, False), (4, 64, False),
+                                                        (3, 16, True)])
+def test_cpu_kernels_in_half_precision_stay_within_the_references_rounding(dtype, bits, group_size, quant_meta,
+                                                                            fp32_only):
+    """bfloat16 with 1/2-bit codes runs on bfloat16 dot products where the CPU has them; fp32_only forces the
+    fp32 path that every other case (and every CPU without AVX512-BF16) takes, so both are checked here."""
     layout = layout_for((96, 4 * group_size), bits, group_size, quant_meta, dtype)
     buffer = random_packed(layout, seed=7)
-    for tokens in (1, 5, GEMV_MAX_TOKENS + 3):
+    kernels = cpu_kernels.CPUKernels(fp32_only=fp32_only)
+    for tokens in (1, 5, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS + 3):
         x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
-        assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+        assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)
+
+
+@pytest.mark.parametrize("bits,group_size,quant_meta,groups", [(2, 16, True, 8), (2, 16, True, 300), (1, 32, True, 8),
+                                                               (2, 64, False, 8)])
+def test_bfloat16_dot_products_use_the_references_own_weights(bits, group_size, quant_meta, groups):
+    """In bfloat16 the reference multiplies bfloat16 weights by bfloat16 x, summing in fp32; the dot-product path
+    looks those very weights up in its tables, so its fp32 sums round to the exactly rounded product almost
+    everywhere (a table entry off by one bfloat16 step would move whole rows)."""
+    from offload_engine.quantize import dequantize
+
+    # 300 groups per row: tabled 128 at a time (128, 128, 44), and several scale ranges per row
+    layout = layout_for((256, groups * group_size), bits, group_size, quant_meta, torch.bfloat16)
+    kernels = shared_cpu_kernels()
+    if kernels.multiplies_in(layout) != "bfloat16 dot products":
+        pytest.skip("this CPU has no AVX512-BF16: bfloat16 runs on the fp32 path (tested above)")
+    buffer = random_packed(layout, seed=bits)
+    weight = dequantize(layout, layout.views(buffer))  # [N, K] bfloat16: the reference's weights
+    for tokens in (1, 4, 7):
+        x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens)).bfloat16()
+        got = kernels.linear(x, layout, buffer)
+        exact = (x.double() @ weight.double().T).bfloat16()  # the true sum of the same products, rounded once
+        ulp = (exact.float().abs() * 2**-7).clamp_min(1e-30)
+        assert ((got.float() - exact.float()).abs() <= ulp).all()  # within one bfloat16 step everywhere
+        assert (got == exact).float().mean() > 0.98
 
 
 @pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336)])
@@ -104,8 +139,8 @@ def test_engine_with_fused_kernels_equals_reference_kernels(gentle_dir, k, prefe
     reference = offload_engine.load(gentle_dir, config={**QUANTIZED, "kernels": "reference", "offload": offload},
                                     progress=False)
     assert fused.stats()["kernels"] == "fused-cpu" and reference.stats()["kernels"] == "reference"
-    # prefill of 40 tokens: attention beyond GEMV_MAX_TOKENS (dequantize + BLAS), experts on the GEMV
-    ids = torch.randint(0, 160, (1, 40), generator=torch.Generator().manual_seed(k))
+    # prefill: attention beyond GEMV_MAX_TOKENS (dequantize + BLAS), experts (a few tokens each) on the GEMV
+    ids = torch.randint(0, 160, (1, GEMV_MAX_TOKENS + 6), generator=torch.Generator().manual_seed(k))
     assert (fused.logits(ids) - reference.logits(ids)).abs().max().item() < 1e-4
     prompt = ids[0, :5].tolist()  # decode: one token per expert, the GEMV path
     assert fused.generate_ids(prompt, max_new_tokens=12) == reference.generate_ids(prompt, max_new_tokens=12)
@@ -148,10 +183,58 @@ def test_the_cpu_kernel_library_is_built_once_per_format_into_the_cache(tmp_path
     monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
     built = cpu_kernels._build(2, 16)
     assert built.parent == tmp_path / "cpu_kernels" and built.suffix == ".so"
-    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left behind
+    # no temporary file left behind; the size and checksum recorded beside the library
+    assert sorted(p.name for p in built.parent.iterdir()) == [built.name, built.name + ".sha256"]
     mtime = built.stat().st_mtime_ns
     assert cpu_kernels._build(2, 16) == built and built.stat().st_mtime_ns == mtime  # cached, not rebuilt
     assert cpu_kernels._build(4, 64) != built
+
+
+def _damage_library(library, how: str) -> None:
+    if how == "truncated":  # loading it would kill the process with SIGBUS
+        with open(library, "r+b") as f:
+            f.truncate(library.stat().st_size // 2)
+    elif how == "garbage":
+        library.write_bytes(bytes(range(256)) * (library.stat().st_size // 256))
+    elif how == "record lost":
+        (library.parent / (library.name + ".sha256")).unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "record lost"])
+def test_a_damaged_cached_library_is_rebuilt_with_a_warning_naming_it(how, tmp_path, monkeypatch, fresh_build):
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
+    built = cpu_kernels._build(2, 16)
+    intact = built.read_bytes()
+    _damage_library(built, how)
+    with pytest.warns(RuntimeWarning, match=f"{built}.*damaged.*rebuilding"):
+        assert cpu_kernels._build(2, 16) == built
+    assert built.read_bytes() == intact and cpu_kernels._damage(built) is None
+    layout = layout_for((64, 256), 2, 16, True, torch.float32)
+    buffer, x = random_packed(layout), torch.randn(2, 256)
+    assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+
+
+def test_offload_chat_rebuilds_damaged_cached_libraries_instead_of_dying(tmp_path, monkeypatch):
+    """Issue 19: a truncated cached library killed every later load with SIGBUS (exit 135, no message) and garbage
+    bytes made every load fall back to the reference kernels. Both are damaged here, then the demo is run."""
+    if not (Path(offload_engine.__file__).parent / "demo" / "model.safetensors").exists():
+        pytest.skip("demo model not built")
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
+    libraries = [cpu_kernels._build(bits, group) for bits, group in ((2, 16), (4, 64))]  # the demo's formats
+    intact = [library.read_bytes() for library in libraries]
+    for library, how in zip(libraries, ("truncated", "garbage")):
+        _damage_library(library, how)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    offload_chat = [sys.executable, "-m", "offload_engine.cli"]  # the `offload-chat` entry point
+    run = subprocess.run([*offload_chat, "--demo", "--prompt", "hi", "--max-new-tokens", "2"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "kernels fused-cpu" in run.stderr  # the fast kernels, not the reference fallback
+    for library, before in zip(libraries, intact):
+        assert str(library) in run.stderr and library.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.joinpath("cpu_kernels").iterdir()) == sorted(
+        name for library in libraries for name in (library.name, library.name + ".sha256"))
 
 
 @pytest.fixture
@@ -186,6 +269,8 @@ def test_the_cpu_kernel_refuses_a_buffer_it_would_read_past():
         shared_cpu_kernels().linear(torch.randn(1, 256), layout, buffer[:-1])
     with pytest.raises(ValueError, match="uint8"):
         shared_cpu_kernels().linear(torch.randn(1, 256), layout, buffer.float())
+    with pytest.raises(ValueError, match=r"x must be \[tokens, 256\]"):
+        shared_cpu_kernels().linear(torch.randn(1, 128), layout, buffer)
 
 
 def _compilers() -> list[str]:
@@ -210,6 +295,6 @@ def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, ex
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             layout = layout_for((40, 4 * group_size), bits, group_size, quant_meta, dtype)
             buffer = random_packed(layout, seed=bits)
-            for tokens in (1, GEMV_MAX_TOKENS + 1):
+            for tokens in (1, 5, GEMV_MAX_TOKENS + 1):
                 x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
                 assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)

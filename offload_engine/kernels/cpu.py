@@ -1,15 +1,19 @@
 """CPU kernels: a small C++ kernel (cpu_kernel.cpp) built with the system's g++ for this machine, called via ctypes.
 
-Decode (at most `GEMV_MAX_TOKENS` tokens): a GEMV that reads each packed byte once, dequantizes in registers
-(w = (q - z) * s, the reference's own formula in fp32) and multiplies into fp32 vector accumulators, OpenMP
-over output rows. Prefill: a one-pass dequantize into the full matrix in the compute dtype, bit for bit what the
-reference builds, followed by BLAS (torch's F.linear).
+Decode (at most `GEMV_MAX_TOKENS` tokens): a GEMV that takes x and returns y in the compute dtype, reads each
+packed byte once for all of a call's tokens and accumulates in fp32, OpenMP over output rows. It multiplies
+either in fp32 (x converted once per call; weights dequantized in registers, w = (q - z) * s, the reference's
+formula) or, for bfloat16 activations with 1- or 2-bit codes on a CPU with AVX512-BF16, with bfloat16 dot
+products on the reference's own bfloat16 weights (`CPUKernels.multiplies_in` says which). Prefill: a one-pass
+dequantize into the full matrix in the compute dtype, bit for bit what the reference builds, then BLAS.
 
 Why hand-written rather than `torch.compile`: inductor's loop for the group-sum formulation ends every group of
 16 weights with a horizontal sum, about one cycle per weight; dequantizing into vector registers and summing
-once per row runs several times faster, and a 300-line C++ file compiles in about a second where inductor took
+once per row runs several times faster, and a few hundred lines of C++ compile in about a second where inductor took
 seconds per matrix shape. The library is built once per packed format (bits, group size) with -march=native and
 cached on disk (`OFFLOAD_ENGINE_CACHE`, else ~/.cache/offload_engine), keyed by source, flags, compiler and CPU.
+Each build records the library's size and sha256 beside it (`<name>.so.sha256`); a cached library that does not
+match (truncated, overwritten, half-written) is rebuilt with a warning naming it, never loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +39,11 @@ from ..quantize import MatrixLayout
 from .packing import PackedFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-# Beyond this many tokens, dequantize + BLAS is faster: measured crossovers lie between ~16 (bfloat16 on a CPU with
-# AVX512-BF16, whose BLAS is fast) and ~50 (float32) tokens (scripts/bench_kernels.py --crossover).
-GEMV_MAX_TOKENS = 32
+HEADERS = [SOURCE.with_name(name) for name in ("cpu_kernel_common.h", "cpu_kernel_bf16.h")]  # SOURCE includes them
+# Beyond this many tokens, dequantize + BLAS is faster: the GEMV reads each block of rows once for all of a call's
+# tokens, and measured crossovers on the Mixtral expert matrices lie between 64 and 128 tokens in float32 and in
+# bfloat16 (on a CPU with AVX512-BF16, whose BLAS is fast); scripts/bench_kernels.py --crossover.
+GEMV_MAX_TOKENS = 64
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 WORD_TYPES = {1: "uint8_t", 2: "uint8_t", 3: "uint32_t", 4: "uint8_t", 8: "uint8_t"}
 SMALL_WORK = 1 << 16  # weights x tokens below which one thread beats waking the others
@@ -70,6 +77,46 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _record_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _fingerprint(library: Path) -> str:
+    """What the build records beside a library, to check it against before loading: its size and sha256."""
+    data = library.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"
+
+
+def _damage(library: Path) -> str | None:
+    """Why the cached `library` must not be loaded, or None when it is what its build recorded. Loading a
+    truncated library kills the process with SIGBUS (no Python error to catch), so this runs before every load."""
+    try:
+        recorded = _record_path(library).read_text()
+    except (OSError, UnicodeDecodeError):
+        return "no size and checksum recorded beside it: an interrupted build, or one by an older version"
+    try:
+        actual = _fingerprint(library)
+    except OSError as e:
+        return f"unreadable: {e}"
+    if recorded == actual:
+        return None
+    size = actual.split()[0]
+    expected = recorded.split()[0] if recorded.split() else "?"
+    return (f"{size} bytes, the build recorded {expected}" if size != expected
+            else "its checksum differs from the one its build recorded")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # Tried in order until one compiles: OpenMP may be missing (Apple's clang, a clang without libomp: the kernel then
 # runs on one thread), and a compiler may not know -march=native (it then targets the baseline ISA).
 FLAG_CHOICES = (["-march=native", "-fopenmp"], ["-march=native"], [])
@@ -85,12 +132,18 @@ def _build(bits: int, group_size: int) -> Path:
     common = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-DWORD={WORD_TYPES[bits]}", f"-DBITS={bits}",
               f"-DPACK={pack}", f"-DGROUP={group_size}", *os.environ.get("OFFLOAD_ENGINE_CXXFLAGS", "").split()]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *common, repr(FLAG_CHOICES), version, _cpu_id()]).encode())
+    sources = [path.read_text() for path in (SOURCE, *HEADERS)]
+    key = hashlib.sha256("\0".join([*sources, *common, repr(FLAG_CHOICES), version, _cpu_id()]).encode())
     target = _cache_dir() / f"qmatmul_b{bits}_g{group_size}_{key.hexdigest()[:16]}.so"
     if target.exists():
-        return target
+        damage = _damage(target)
+        if damage is None:
+            return target
+        warnings.warn(f"the cached CPU kernel library {target} is damaged ({damage}); rebuilding it",
+                      RuntimeWarning, stacklevel=2)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name, then rename: a concurrent or interrupted build never leaves a partial library.
+    # Compile to a temporary name, then rename: a concurrent or interrupted build never leaves a partial library,
+    # and a process that has the old file mapped keeps its own copy (a file truncated in place would SIGBUS it).
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -98,7 +151,9 @@ def _build(bits: int, group_size: int) -> Path:
         for flags in FLAG_CHOICES:
             result = subprocess.run([compiler, *common, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
             if result.returncode == 0:
+                record = _fingerprint(Path(tmp))
                 os.replace(tmp, target)
+                _write_atomically(_record_path(target), record)
                 return target
             errors.append(result.stderr.strip())
         raise RuntimeError(f"{compiler} failed to compile {SOURCE.name} for {bits}-bit group {group_size}: "
@@ -110,14 +165,19 @@ def _build(bits: int, group_size: int) -> Path:
 
 @functools.cache
 def _library(bits: int, group_size: int) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_build(bits, group_size)))
+    path = _build(bits, group_size)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise RuntimeError(f"cannot load the CPU kernel library {path} ({e}); delete it to have it rebuilt") from e
     pointer, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.gemv.argtypes = [pointer, pointer, pointer, pointer, i32, pointer, i32]  # base, offsets, shape, x, T, y, threads
+    # base, offsets, shape, x, T, y, threads, fp32_only
+    lib.gemv.argtypes = [pointer, pointer, pointer, pointer, i32, pointer, i32, i32]
     lib.gemv.restype = None
+    lib.bf16_dot.argtypes = [pointer]  # shape
+    lib.bf16_dot.restype = i32
     lib.dequantize.argtypes = [pointer, pointer, pointer, pointer, i32]  # base, offsets, shape, out, threads
     lib.dequantize.restype = None
-    lib.max_tokens.restype = i32
-    lib.token_block = lib.max_tokens()  # the GEMV's widest token block
     return lib
 
 
@@ -161,7 +221,9 @@ class CPUKernels:
 
     name = "fused-cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, fp32_only: bool = False) -> None:
+        # fp32_only: multiply in fp32 even where the bfloat16 dot products would run (to test and time both)
+        self.fp32_only = fp32_only
         # Prefill dequantizes into a reused buffer: a fresh one would cost page faults on every call (~65 ms for
         # a Mixtral expert matrix in float32, half the dequantize). One per thread, since engines share kernels.
         self._scratch = threading.local()
@@ -198,18 +260,26 @@ class CPUKernels:
             raise ValueError(f"buffer of {buffer.numel()} bytes is too small for a matrix layout ending at byte "
                              f"{plan.end}")
         (out_features, in_features), tokens = layout.shape, x.shape[0]
+        if x.dim() != 2 or x.shape[1] != in_features:
+            raise ValueError(f"x must be [tokens, {in_features}] for a matrix of shape {layout.shape}, "
+                             f"got {list(x.shape)}")
         threads = torch.get_num_threads() if tokens >= plan.threads_from else 1
         if tokens > GEMV_MAX_TOKENS:
             weight = self._weight_buffer(layout)  # [N, K], what the reference dequantizes to
             plan.lib.dequantize(buffer.data_ptr(), plan.offsets, plan.shape, weight.data_ptr(), threads)
             return F.linear(x, weight)
-        x32 = x.float().contiguous()  # [T, K]
-        y = torch.empty(tokens, out_features, dtype=torch.float32)  # [T, N]
-        block = plan.lib.token_block
-        for start in range(0, tokens, block):
-            plan.lib.gemv(buffer.data_ptr(), plan.offsets, plan.shape, x32.data_ptr() + 4 * start * in_features,
-                          min(block, tokens - start), y.data_ptr() + 4 * start * out_features, threads)
-        return y.to(layout.dtype)
+        x = x.to(layout.dtype).contiguous()  # [T, K]
+        y = torch.empty(tokens, out_features, dtype=layout.dtype)  # [T, N]
+        plan.lib.gemv(buffer.data_ptr(), plan.offsets, plan.shape, x.data_ptr(), tokens, y.data_ptr(), threads,
+                      int(self.fp32_only))
+        return y
+
+    def multiplies_in(self, layout: MatrixLayout) -> str:
+        """How the decode GEMV multiplies `layout` on this CPU: "bfloat16 dot products" (AVX512-BF16, bfloat16
+        activations, 1- or 2-bit codes: the reference's own bfloat16 weights) or "fp32" (x converted once)."""
+        if not self.fp32_only and _plan(layout).lib.bf16_dot(_plan(layout).shape):
+            return "bfloat16 dot products"
+        return "fp32"
 
     def warm_up(self, layout: MatrixLayout, device: torch.device) -> None:
         """Build (or load from the disk cache) the library `layout` needs, so the first reply does not wait."""
