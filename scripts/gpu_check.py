@@ -50,6 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # kernel_cases: random packed matrices and the error bound
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 import offload_engine  # noqa: E402
@@ -305,11 +306,12 @@ def speed_checks(r: Report, tmp: Path, configs: list[str], new_tokens: int, pcie
         sync(r)
         seconds = time.perf_counter() - start
         overall = engine.stats()["overall"]
-        busy = timed.busy_ms()
+        busy, both = timed.busy_ms(), overlap_ms(timed.intervals())
+        timed.detach()
         row.update(tokens_per_s=new_tokens / seconds, hit_rate=overall["hit_rate"],
                    h2d_bytes_per_token=overall["bytes_h2d"] / new_tokens,
                    d2h_bytes_per_token=overall["bytes_d2h"] / new_tokens, copy_in_ms=busy["copy-in"],
-                   write_back_ms=busy["write-back"], overlap_ms=overlap_ms(timed.intervals()),
+                   write_back_ms=busy["write-back"], overlap_ms=both,
                    launches_per_layer=kernel_launches_per_layer(engine, r.device), kernel_gbs=kernel_gbs, **pcie)
         r.data["decode"].append(row)
         print(f"  config {text}: {row['tokens_per_s']:.2f} tok/s, hit rate {row['hit_rate']:.1%}, copy-ins "
@@ -320,7 +322,6 @@ def speed_checks(r: Report, tmp: Path, configs: list[str], new_tokens: int, pcie
             r.check(f"copy-ins and write-backs overlap ({text})", row["overlap_ms"] > 0,
                     f"{row['overlap_ms']:.2f} ms of both streams busy at once (copy-ins {busy['copy-in']:.1f} ms, "
                     f"write-backs {busy['write-back']:.1f} ms)", overlap_ms=row["overlap_ms"])
-        timed.detach()
         engine.close()
     syncs_check(r, str(path), shape["layers"])
 
@@ -399,6 +400,7 @@ def main() -> int:
         except json.JSONDecodeError as e:
             print(f"error: --configs {text!r} is not JSON ({e})", file=sys.stderr)
             return 2
+    transformers.utils.logging.disable_progress_bar()  # the check's own models: no bars for writing and reading them
     r = Report(torch.device("cpu" if args.dry_run else "cuda"), args.dry_run)
     print(f"command: {r.data['command']}\nmachine: {r.data['machine']}, device {r.data['device']}, torch "
           f"{torch.__version__}")
