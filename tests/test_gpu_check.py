@@ -1,5 +1,6 @@
-"""scripts/gpu_check.py as CI can run it: the dry run on the CPU (every check's code, tiny shapes, the Triton
-interpreter), its JSON report, and the copy-stream overlap arithmetic it asserts on a GPU."""
+"""The GPU tools as CI can run them: scripts/gpu_check.py's dry run on the CPU (every check's code, tiny shapes,
+the Triton interpreter), its JSON report, the copy-stream overlap arithmetic it asserts on a GPU, and
+`scripts/bench_kernels.py --traffic`."""
 
 from __future__ import annotations
 
@@ -48,3 +49,12 @@ def test_overlap_counts_only_time_both_copy_streams_were_busy():
     assert union(copies["copy-in"]) == [(0.0, 3.0), (10.0, 11.0)]
     assert overlap_ms(copies) == pytest.approx(0.5 + 0.5)
     assert overlap_ms({"copy-in": [(0.0, 1.0)], "write-back": [(1.0, 2.0)]}) == 0.0  # back to back: a chain
+
+
+def test_bench_kernels_traffic_prints_what_the_kernels_load_per_layer():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--traffic"],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "computed (kernels/geometry.py), not measured" in result.stdout
+    assert "| w1, w3 | 4 | 22.13 | 14.68 | 14.68 |" in result.stdout  # each packed byte loaded once
+    assert "per layer: 109.1 MB of codes loaded, 16 launches" in result.stdout

@@ -4,7 +4,8 @@
     correctness reference for the others, and the fallback.
   * `fused-cpu`: a C++ GEMV built with the system's g++ for this CPU (cpu.py, cpu_kernel.cpp) that dequantizes
     in vector registers in one pass over the packed bytes; long prefills dequantize in one pass and use BLAS.
-  * `fused-triton`: Triton GEMV / tiled tl.dot / one-pass dequantize kernels for CUDA (triton_kernels.py).
+  * `fused-triton`: Triton GEMV / tiled tl.dot / one-pass dequantize kernels for CUDA (triton_kernels.py; their
+    tiling, and the bytes each program loads, as arithmetic in geometry.py).
 
 The config key `kernels: auto | fused | reference` picks: `auto` takes the fused backend for the device when it
 can run here and the reference otherwise (with one warning saying why); `fused` insists, failing at load time.
