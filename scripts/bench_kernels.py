@@ -152,8 +152,9 @@ def traffic(tokens: int, sms: int) -> None:
         codes = next(s.nbytes for s in layout.segments if s.name == "codes")
         moved = sum(counted.loads.values()) + sum(counted.stores.values())
         split = f" (K split {launch.splits})" if launch.kernel == "gemv" and launch.splits > 1 else ""
-        print(f"| {name} | {count} | {layout.nbytes / 1e6:.2f} | {codes / 1e6:.2f} | {counted.loads['codes'] / 1e6:.2f} "
-              f"| {moved / 1e6:.2f} | {launch.kernel}{split} | {counted.launches} |")
+        print(f"| {name} | {count} | {layout.nbytes / 1e6:.2f} | {codes / 1e6:.2f} "
+              f"| {counted.loads['codes'] / 1e6:.2f} | {moved / 1e6:.2f} | {launch.kernel}{split} "
+              f"| {counted.launches} |")
         loaded, launches = loaded + count * counted.loads["codes"], launches + count * counted.launches
     print(f"\nper layer: {loaded / 1e6:.1f} MB of codes loaded, {launches} launches")
 

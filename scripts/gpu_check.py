@@ -145,11 +145,11 @@ def kernels_check(r: Report) -> None:
             kernels.warm_up(layout, r.device)
             compiled = triton_compiles()
             for t in sorted(set(warm_up_tokens(PackedFormat.of(layout), sms)) | {17, 33, 64}):
-                x = torch.randn(t, in_features, generator=torch.Generator().manual_seed(t)).to(dtype)
-                got = kernels.linear(x.to(r.device), layout, buffer).cpu()
+                x = torch.randn(t, in_features, generator=torch.Generator().manual_seed(t)).to(r.device, dtype)
+                got = kernels.linear(x, layout, buffer)
                 cases += 1
-                try:
-                    assert_close_to_reference(got, x, layout, buffer.cpu())
+                try:  # the reference kernels and the float64 product, on the device too
+                    assert_close_to_reference(got, x, layout, buffer)
                 except AssertionError as e:
                     failed += 1
                     r.check(f"kernels {out_features}x{in_features} {bits}-bit {dtype} T={t}", False, str(e))
@@ -244,8 +244,8 @@ def long_prefill_check(r: Report, tmp: Path) -> None:
     else:
         peak = torch.cuda.max_memory_allocated(r.device)
         r.check("long prefill within the memory plan", peak <= plan.total_bytes,
-                f"{len(prompt)}-token prompt: peak {peak / 2**30:.2f} GiB allocated, plan {plan.total_bytes / 2**30:.2f}"
-                f" GiB ({plan.summary()})", peak_bytes=peak, plan_bytes=plan.total_bytes)
+                f"{len(prompt)}-token prompt: peak {peak / 2**30:.2f} GiB allocated, plan "
+                f"{plan.total_bytes / 2**30:.2f} GiB ({plan.summary()})", peak_bytes=peak, plan_bytes=plan.total_bytes)
     engine.close()
 
 
@@ -281,17 +281,21 @@ def pinned_check(r: Report) -> dict:
 # ---- 6-8. the speed model: copy streams, syncs, decode ----
 def speed_checks(r: Report, tmp: Path, configs: list[str], new_tokens: int, pcie: dict) -> None:
     from offload_engine.config import ConfigError
+    from offload_engine.prequantized import quantize_checkpoint
 
     path = tmp / "speed"
     shape = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256) if r.dry_run else \
         dict(hidden=2048, intermediate=7168, layers=8, heads=16, kv_heads=4, vocab=32000)
     write_model(str(path), **shape, dtype=torch.float16)
+    converted = tmp / "speed-converted"  # quantized once: each config then loads its bytes (offload.* may differ)
+    quantize_checkpoint(path, converted, {"dtype": "float16", "quant": QUANT}, progress=False, device=r.device)
     prompt = torch.randint(0, shape["vocab"], (16,), generator=torch.Generator().manual_seed(1)).tolist()
     kernel_gbs = gemv_gbs(r)
     for text in configs:
         row = {"config": json.loads(text)}
+        fixed_by_conversion = {"dtype", "quant"} & set(row["config"])
         try:
-            engine = load(str(path), r, **row["config"])
+            engine = load(str(path if fixed_by_conversion else converted), r, **row["config"])
         except ConfigError as e:  # e.g. a key of a mode not built yet
             row["error"] = str(e)
             r.data["decode"].append(row)
@@ -306,16 +310,19 @@ def speed_checks(r: Report, tmp: Path, configs: list[str], new_tokens: int, pcie
         sync(r)
         seconds = time.perf_counter() - start
         overall = engine.stats()["overall"]
-        busy, both = timed.busy_ms(), overlap_ms(timed.intervals())
+        timeline = timed.intervals()  # ms since the timing began, per stream: the report keeps them
+        busy, both = timed.busy_ms(), overlap_ms(timeline)
         timed.detach()
         row.update(tokens_per_s=new_tokens / seconds, hit_rate=overall["hit_rate"],
                    h2d_bytes_per_token=overall["bytes_h2d"] / new_tokens,
                    d2h_bytes_per_token=overall["bytes_d2h"] / new_tokens, copy_in_ms=busy["copy-in"],
                    write_back_ms=busy["write-back"], overlap_ms=both,
-                   launches_per_layer=kernel_launches_per_layer(engine, r.device), kernel_gbs=kernel_gbs, **pcie)
+                   launches_per_layer=kernel_launches_per_layer(engine, r.device), kernel_gbs=kernel_gbs, **pcie,
+                   timeline_ms={kind: [[round(a, 4), round(b, 4)] for a, b in spans]
+                                for kind, spans in timeline.items()})
         r.data["decode"].append(row)
         print(f"  config {text}: {row['tokens_per_s']:.2f} tok/s, hit rate {row['hit_rate']:.1%}, copy-ins "
-              f"{busy['copy-in']:.1f} ms, write-backs {busy['write-back']:.1f} ms, overlapping {row['overlap_ms']:.1f} ms")
+              f"{busy['copy-in']:.1f} ms, write-backs {busy['write-back']:.1f} ms, overlapping {both:.1f} ms")
         if r.device.type != "cuda":
             r.skip(f"copy-ins and write-backs overlap ({text})", "copies on the CPU are synchronous")
         elif busy["copy-in"] and busy["write-back"]:
@@ -323,7 +330,7 @@ def speed_checks(r: Report, tmp: Path, configs: list[str], new_tokens: int, pcie
                     f"{row['overlap_ms']:.2f} ms of both streams busy at once (copy-ins {busy['copy-in']:.1f} ms, "
                     f"write-backs {busy['write-back']:.1f} ms)", overlap_ms=row["overlap_ms"])
         engine.close()
-    syncs_check(r, str(path), shape["layers"])
+    syncs_check(r, str(converted), shape["layers"])
 
 
 def gemv_gbs(r: Report) -> float | None:
