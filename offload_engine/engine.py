@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -22,7 +22,7 @@ from .expert_tensors import read_expert_tensor
 from .experts import ExpertLayout
 from .generate import SamplingParams, check_token_ids, generate_tokens, stream_text
 from .memory import resolve_experts_on_device
-from .kernels import REFERENCE, Kernels, select_kernels, warm_up
+from .kernels import REFERENCE, Kernels, bfloat16_problem, select_kernels, warm_up
 from .model import OffloadedModel
 from .quantize import MatrixLayout, QuantizationError, quantize_matrix
 from .tokenization import encode_text, load_tokenizer
@@ -182,6 +182,7 @@ def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torc
 
         # The raw config: only keys the caller set override the checkpoint's, and only offload.* / max_context.
         return load_prequantized(model_dir, config, device, progress)
+    cfg = resolve_dtype(cfg, device)
     hf_config = read_config(model_dir)
     checkpoint = SafetensorsCheckpoint(model_dir)
     engine = build_engine(hf_config, cfg, device, checkpoint_loader(checkpoint, hf_config, cfg, device), progress)
@@ -190,8 +191,24 @@ def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torc
     return engine
 
 
+def resolve_dtype(cfg: EngineConfig, device: torch.device) -> EngineConfig:
+    """The compute dtype that runs fast on `device`: bfloat16 on a GPU before Ampere (compute capability < 8.0, e.g.
+    a T4) becomes float16, with one warning, since the fused kernels cannot compute in bfloat16 there and the
+    reference kernels are several times slower. `kernels: reference` keeps bfloat16 (the slow path, asked for)."""
+    why_not = bfloat16_problem(device) if cfg.dtype == "bfloat16" and cfg.kernels != "reference" else None
+    if why_not is None:
+        return cfg
+    warnings.warn(f"dtype bfloat16 runs as float16 on {device}: {why_not} (set dtype: float16 to silence this, "
+                  f"or kernels: reference to keep bfloat16)", RuntimeWarning, stacklevel=3)
+    return replace(cfg, dtype="float16")
+
+
 def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, progress: bool) -> Engine:
     """Allocate the cache and trunk, then let `source` fill them (from full-precision or pre-quantized weights)."""
+    why_not = bfloat16_problem(device) if cfg.dtype == "bfloat16" and cfg.kernels != "reference" else None
+    if why_not:  # weights already stored in bfloat16 (a pre-quantized checkpoint): not converted here
+        raise ConfigError(f"this model is stored in bfloat16 and {why_not}: convert it again with dtype: float16, "
+                          f"or load it with kernels: reference (several times slower)")
     anatomy = Anatomy.of(hf_config, cfg.torch_dtype)
     check_config_for_model(cfg, anatomy)
     layout = anatomy.expert_layout(cfg)

@@ -2,8 +2,9 @@
 
 Every CLI and script wraps its `main` with `user_errors` (or calls `run_guarded`). What counts as a user error:
 ValueError (ConfigError, CheckpointError, bad sampling options, ...), OSError (a missing or unwritable file),
-running out of memory for the requested plan (NotEnoughMemory), and `UsageError`. Ctrl-C prints `interrupted`
-and exits 130. `--debug` on the command line or OFFLOAD_ENGINE_DEBUG=1 shows the full traceback instead.
+running out of memory for the requested plan (NotEnoughMemory) or of page-lockable host memory (HostLockError),
+and `UsageError`. Ctrl-C prints `interrupted` and exits 130. `--debug` on the command line or
+OFFLOAD_ENGINE_DEBUG=1 shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ class UsageError(Exception):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     from .memory import NotEnoughMemory  # imported late: this module must stay importable on its own
+    from .streams import HostLockError
 
-    return (UsageError, ValueError, OSError, NotEnoughMemory)
+    return (UsageError, ValueError, OSError, NotEnoughMemory, HostLockError)
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

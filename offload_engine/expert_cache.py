@@ -124,16 +124,27 @@ class ExpertCache:
         self.allocation = CacheAllocation.build(num_layers, num_experts, expert_nbytes, self.k, self.prefetch_count,
                                                 self.cuda)
         offloaded, spares = self.allocation.host_slots, self.allocation.spare_slots
-        # [L*k + spares, nbytes]: main slots of layer l start at l*k; slots change layers as experts swap.
-        self.slots = torch.empty(self.allocation.device_slots, expert_nbytes, dtype=torch.uint8, device=self.device)
-        self.free_slots = list(range(num_layers * self.k, num_layers * self.k + spares))
         # [L, E - k, nbytes] in one exact-size buffer, page-locked on CUDA so that copies are truly asynchronous.
-        self._host_buffer = torch.empty(num_layers if offloaded else 0, offloaded, expert_nbytes, dtype=torch.uint8)
+        # Locked before the device slots exist, so that a failed lock leaves nothing allocated.
+        host_buffer = torch.empty(num_layers if offloaded else 0, offloaded, expert_nbytes, dtype=torch.uint8)
         self.locked_bytes = 0
+        try:
+            if self.cuda:
+                self.locked_bytes = pin(host_buffer, f"the offloaded experts ({num_layers} layers x {offloaded} "
+                                                     f"experts x {expert_nbytes / 2**20:.1f} MiB)")
+            # [L*k + spares, nbytes]: main slots of layer l start at l*k; slots change layers as experts swap.
+            self.slots = torch.empty(self.allocation.device_slots, expert_nbytes, dtype=torch.uint8,
+                                     device=self.device)
+        except BaseException:
+            if self.locked_bytes:
+                unpin(host_buffer)
+            host_buffer = None  # freed now: the traceback keeps this frame alive (in a notebook, for long)
+            raise
+        self._host_buffer = host_buffer
+        self.free_slots = list(range(num_layers * self.k, num_layers * self.k + spares))
         if self.cuda:
             for stream in (self.streams.h2d, self.streams.d2h):
                 self.slots.record_stream(stream)  # freeing the slots must wait for copies queued on the side streams
-            self.locked_bytes = pin(self._host_buffer)
             self._release = weakref.finalize(self, _release, self.streams, self._host_buffer)
         self.host = list(self._host_buffer)  # per layer: [E - k, nbytes]
         self.main: list[dict[int, int]] = []  # layer -> {expert: device slot}

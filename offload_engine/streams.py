@@ -90,19 +90,50 @@ def make_streams(device: torch.device) -> HostStreams | CudaStreams:
     return CudaStreams(device) if torch.device(device).type == "cuda" else HostStreams()
 
 
-def pin(buffer: torch.Tensor) -> int:
+class HostLockError(MemoryError):
+    """Page-locking the offloaded experts' host memory failed (nothing of the cache stays allocated)."""
+
+
+def pin(buffer: torch.Tensor, what: str = "host memory") -> int:
     """Page-lock `buffer` in place at its exact size (torch's pinned allocator would round each allocation up to a
-    power of two: 5.9 GiB asked becomes 8 GiB locked). Returns the bytes locked."""
+    power of two: 5.9 GiB asked becomes 8 GiB locked). Returns the bytes locked. On failure the CUDA runtime's
+    error is cleared (else the next checked CUDA call, e.g. a kernel launch, would report it as its own) and
+    HostLockError says how much was asked; the caller frees `buffer`."""
     nbytes = buffer.numel() * buffer.element_size()
     if nbytes:
+        cudart = torch.cuda.cudart()
         # cudaHostRegisterPortable (1): pinned for every CUDA context, like torch's own pinned memory.
-        error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 1))
-        if error:
-            raise RuntimeError(f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory for the offloaded "
-                               f"experts (cudaError {error}); free host RAM or keep more experts on the GPU")
+        error = cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 1)
+        if int(error):
+            clear_cuda_error(cudart)
+            raise HostLockError(f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory for {what} "
+                                f"(cudaHostRegister: {cudart.cudaGetErrorString(error)}, error {int(error)}); "
+                                f"free host RAM or keep more experts on the GPU (offload.experts_on_device)")
     return nbytes
 
 
 def unpin(buffer: torch.Tensor) -> None:
     if buffer.numel():
         torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
+def clear_cuda_error(cudart) -> None:
+    """Reset the CUDA runtime's last error after a failure handled here. torch's cudart bindings have
+    cudaGetLastError from torch 2.10 on; before, call it in the libcudart copies this process has loaded."""
+    if hasattr(cudart, "cudaGetLastError"):
+        cudart.cudaGetLastError()
+        return
+    import ctypes
+
+    for path in _loaded_cudart_paths():
+        ctypes.CDLL(path).cudaGetLastError()
+
+
+def _loaded_cudart_paths() -> set[str]:
+    """The libcudart copies this process has mapped (pip wheels name them libcudart-<hash>.so.N); Linux only."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return {line.split(maxsplit=5)[-1].strip().removesuffix(" (deleted)") for line in maps
+                    if "libcudart" in line}
+    except OSError:
+        return set()

@@ -73,18 +73,21 @@ def random_source(hf: MixtralConfig, cfg, seed: int = 0):
 
 
 class ReplayRouter(torch.nn.Module):
-    """Stands in for one layer's router: logits that pick the experts real Mixtral picked for the current token."""
+    """Stands in for one layer's router: logits that pick the experts real Mixtral picked for the current token.
+    The routing and the logit values live on the device, so a call makes no host-to-device copy (a copy from
+    pageable memory would block the host, which the real router never does)."""
 
-    def __init__(self, routing: np.ndarray, layer: int, num_experts: int, device: torch.device):
+    def __init__(self, routing: torch.Tensor, layer: int, num_experts: int):
         super().__init__()
-        self.routing, self.layer, self.num_experts, self.device = routing, layer, num_experts, device
+        self.routing, self.layer, self.num_experts = routing, layer, num_experts  # routing: [tokens, layers, 2]
+        self.values = torch.tensor([2.0, 1.0], device=routing.device)
         self.token = 0  # set by the driver before each forward
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T, H] -> logits [T, E], weights [T, 2], experts [T, 2], as Mixtral's router returns them."""
         logits = torch.zeros(x.shape[0], self.num_experts, device=x.device, dtype=x.dtype)
-        chosen = torch.as_tensor(self.routing[self.token % len(self.routing), self.layer], device=x.device)
-        logits[:, chosen] = torch.tensor([2.0, 1.0], device=x.device, dtype=x.dtype)
+        chosen = self.routing[self.token % len(self.routing), self.layer]  # [2], on the device: a view
+        logits[:, chosen] = self.values.to(x.dtype)
         weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1)
         return logits, weights / weights.sum(dim=-1, keepdim=True), experts
 
@@ -134,8 +137,9 @@ def main() -> None:
         cfg = dataclasses.replace(cfg.replace(**overrides), kernels=args.kernels)
         engine = build_engine(hf, cfg, device, random_source(hf, cfg), progress=False)
         routers = engine.model.routers  # speculation calls them too
+        routing_on_device = torch.as_tensor(routing, device=device)
         for l, layer in enumerate(engine.model.layers):
-            layer.mlp.gate = routers[l] = ReplayRouter(routing, l, hf.num_local_experts, device)
+            layer.mlp.gate = routers[l] = ReplayRouter(routing_on_device, l, hf.num_local_experts)
         ids = list(range(1, 9))
         kv = DynamicCache(config=hf)
         seconds, token = 0.0, 0
@@ -157,6 +161,7 @@ def main() -> None:
         print(f"| {args.config} | {cfg.dtype} | {engine.kernels.name} | {engine.cache.k} | {prefetch} "
               f"{'(oracle)' if prefetch else ''} | {token / seconds:.2f} | {100 * stats['hit_rate']:.1f} % | "
               f"{stats['bytes_h2d'] / token / 1e6:.0f} |")
+        engine.close()  # waits for the cache's copies, frees its slots and unlocks its host memory
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 """Quantized matmul kernels, timed one by one: the reference (dequantize + F.linear) against the fused backend.
 
     python scripts/bench_kernels.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--tokens 1]
-                                    [--repeats 10] [--threads N] [--sweep] [--crossover]
+                                    [--repeats 10] [--threads N] [--sweep] [--crossover] [--traffic]
 
 Times, on Mixtral-8x7B's shapes (random packed bytes: speed does not depend on the values):
   * each matrix of one expert at 2-bit g16 with 8-bit scales/zeros (w1/w3 14336x4096, w2 4096x14336) and the
@@ -10,6 +10,9 @@ Times, on Mixtral-8x7B's shapes (random packed bytes: speed does not depend on t
 For each: milliseconds (best of --repeats after a warm-up that also compiles), the speed-up over the reference,
 and the bandwidth achieved on the packed bytes (bytes of the packed matrix / time). On CUDA the last column is
 that bandwidth as a share of the GPU's datasheet memory bandwidth (given by --datasheet-gbs or a known table).
+
+`--traffic` times nothing: per Mixtral-8x7B layer, the bytes the Triton kernels load and the launches they make
+at --tokens tokens on a GPU with --sms SMs, computed from their index arithmetic (kernels/geometry.py).
 """
 
 from __future__ import annotations
@@ -78,7 +81,13 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="CPU: a whole 2-bit expert in float32, bfloat16 and float16 at 1-4 tokens (medians), "
                              "beside this machine's memory bandwidth and load average")
+    parser.add_argument("--traffic", action="store_true",
+                        help="computed, no timing: what the Triton kernels load per Mixtral layer (see --sms)")
+    parser.add_argument("--sms", type=int, default=40, help="--traffic: streaming multiprocessors (T4: 40)")
     args = parser.parse_args()
+    if args.traffic:
+        traffic(args.tokens, args.sms)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -194,6 +203,35 @@ def vector_isa(extra_flags: str) -> str:
     if "avx512f" in flags and "-mno-avx512f" not in extra_flags:
         return "AVX-512" + (" + AVX512-BF16" if "avx512_bf16" in flags else "")
     return "AVX2" if "avx2" in flags else "baseline"
+
+
+def traffic(tokens: int, sms: int) -> None:
+    """Codes loaded and launches per Mixtral-8x7B layer (2 experts, 4 attention projections), t4-16gb config."""
+    from offload_engine.config import load_config
+    from offload_engine.kernels.geometry import kernel_bytes, plan_launch
+    from offload_engine.kernels.packing import PackedFormat
+
+    cfg = load_config("t4-16gb")
+    expert = ExpertLayout.build(4096, 14336, cfg.quant.experts, cfg.torch_dtype)
+    matrices = [("w1, w3", expert.matrices["w1"], 4), ("w2", expert.matrices["w2"], 2),
+                ("q_proj, o_proj", MatrixLayout.build((4096, 4096), cfg.quant.attention, cfg.torch_dtype), 2),
+                ("k_proj, v_proj", MatrixLayout.build((1024, 4096), cfg.quant.attention, cfg.torch_dtype), 2)]
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
+    print(f"computed (kernels/geometry.py), not measured: t4-16gb, {tokens} token(s), {sms} SMs\n")
+    print("| matrix | per layer | packed MB | codes MB | codes loaded MB | all loads + stores MB | kernel | launches |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    loaded = launches = 0
+    for name, layout, count in matrices:
+        fmt = PackedFormat.of(layout)
+        counted, launch = kernel_bytes(fmt, layout.dtype.itemsize, tokens, sms), plan_launch(fmt, tokens, sms)
+        codes = next(s.nbytes for s in layout.segments if s.name == "codes")
+        moved = sum(counted.loads.values()) + sum(counted.stores.values())
+        split = f" (K split {launch.splits})" if launch.kernel == "gemv" and launch.splits > 1 else ""
+        print(f"| {name} | {count} | {layout.nbytes / 1e6:.2f} | {codes / 1e6:.2f} "
+              f"| {counted.loads['codes'] / 1e6:.2f} | {moved / 1e6:.2f} | {launch.kernel}{split} "
+              f"| {counted.launches} |")
+        loaded, launches = loaded + count * counted.loads["codes"], launches + count * counted.launches
+    print(f"\nper layer: {loaded / 1e6:.1f} MB of codes loaded, {launches} launches")
 
 
 @torch.inference_mode()

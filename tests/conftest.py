@@ -1,4 +1,11 @@
-"""Shared fixtures: small Mixtral-architecture checkpoints written with transformers' own save_pretrained."""
+"""Shared fixtures: small Mixtral-architecture checkpoints written with transformers' own save_pretrained.
+
+Tests run on the CPU unless marked `cuda`: `load()` and `offload-chat` default to the GPU when torch sees one, so on
+a machine with a GPU every unmarked test sees none (`torch.cuda.is_available()` is False in the test, and
+subprocesses it starts get `CUDA_VISIBLE_DEVICES=`). Tests marked `cuda` need a real GPU and are skipped without
+one. `--fake-cuda-available` makes torch claim a GPU for the whole session (tests/test_cuda_defaults.py runs CPU
+tests that way, as they would run on a GPU machine).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,37 @@ if not Path("/proc/driver/nvidia").exists():
 import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
+
+REAL_CUDA = torch.cuda.is_available()  # before `--fake-cuda-available` can change the answer
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--fake-cuda-available", action="store_true",
+                     help="make torch.cuda.is_available() answer True (a GPU machine as the CPU tests see it)")
+
+
+def pytest_configure(config) -> None:
+    if config.getoption("--fake-cuda-available"):
+        torch.cuda.is_available = lambda: True
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if REAL_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """Pin the CPU for every test not marked `cuda`: the engine's default device, and any subprocess's."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    yield
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

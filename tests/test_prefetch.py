@@ -130,7 +130,7 @@ def test_prefetch_protects_the_current_tokens_experts():
     assert (stats.prefetch_used, stats.prefetch_wasted, stats.guessed_correct) == (1, 1, 1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_copies_run_on_side_streams_and_overlap_compute(tiny_dir, tiny_ref):
     """Copy-ins and write-backs run on their own streams: they finish while the compute stream is still busy
     (which would be impossible if they were queued on it), and the engine stays exact."""
@@ -164,7 +164,7 @@ def test_cuda_copies_run_on_side_streams_and_overlap_compute(tiny_dir, tiny_ref)
     assert engine.cache.locked_bytes == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_forward_makes_no_hidden_sync(tiny_dir):
     """Decode steps block the host only for the routing reads the engine counts (sync debug mode lists the rest)."""
     import warnings

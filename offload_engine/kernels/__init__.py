@@ -4,7 +4,8 @@
     correctness reference for the others, and the fallback.
   * `fused-cpu`: a C++ GEMV built with the system's g++ for this CPU (cpu.py, cpu_kernel.cpp) that dequantizes
     in vector registers in one pass over the packed bytes; long prefills dequantize in one pass and use BLAS.
-  * `fused-triton`: Triton GEMV / tiled tl.dot / one-pass dequantize kernels for CUDA (triton_kernels.py).
+  * `fused-triton`: Triton GEMV / tiled tl.dot / one-pass dequantize kernels for CUDA (triton_kernels.py; their
+    tiling, and the bytes each program loads, as arithmetic in geometry.py).
 
 The config key `kernels: auto | fused | reference` picks: `auto` takes the fused backend for the device when it
 can run here and the reference otherwise (with one warning saying why); `fused` insists, failing at load time.
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 
 from ..config import KERNEL_CHOICES, ConfigError
 from ..quantize import MatrixLayout, dequantize
+from .geometry import kernel_bytes, plan_launch
+from .packing import PackedFormat
 
 
 class Kernels(Protocol):
@@ -72,6 +75,22 @@ class MixedKernels:
             self.fused.warm_up(layout, device)
 
 
+# bfloat16 arithmetic arrived with Ampere. Below it Triton emulates every bf16 conversion in integer code (3.9
+# does; older releases' ptxas rejected them for sm_75) and tl.dot gets no tensor cores, while float16 runs natively.
+BFLOAT16_CAPABILITY = (8, 0)
+
+
+def bfloat16_problem(device: torch.device) -> str | None:
+    """Why the fused kernels will not compute in bfloat16 on `device`, or None."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= BFLOAT16_CAPABILITY:
+        return None
+    return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} and no bfloat16 "
+            f"arithmetic (the fused Triton kernels need 8.0 for bfloat16)")
+
+
 def _fused_for(device: torch.device) -> tuple[Kernels | None, str | None]:
     """The fused backend for `device`, or (None, why not)."""
     if device.type == "cuda":
@@ -79,7 +98,7 @@ def _fused_for(device: torch.device) -> tuple[Kernels | None, str | None]:
             return None, "triton is not installed (pip install triton)"
         from .triton_kernels import TritonKernels
 
-        return TritonKernels(), None
+        return TritonKernels(device), None
     if device.type == "cpu":
         from .cpu import compiler_problem, shared_cpu_kernels
 
@@ -122,22 +141,22 @@ def warm_up(kernels: Kernels, layouts: Iterable[MatrixLayout], device: torch.dev
     return time.perf_counter() - start
 
 
-GEMV_BLOCK_N, GEMV_BLOCK_K = 32, 128  # rows per program, weights along K per step (Triton GEMV)
-
-
-def gemv_k_splits(out_features: int, in_features: int, group_size: int, sms: int) -> int:
-    """How many K slices the Triton GEMV splits a matrix into: enough programs to give each SM ~4, never slicing
-    K thinner than one step. (Pure arithmetic, shared by the launcher and the throughput model.)"""
-    row_blocks = -(-out_features // GEMV_BLOCK_N)
-    steps = -(-(in_features // group_size) // max(1, GEMV_BLOCK_K // group_size))
-    return max(1, min(-(-4 * sms // row_blocks), steps))
-
-
 def fused_traffic(layout: MatrixLayout, tokens: int = 1, sms: int = 40) -> int:
-    """Device-memory bytes one fused GEMV moves on a GPU with `sms` SMs: the packed matrix once, x and y per
-    token, and the fp32 partial sums of a split-K launch (written, then read back by the reduction)."""
+    """Device-memory bytes one fused matmul of `tokens` tokens moves on a GPU with `sms` SMs, from what the Triton
+    kernels load and store (geometry.kernel_bytes, derived from their index arithmetic): the matrix's bytes as the
+    programs load them (a word that several programs load is read that many times: their loads are too far apart
+    for L2 to serve), x and the zero range once (every program reads them; L2 serves the repeats), every store
+    and the split-K partial sums read back; after `dequantize`, cuBLAS reading the matrix and x and writing y."""
     out_features, in_features = layout.shape
-    activations = tokens * (in_features + out_features) * layout.dtype.itemsize
-    splits = gemv_k_splits(out_features, in_features, layout.spec.group_size, sms) if layout.spec.bits else 1
-    partials = 2 * splits * tokens * out_features * 4 if splits > 1 else 0
-    return layout.nbytes + activations + partials
+    itemsize = layout.dtype.itemsize
+    activations = tokens * (in_features + out_features) * itemsize
+    if layout.spec.bits is None:
+        return layout.nbytes + activations
+    fmt = PackedFormat.of(layout)
+    counted = kernel_bytes(fmt, itemsize, tokens, sms)
+    once = {"x": tokens * in_features * itemsize, "zero_range": 8 if fmt.quant_meta else 0}
+    total = sum(n for name, n in counted.loads.items() if name not in once) + sum(once.values())
+    total += sum(counted.stores.values())
+    if plan_launch(fmt, tokens, sms).kernel == "dequantize":
+        total += out_features * in_features * itemsize + activations
+    return total

@@ -49,6 +49,10 @@ class PackedFormat:
         return self.in_features // self.group_size
 
     @property
+    def word_bytes(self) -> int:
+        return _WORDS[Quantizer.bit_to_packing[self.bits]][1].itemsize
+
+    @property
     def n_groups(self) -> int:
         return self.out_features * self.groups_per_row
 
