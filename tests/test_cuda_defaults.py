@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from offload_engine import cli
-from offload_engine.prequantized import quantize_checkpoint
+from offload_engine import cli, quantize_checkpoint
+from offload_engine.checkpoint import DEMO_DIR
 
 
 @pytest.mark.parametrize("capability,dtype", [((7, 5), "float16"), ((8, 0), "bfloat16")])
 def test_demo_picks_float16_on_gpus_without_fast_bfloat16(monkeypatch, capability, dtype):
-    if not (cli.demo_dir() / "config.json").exists():
+    if not (DEMO_DIR / "config.json").exists():
         pytest.skip("the demo model is not installed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from transformers import MixtralForCausalLM
 
 import offload_engine
-from offload_engine.engine import MANIFEST
-from offload_engine.prequantized import quantize_checkpoint
+from offload_engine.checkpoint import MANIFEST
+from offload_engine import quantize_checkpoint
 
 from conftest import tiny_config
 from families_cases import make_family_checkpoint, mxfp4_experts

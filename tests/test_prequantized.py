@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import offload_engine
 from offload_engine.checkpoint import DOWNLOAD_PATTERNS
 from offload_engine.config import ConfigError
-from offload_engine.engine import MANIFEST
+from offload_engine.checkpoint import MANIFEST
 from offload_engine.experts import ExpertLayout
 from offload_engine.prequantized import PrequantizedError, quantize_checkpoint
 

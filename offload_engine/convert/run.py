@@ -13,6 +13,7 @@ the order in which units complete does not change a single output byte.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -28,10 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..anatomy import Anatomy
-from ..checkpoint import CheckpointError, SafetensorsCheckpoint, read_config
+from ..checkpoint import MANIFEST, CheckpointError, SafetensorsCheckpoint, read_config
 from ..config import load_config
-from ..engine import MANIFEST, default_device
 from ..experts import ExpertLayout
+from ..loader import resolve_device
 from ..prequantized import (AUX_FILES, FILE_METADATA, FORMAT, FORMAT_VERSION, ConfigLike, _layouts, _model_summary,
                             layout_key, plan_files)
 from ..prequantized_io import TensorSpec, _bytes_of, safetensors_header
@@ -141,10 +142,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
 
     notice = log or stderr  # removing someone's files is said even when quiet
     log = log or (stderr if progress else (lambda _: None))
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     quant_device = device if device.type == "cuda" else torch.device("cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConversionError(f"device {str(device)!r} was requested but torch sees no CUDA GPU; use device='cpu'")
     dst = Path(dst).expanduser()
     source = open_source(src, keep_source, revision, cache_dir)
     _check_destination(source, dst, overwrite)
@@ -255,6 +254,15 @@ def _run_units(source, steps: list[Step], total: int, fds: dict[str, int], journ
     bar.close()
 
 
+def package_version() -> str:
+    """The installed offload_engine's version, for the manifest's `created_by` (read from the package metadata:
+    importing it from offload_engine/__init__.py, which imports this module, would be an import circle)."""
+    try:
+        return importlib.metadata.version("offload_engine")
+    except importlib.metadata.PackageNotFoundError:  # run from a clone without `pip install`
+        return "(not installed)"
+
+
 def _tensor_crcs(partial: Path, plan: dict[str, list[TensorSpec]]) -> dict[str, int]:
     """CRC-32 of every output tensor, read back from the finished files: what loading will check."""
     crcs = {}
@@ -267,8 +275,6 @@ def _tensor_crcs(partial: Path, plan: dict[str, list[TensorSpec]]) -> dict[str, 
 
 
 def _finish(source, dst: Path, partial: Path, journal: Journal, hf, cfg, plan, sizes, quant_device) -> Path:
-    from .. import __version__
-
     crcs = _tensor_crcs(partial, plan)
     files, tensors = {}, {}
     for name, specs in plan.items():
@@ -282,7 +288,7 @@ def _finish(source, dst: Path, partial: Path, journal: Journal, hf, cfg, plan, s
     for name in AUX_FILES:
         if (source.dir / name).exists():
             shutil.copyfile(source.dir / name, partial / name)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"offload_engine {__version__}",
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"offload_engine {package_version()}",
                 "family": hf.model_type, "config": cfg.to_dict(), "model": _model_summary(hf),
                 "layouts": _layouts(hf, cfg),
                 "files": files, "tensors": tensors, "aux_files": [n for n in AUX_FILES if (partial / n).exists()],

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..config import KERNEL_CHOICES, ConfigError
 from ..quantize import MatrixLayout, dequantize
+from .split_k import fused_traffic, gemv_k_splits  # noqa: F401  (public here: the throughput model, tests)
 
 
 class Kernels(Protocol):
@@ -52,6 +53,25 @@ class ReferenceKernels:
 
 
 REFERENCE = ReferenceKernels()
+
+
+class QuantLinear(torch.nn.Module):
+    """A linear layer whose weight lives in a packed buffer (a `MatrixLayout`), multiplied by `kernels`; an
+    optional bias stays in the model dtype."""
+
+    def __init__(self, layout: MatrixLayout, buffer: torch.Tensor, kernels: Kernels,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.layout, self.kernels = layout, kernels
+        self.register_buffer("packed", buffer)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = layout.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernels.linear(x.reshape(-1, self.in_features), self.layout, self.packed)  # [tokens, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class MixedKernels:
@@ -120,24 +140,3 @@ def warm_up(kernels: Kernels, layouts: Iterable[MatrixLayout], device: torch.dev
         for layout in dict.fromkeys(layout for layout in layouts if layout.spec.bits is not None):
             kernels.warm_up(layout, device)
     return time.perf_counter() - start
-
-
-GEMV_BLOCK_N, GEMV_BLOCK_K = 32, 128  # rows per program, weights along K per step (Triton GEMV)
-
-
-def gemv_k_splits(out_features: int, in_features: int, group_size: int, sms: int) -> int:
-    """How many K slices the Triton GEMV splits a matrix into: enough programs to give each SM ~4, never slicing
-    K thinner than one step. (Pure arithmetic, shared by the launcher and the throughput model.)"""
-    row_blocks = -(-out_features // GEMV_BLOCK_N)
-    steps = -(-(in_features // group_size) // max(1, GEMV_BLOCK_K // group_size))
-    return max(1, min(-(-4 * sms // row_blocks), steps))
-
-
-def fused_traffic(layout: MatrixLayout, tokens: int = 1, sms: int = 40) -> int:
-    """Device-memory bytes one fused GEMV moves on a GPU with `sms` SMs: the packed matrix once, x and y per
-    token, and the fp32 partial sums of a split-K launch (written, then read back by the reduction)."""
-    out_features, in_features = layout.shape
-    activations = tokens * (in_features + out_features) * layout.dtype.itemsize
-    splits = gemv_k_splits(out_features, in_features, layout.spec.group_size, sms) if layout.spec.bits else 1
-    partials = 2 * splits * tokens * out_features * 4 if splits > 1 else 0
-    return layout.nbytes + activations + partials

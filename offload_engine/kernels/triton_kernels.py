@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from ..quantize import MatrixLayout
-from . import GEMV_BLOCK_K as BLOCK_K
-from . import GEMV_BLOCK_N, gemv_k_splits
 from .packing import PackedFormat
+from .split_k import GEMV_BLOCK_K as BLOCK_K
+from .split_k import GEMV_BLOCK_N, gemv_k_splits
 
 GEMV_MAX_TOKENS = 8
 DOT_MAX_TOKENS = 64
