@@ -15,7 +15,7 @@ from typing import Container
 import torch
 from safetensors import safe_open
 
-from .families import UnsupportedModel, family_of
+from .families import UnsupportedModel, config_problems, family_of, family_of_architectures
 
 
 class CheckpointError(ValueError):
@@ -83,6 +83,15 @@ def read_config(model_dir: Path):
         family = family_of(raw.get("model_type"))
     except UnsupportedModel as e:
         raise CheckpointError(f"{config_path}: {e}") from None
+    problems = config_problems(raw, family)
+    named = family_of_architectures(raw)
+    if named is not None and named is not family:
+        problems.append(f"its architectures name {named.hf_class}, a {named.name} model (model_type "
+                        f"{named.model_type!r})")
+    if problems:  # e.g. another family's config relabelled: the config class would fill in defaults that do not fit
+        raise CheckpointError(f"{config_path} says model_type {family.model_type!r} ({family.name}), but "
+                              f"{'; '.join(problems)}: fix model_type, or use the config.json that came with the "
+                              f"weights")
     try:
         config = family.config_class().from_dict(raw)
     except Exception as e:  # transformers' own field validation (huggingface_hub's strict dataclasses, ValueError)
