@@ -71,7 +71,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("GLM-4-MoE", "glm4_moe", "Glm4MoeForCausalLM", "zai-org/GLM-4.5-Air",
            keys=("n_routed_experts", "moe_intermediate_size")),
     Family("ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeForCausalLM", "baidu/ERNIE-4.5-21B-A3B-PT",
-           renames=((".mlp.gate.moe_statics.", ".mlp.moe_statics."),), keys=("moe_num_experts", "moe_intermediate_size")),
+           renames=((".mlp.gate.moe_statics.", ".mlp.moe_statics."),),
+           keys=("moe_num_experts", "moe_intermediate_size")),
     Family("HunYuan-MoE", "hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM", "tencent/Hunyuan-A13B-Instruct",
            keys=("num_experts", "intermediate_size")),
 )}
@@ -101,8 +102,9 @@ def config_problems(raw: dict, family: Family) -> list[str]:
             problems.append(f"{key} is missing")
         elif not _positive_size(raw[given]):
             problems.append(f"{given} must be a positive integer, got {json.dumps(raw[given])}")
-    if "head_dim" in raw and not (_positive_size(raw["head_dim"]) or (raw["head_dim"] is None and family.head_dim_null)):
-        problems.append(f"head_dim must be a positive integer, got {json.dumps(raw['head_dim'])}")
+    head_dim = raw.get("head_dim", 1)  # left out: the family computes it
+    if not (_positive_size(head_dim) or (head_dim is None and family.head_dim_null)):
+        problems.append(f"head_dim must be a positive integer, got {json.dumps(head_dim)}")
     return problems
 
 

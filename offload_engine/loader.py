@@ -1,6 +1,6 @@
 """From a model's name to a running `Engine`, in one direction:
 
-    name ──resolve_model_dir──> directory ──(config.json, engine config, weights)──> build_engine ──> Engine
+    name --resolve_model_dir--> directory --(config.json, engine config, weights)--> build_engine --> Engine
 
 `load` resolves the source (a local directory, the packaged demo, a hub repo), then the configs (the checkpoint's
 config.json and the engine config: the caller's, the demo's own set-up, or a pre-quantized checkpoint's), picks

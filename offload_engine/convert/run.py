@@ -36,7 +36,7 @@ from ..loader import resolve_device
 from ..prequantized import (AUX_FILES, FILE_METADATA, FORMAT, FORMAT_VERSION, ConfigLike, _layouts, _model_summary,
                             layout_key, plan_files)
 from ..prequantized_io import TensorSpec, _bytes_of, safetensors_header
-from .journal import Journal, clear_stale, conversion_key
+from .journal import Journal, clear_stale, conversion_key, naming_a_full_disk
 from .source import HubSource, LocalSource, open_source
 from .units import Step, build_units, compute, schedule
 
@@ -193,8 +193,9 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
     fds = {}
     for name, specs in plan.items():  # header first; resumed files keep their journalled bytes
         fd = os.open(partial / name, os.O_RDWR | os.O_CREAT, 0o644)
-        os.pwrite(fd, safetensors_header(specs, FILE_METADATA), 0)
         fds[name] = fd
+        with naming_a_full_disk(partial / name, conversion_plan.disk_needed):
+            os.pwrite(fd, safetensors_header(specs, FILE_METADATA), 0)
     try:
         _run_units(source, steps, len(pending), fds, journal, anatomy, cfg, quant_device, layout, progress)
         for name, fd in fds.items():
@@ -236,16 +237,20 @@ def _run_units(source, steps: list[Step], total: int, fds: dict[str, int], journ
     """Fetch shards in index order; convert the units each one completes, then release the shards done with."""
     checkpoint = SafetensorsCheckpoint(source.dir, file_of={})
     bar = tqdm(total=total, desc="converting", unit="matrix", disable=not progress)
+    to_write = sum(unit.nbytes for step in steps for unit in step.units)  # output bytes not written yet
     for step in steps:
         path = source.fetch(step.shard)
         SafetensorsCheckpoint._check_complete(path)
         checkpoint.file_of.update({n: path for n, s in source.weight_map.items() if s == step.shard})
         for unit in step.units:
             data = _bytes_of(compute(unit, checkpoint, anatomy, cfg, quant_device, layout).cpu())
-            os.pwrite(fds[unit.file], data, unit.offset)
-            os.fsync(fds[unit.file])  # the bytes are durable before the journal vouches for them
-            journal.record({"tensor": unit.key, "file": unit.file, "offset": unit.offset, "nbytes": data.nbytes,
-                            "crc32": zlib.crc32(data)})
+            with naming_a_full_disk(journal.dir / unit.file, to_write):
+                os.pwrite(fds[unit.file], data, unit.offset)
+                os.fsync(fds[unit.file])  # the bytes are durable before the journal vouches for them
+            with naming_a_full_disk(journal.dir / "journal.jsonl", to_write):
+                journal.record({"tensor": unit.key, "file": unit.file, "offset": unit.offset,
+                                "nbytes": data.nbytes, "crc32": zlib.crc32(data)})
+            to_write -= unit.nbytes
             checkpoint.close()  # unmap the source shard, or its pages stay resident (host RAM is scarce)
             bar.update()
         for shard in step.release:
