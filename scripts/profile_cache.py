@@ -66,7 +66,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import offload_engine.model as model_module  # noqa: E402
 from offload_engine import load, load_config  # noqa: E402
-from offload_engine.cli import add_model_arguments, parse_model_args, resolve_setup  # noqa: E402
+from offload_engine.model_args import add_model_arguments, parse_model_args, resolve_setup  # noqa: E402
 from offload_engine.config import ConfigLike  # noqa: E402
 from offload_engine.engine import Engine  # noqa: E402
 from offload_engine.errors import UsageError, add_debug_flag, user_errors  # noqa: E402

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from offload_engine import load_config, quantize_checkpoint  # noqa: E402
 from offload_engine.checkpoint import is_hub_id, resolve_model_dir  # noqa: E402
-from offload_engine.cli import parse_device  # noqa: E402
 from offload_engine.convert.cache import converted_dir  # noqa: E402
 from offload_engine.convert.push import push_to_hub  # noqa: E402
 from offload_engine.errors import UsageError  # noqa: E402
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true", help="convert the demo model shipped in the package")
     parser.add_argument("--config", default=None, help="packaged config name or YAML path (default: 4-bit attention, "
                         "2-bit experts, float16; the demo's own set-up for the demo)")
-    parser.add_argument("--device", type=parse_device, default=None, help="where to quantize (default: cuda if "
+    parser.add_argument("--device", default=None, help="where to quantize (default: cuda if "
                         "available, else cpu); load on the same kind of device for logits identical to quantizing "
                         "at load time")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise ValueError(f"--device {args.device}: not a device this can quantize on; use cpu, cuda or cuda:N")
     device = resolve_device(args.device)
     src = "demo" if args.demo else args.src
     config = args.config
