@@ -3,7 +3,8 @@ with HQQ quantization, an LRU expert cache and speculative prefetch."""
 
 from .config import ConfigError, EngineConfig, OffloadConfig, QuantConfig, QuantSpec, load_config
 from .checkpoint import CheckpointError
-from .engine import Engine, load
+from .engine import Engine
+from .loader import load
 from .memory import NotEnoughMemory, plan_memory
 from .convert import push_to_hub, quantize_checkpoint
 

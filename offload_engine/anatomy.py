@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from accelerate import init_empty_weights
 
+from .checkpoint import CheckpointError
 from .config import EngineConfig
 from .experts import ExpertLayout
 from .families import Family, family_of
@@ -53,6 +54,11 @@ def skeleton(config, family: Family,
     try:
         with init_empty_weights():
             model = family.model_class()(config)
+    except (TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError) as e:
+        # config.json passed checkpoint.read_config's checks, yet transformers cannot build the family from it
+        raise CheckpointError(f"the {family.name} ({family.model_type}) model cannot be built from this config.json "
+                              f"({type(e).__name__}: {e}); check its model_type and keys against a {family.name} "
+                              f"checkpoint's, e.g. {family.example}") from e
     finally:
         torch.set_default_dtype(previous)
     moe_layers, experts = [], None

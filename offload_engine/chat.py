@@ -13,17 +13,25 @@ When old turns are dropped to fit the context window the whole conversation is r
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 from jinja2.exceptions import TemplateError
 from transformers import DynamicCache
 
-from .concurrency import BusyGuard, locked_iter
+from .concurrency import BusyGuard, EngineLock, locked_iter
 from .generate import SamplingParams, generate_tokens, stream_text
+from .model import OffloadedModel
 from .tokenization import encode_text
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class ChatEngine(Protocol):
+    """What a chat uses of an `Engine` (engine.py imports this module, so it is named here, not imported)."""
+
+    model: OffloadedModel
+    tokenizer: object
+    lock: EngineLock
+    context_window: int
+    eos_ids: list[int]
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -120,7 +128,7 @@ class ChatSession:
     """One conversation. Turns take the engine's lock (other threads' calls wait); one session used by two
     threads at once, or a new turn while the previous stream is still open, is refused with a RuntimeError."""
 
-    def __init__(self, engine: "Engine", system: str | None = None):
+    def __init__(self, engine: ChatEngine, system: str | None = None):
         if engine.tokenizer is None or getattr(engine.tokenizer, "chat_template", None) is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model directory has none")
         self.engine, self.system = engine, system

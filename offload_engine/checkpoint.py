@@ -15,7 +15,7 @@ from typing import Container
 import torch
 from safetensors import safe_open
 
-from .families import UnsupportedModel, family_of
+from .families import UnsupportedModel, config_problems, family_of, family_of_architectures
 
 
 class CheckpointError(ValueError):
@@ -30,25 +30,40 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.j
 DEMO_DIR = Path(__file__).resolve().parent / "demo"  # the small model shipped in the package
 
 
+def is_hub_id(model: str | os.PathLike) -> bool:
+    """True for 'org/name' that is not an existing local path nor "demo": a Hugging Face hub repo id."""
+    name = str(model)
+    return (not Path(name).expanduser().exists() and name != "demo" and name.count("/") == 1
+            and not name.startswith((".", "/", "~")))
+
+
 def resolve_model_dir(model: str | os.PathLike) -> Path:
-    """A local directory as is; "demo" for the packaged demo model; otherwise a hub repo id, downloaded (with
-    progress) into the hub cache."""
+    """A local directory as is; "demo" for the packaged demo model; a hub repo id downloaded (with progress) into
+    the hub cache, or found there when offline."""
     path = Path(model).expanduser()
     if str(model) == "demo" and not path.exists():
-        path = DEMO_DIR
+        if not (DEMO_DIR / "config.json").exists():
+            raise CheckpointError(f"the demo model is not installed (expected in {DEMO_DIR}); train it with "
+                                  f"`python scripts/train_demo_model.py`, or pass a model directory")
+        return DEMO_DIR
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the directory that holds config.json and *.safetensors")
         return path
     name = str(model)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if not is_hub_id(name):
         raise CheckpointError(f"model path {name!r} does not exist (and is not a hub repo id like 'org/name')")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(name, allow_patterns=DOWNLOAD_PATTERNS))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        if constants.HF_HUB_OFFLINE:
+            raise CheckpointError(
+                f"{name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is offline "
+                f"(HF_HUB_OFFLINE is set): unset HF_HUB_OFFLINE, with a network, to download it once, or pass a "
+                f"local directory") from e
         raise CheckpointError(
             f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {e}); check the repo id, "
             f"your network, and `huggingface-cli login` for gated repos, or pass a local directory"
@@ -68,6 +83,15 @@ def read_config(model_dir: Path):
         family = family_of(raw.get("model_type"))
     except UnsupportedModel as e:
         raise CheckpointError(f"{config_path}: {e}") from None
+    problems = config_problems(raw, family)
+    named = family_of_architectures(raw)
+    if named is not None and named is not family:
+        problems.append(f"its architectures name {named.hf_class}, a {named.name} model (model_type "
+                        f"{named.model_type!r})")
+    if problems:  # e.g. another family's config relabelled: the config class would fill in defaults that do not fit
+        raise CheckpointError(f"{config_path} says model_type {family.model_type!r} ({family.name}), but "
+                              f"{'; '.join(problems)}: fix model_type, or use the config.json that came with the "
+                              f"weights")
     try:
         config = family.config_class().from_dict(raw)
     except Exception as e:  # transformers' own field validation (huggingface_hub's strict dataclasses, ValueError)

@@ -1,13 +1,16 @@
 """`offload-chat`: chat with an offloaded mixture-of-experts checkpoint (Mixtral, Qwen3-MoE, ...) in the terminal,
 or answer one prompt for scripts.
 
-    offload-chat MODEL [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--max-new-tokens N] [--temperature T]
-                 [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--system TEXT] [--prompt TEXT]
-                 [--no-stats] [--cache-dir DIR] [--yes]
-    offload-chat --demo            # the small demo model shipped in the package
+    offload-chat MODEL [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--cache-dir DIR] [--yes]
+                 [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S]
+                 [--system TEXT] [--prompt TEXT] [--no-stats]
+    offload-chat --demo            # the small demo model shipped in the package (same as MODEL `demo`)
 
-A hub repo that holds a full-precision model is converted once, shard by shard, into a cache directory (the
-plan is shown first, and a large download asks for a y unless --yes), then loaded; later runs load it directly.
+MODEL is named as for offload-serve and scripts/profile_cache.py (model_args.py): a local directory (a Hugging
+Face checkpoint, or one converted by scripts/quantize.py), `demo` (or --demo, or the packaged demo directory: one
+set-up, loader.demo_config), or a hub repo id. A hub repo that holds a full-precision model is converted once,
+shard by shard, into a cache directory (the plan is shown first, and a large download asks for a y unless --yes),
+then loaded; later runs load it directly, offline too.
 
 Where output goes: stdout carries the conversation (the `>>> ` prompt, the streamed replies, and what /stats
 and /help print), so `offload-chat MODEL --prompt "..." > answer.txt` captures the answer alone. stderr carries
@@ -38,21 +41,15 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
-import torch
-
-import offload_engine
-
 from .chat import ChatSession
-from .checkpoint import read_config, resolve_model_dir
-from .config import QuantSpec, load_config
-from .convert.cache import ask_before_download, prepare_model
-from .engine import MANIFEST, Engine, default_device, load
+from .config import QuantSpec
+from .engine import Engine
 from .errors import UsageError, add_debug_flag, debug_requested, one_line, run_guarded
 from .generate import SamplingParams
+from .loader import load
+from .model_args import Setup, add_model_arguments, parse_model_args, resolve_setup
 
 PROMPT = ">>> "
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -63,48 +60,13 @@ HELP = """commands:
   /exit    quit (or Ctrl-D); Ctrl-C stops a reply while it is being written, Ctrl-C twice at the prompt quits"""
 
 
-DEMO_OFFLOAD = {"experts_on_device": 4, "prefetch": 1, "policy": "lru"}
-
-
-def demo_dir() -> Path:
-    return Path(offload_engine.__file__).resolve().parent / "demo"
-
-
-def parse_device(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
-    return text
-
-
-def add_model_arguments(p: argparse.ArgumentParser, demo_help: str, config_default_extra: str = "") -> None:
-    """MODEL, --demo, --config, --device: how offload-chat and offload-serve name what to load and where."""
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="local model directory or Hugging Face repo id (omit with --demo)")
-    p.add_argument("--demo", action="store_true", help=demo_help)
-    p.add_argument("--config", metavar="NAME_OR_PATH",
-                   help="packaged config name (t4-16gb, 12gb, 8gb, 24gb, cpu) or a YAML path; "
-                        "default: t4-16gb on CUDA, cpu otherwise" + config_default_extra)
-    p.add_argument("--device", type=parse_device, metavar="DEVICE",
-                   help="cpu, cuda or cuda:N (default: cuda if available)")
-
-
-def parse_model_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse the command line; exactly one of MODEL and --demo must be given."""
-    args = parser.parse_args(argv)
-    if args.demo == (args.model is not None):
-        parser.error("give a MODEL (a checkpoint directory or hub repo id) or --demo, not both"
-                     if args.demo else "give a MODEL (a checkpoint directory or hub repo id), or --demo")
-    return args
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="offload-chat", description="Chat with a mixture-of-experts checkpoint (any family in the README's table) "
                                            "whose experts are offloaded to host memory.",
         epilog="Replies stream to stdout; loading progress, notices and the per-reply stats line go to stderr. "
                "In the chat, /help lists the commands.")
-    add_model_arguments(p, "use the small demo model shipped in the package",
-                        "; for --demo, cpu with 4 of 8 experts per layer offloaded and prefetch 1")
+    add_model_arguments(p, "use the small demo model shipped in the package")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"longest reply in tokens (default {DEFAULT_MAX_NEW_TOKENS}, at most half the context window)")
     p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 = greedy (default 0.7)")
@@ -119,9 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", metavar="TEXT",
                    help="answer this one message, print the stats line and exit (for scripts)")
     p.add_argument("--no-stats", action="store_true", help="no stats line after replies")
-    p.add_argument("--cache-dir", metavar="DIR", help="where a hub source repo is converted once (default: "
-                   "$HF_HUB_CACHE/offload_engine); later runs load the converted copy directly")
-    p.add_argument("--yes", action="store_true", help="convert a hub source repo without asking, however large")
     add_debug_flag(p)
     return p
 
@@ -157,46 +116,6 @@ def fit_max_new_tokens(requested: int | None, window: int) -> tuple[int, str | N
     return requested, None
 
 
-@dataclass
-class Setup:
-    model_dir: Path
-    config: str | dict | None  # for load(): a packaged name, YAML path or dict; None: a pre-quantized checkpoint's own
-    device: torch.device
-    window: int | None  # the context window, when it is known before loading
-
-
-def resolve_setup(args: argparse.Namespace) -> Setup:
-    """Model directory, config and device, checked before anything heavy is loaded."""
-    if args.demo:
-        model: str | Path = demo_dir()
-        if not (demo_dir() / "config.json").exists():
-            raise UsageError(f"the demo model is not installed (expected in {demo_dir()}); train it with "
-                             f"`python scripts/train_demo_model.py`, or pass a MODEL directory")
-    else:
-        model = args.model
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} was given but torch sees no CUDA GPU; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    if not args.demo:  # a hub source repo: convert it once into the cache (streamed, resumable), then load that
-        default = args.config or ("t4-16gb" if device.type == "cuda" else "cpu")
-        model = prepare_model(model, default, device, args.cache_dir, ask_before_download(args.yes))
-    model_dir = resolve_model_dir(model)
-    if (model_dir / MANIFEST).exists():  # pre-quantized: the engine merges --config (offload.*) into its own
-        if args.config is not None:
-            load_config(args.config)  # an unknown name or a broken file fails now
-        return Setup(model_dir, args.config, device, None)
-    name = args.config or ("t4-16gb" if device.type == "cuda" and not args.demo else "cpu")
-    if args.demo and not args.config:
-        # The demo exercises the expert cache for real: half of each layer's experts offloaded, prefetch on.
-        name = {**load_config("cpu").to_dict(), "offload": DEMO_OFFLOAD}
-        if device.type == "cuda" and not fast_bfloat16(device):  # e.g. a T4: no bf16 tensor cores
-            name["dtype"] = "float16"
-    window = min(load_config(name).max_context, read_config(model_dir).max_position_embeddings)
-    return Setup(model_dir, name, device, window)
-
-
 def load_engine(setup: Setup, log: TextIO | None = None) -> Engine:
     """Load and warm up the model of `setup`, with progress and the one-line summary on `log` (stderr)."""
     log = log or sys.stderr
@@ -206,11 +125,6 @@ def load_engine(setup: Setup, log: TextIO | None = None) -> Engine:
     warm_up(engine)
     print(summary_line(engine, time.perf_counter() - start), file=log, flush=True)
     return engine
-
-
-def fast_bfloat16(device: torch.device) -> bool:
-    """bf16 tensor cores arrived with Ampere (compute capability 8.0); older GPUs emulate bf16 slowly."""
-    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def warm_up(engine: Engine) -> None:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -114,6 +115,9 @@ class EngineConfig:
         return dataclasses.replace(self, offload=dataclasses.replace(self.offload, **offload_overrides))
 
 
+ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]  # what `load_config` (and so `load`) accepts
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     """Build a (nested) dataclass from a dict, rejecting keys the format does not have."""
     if not isinstance(data, dict):
@@ -163,7 +167,7 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"cannot read config {path}: {e}") from e
 
 
-def load_config(config: Union[None, str, Path, dict, EngineConfig]) -> EngineConfig:
+def load_config(config: ConfigLike) -> EngineConfig:
     """Accept None (defaults), an EngineConfig, a dict, a YAML path, or a packaged config name like 't4-16gb'."""
     if config is None:
         return EngineConfig()

@@ -1,38 +1,23 @@
-"""Public API: `load(...)` returns an `Engine` that computes logits, generates text and reports cache statistics."""
+"""The `Engine`: logits, text generation, chat sessions and cache statistics for a loaded model (`load`, in
+loader.py, builds one)."""
 
 from __future__ import annotations
 
-import os
-import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .anatomy import Anatomy
 from .chat import ChatSession
 from .concurrency import EngineLock, locked_iter
-from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
-from .config import ConfigError, EngineConfig, load_config
+from .config import EngineConfig
 from .expert_cache import ExpertCache, LayerStats
-from .expert_tensors import read_expert_tensor
-from .experts import ExpertLayout
 from .generate import SamplingParams, check_token_ids, generate_tokens, stream_text
-from .memory import resolve_experts_on_device
-from .kernels import REFERENCE, Kernels, bfloat16_problem, select_kernels, warm_up
+from .kernels import Kernels
 from .model import OffloadedModel
-from .quantize import MatrixLayout, QuantizationError, quantize_matrix
-from .tokenization import encode_text, load_tokenizer
-
-MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see prequantized.py)
-ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from .tokenization import encode_text
 
 
 class Engine:
@@ -163,128 +148,3 @@ class Engine:
         """Wait for the cache's copies, then free its device slots and unlock its host memory (also done when the
         engine is garbage-collected). The engine cannot run afterwards."""
         self.cache.close()
-
-
-def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torch.device | None = None,
-         progress: bool = True) -> Engine:
-    """Load an MoE checkpoint of a supported family (local directory or hub repo id), quantize it as configured,
-    and build the engine.
-
-    Pre-quantized checkpoints (written by `quantize_checkpoint`) load without re-quantizing.
-    """
-    cfg = load_config(config)
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use device='cpu'")
-    model_dir = resolve_model_dir(model)
-    if (model_dir / MANIFEST).exists():
-        from .prequantized import load_prequantized
-
-        # The raw config: only keys the caller set override the checkpoint's, and only offload.* / max_context.
-        return load_prequantized(model_dir, config, device, progress)
-    cfg = resolve_dtype(cfg, device)
-    hf_config = read_config(model_dir)
-    checkpoint = SafetensorsCheckpoint(model_dir)
-    engine = build_engine(hf_config, cfg, device, checkpoint_loader(checkpoint, hf_config, cfg, device), progress)
-    engine.tokenizer = load_tokenizer(model_dir)
-    engine.model_dir = model_dir
-    return engine
-
-
-def resolve_dtype(cfg: EngineConfig, device: torch.device) -> EngineConfig:
-    """The compute dtype that runs fast on `device`: bfloat16 on a GPU before Ampere (compute capability < 8.0, e.g.
-    a T4) becomes float16, with one warning, since the fused kernels cannot compute in bfloat16 there and the
-    reference kernels are several times slower. `kernels: reference` keeps bfloat16 (the slow path, asked for)."""
-    why_not = bfloat16_problem(device) if cfg.dtype == "bfloat16" and cfg.kernels != "reference" else None
-    if why_not is None:
-        return cfg
-    warnings.warn(f"dtype bfloat16 runs as float16 on {device}: {why_not} (set dtype: float16 to silence this, "
-                  f"or kernels: reference to keep bfloat16)", RuntimeWarning, stacklevel=3)
-    return replace(cfg, dtype="float16")
-
-
-def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, progress: bool) -> Engine:
-    """Allocate the cache and trunk, then let `source` fill them (from full-precision or pre-quantized weights)."""
-    why_not = bfloat16_problem(device) if cfg.dtype == "bfloat16" and cfg.kernels != "reference" else None
-    if why_not:  # weights already stored in bfloat16 (a pre-quantized checkpoint): not converted here
-        raise ConfigError(f"this model is stored in bfloat16 and {why_not}: convert it again with dtype: float16, "
-                          f"or load it with kernels: reference (several times slower)")
-    anatomy = Anatomy.of(hf_config, cfg.torch_dtype)
-    check_config_for_model(cfg, anatomy)
-    layout = anatomy.expert_layout(cfg)
-    k = resolve_experts_on_device(cfg, hf_config, device)
-    cfg = cfg.replace(experts_on_device=k)
-    trunk = [t.layout(cfg) for t in anatomy.quantized()]
-    kernels, warmup_s = _ready_kernels(cfg.kernels, device, [*layout.matrices.values(), *trunk])
-    cache = ExpertCache(len(anatomy.moe_layers), anatomy.num_experts, layout.nbytes, k, cfg.offload.prefetch, device,
-                        cfg.offload.policy)
-    model = OffloadedModel(hf_config, anatomy, cache, layout, cfg.torch_dtype, device, kernels)
-    source(model, layout, progress)
-    model.finish_loading()
-    return Engine(model, cfg, kernel_warmup_s=warmup_s)
-
-
-def _ready_kernels(choice: str, device: torch.device, layouts: list[MatrixLayout]) -> tuple[Kernels, float]:
-    """The configured kernels, compiled for every matrix shape now so that the first reply does not stall.
-    Under `auto`, kernels that fail to compile here give way to the reference ones with one warning."""
-    kernels = select_kernels(choice, device, layouts)
-    try:
-        return kernels, warm_up(kernels, layouts, device)
-    except Exception as e:  # a broken compiler toolchain, a Triton/driver mismatch, ...
-        if choice == "fused":
-            raise ConfigError(f"kernels: fused failed to compile on {device} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); use kernels: auto or reference") from e
-        warnings.warn(f"fused kernels failed to compile on {device} ({type(e).__name__}); using the reference "
-                      "kernels (dequantize + matmul), which are several times slower", RuntimeWarning, stacklevel=3)
-        return REFERENCE, 0.0
-
-
-def check_config_for_model(cfg: EngineConfig, anatomy: Anatomy) -> None:
-    """The config rules that need the model's shapes, checked before anything is allocated."""
-    E = anatomy.num_experts
-    if cfg.offload.prefetch > E:
-        raise ConfigError(f"offload.prefetch is {cfg.offload.prefetch}, but this model has {E} experts per layer: "
-                          f"use 0 (off) to {E}")
-    try:
-        anatomy.expert_layout(cfg)
-    except QuantizationError as e:
-        raise ConfigError(f"quant.experts.group_size {cfg.quant.experts.group_size} does not fit this model: "
-                          f"{e}") from None
-    for tensor in anatomy.quantized():
-        try:
-            tensor.layout(cfg)
-        except QuantizationError as e:
-            spec = getattr(cfg.quant, tensor.part)
-            raise ConfigError(f"quant.{tensor.part}.group_size {spec.group_size} does not fit this model: "
-                              f"{e}") from None
-
-
-def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineConfig, device: torch.device):
-    """Fill a model from a full-precision checkpoint, quantizing tensor by tensor (on the GPU when there is one)."""
-    quant_device = device if device.type == "cuda" else torch.device("cpu")
-
-    def fill(model: OffloadedModel, layout: ExpertLayout, progress: bool) -> None:
-        anatomy, renames = model.anatomy, model.family.renames
-        by_layer: dict[int | None, list] = {}
-        for tensor in anatomy.trunk:
-            by_layer.setdefault(tensor.layer, []).append(tensor)
-        moe_index = {l: m for m, l in enumerate(anatomy.moe_layers)}
-        for l in tqdm([None, *range(hf_config.num_hidden_layers)], desc="quantizing layers", disable=not progress):
-            for tensor in by_layer.get(l, []):
-                if tensor.part is None:
-                    model.set_tensor(tensor.name, checkpoint.trunk(tensor.name, tensor.shape, renames),
-                                     tensor.dtype(cfg))
-                    continue
-                weight = checkpoint.trunk(f"{tensor.name}.weight", tensor.shape, renames)
-                linear, buffer = quantize_matrix(weight.to(quant_device, cfg.torch_dtype),
-                                                 getattr(cfg.quant, tensor.part), cfg.torch_dtype)
-                model.set_linear(tensor.name, linear, buffer)
-            if l not in moe_index:
-                continue
-            for e in range(anatomy.num_experts):
-                weights = {name: read_expert_tensor(checkpoint, anatomy, l, e, name).to(quant_device, cfg.torch_dtype)
-                           for name in layout.names}
-                model.cache.fill(moe_index[l], e, lambda buffer: layout.pack(weights, buffer))
-                checkpoint.close()  # unmap the source shards, or their pages stay resident (host RAM is scarce)
-
-    return fill

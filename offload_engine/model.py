@@ -28,9 +28,9 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .anatomy import Anatomy, skeleton
 from .expert_cache import ExpertCache
 from .experts import ExpertLayout, expert_forward
-from .kernels import REFERENCE, Kernels
+from .kernels import REFERENCE, Kernels, QuantLinear
 from .prefetch import guess_experts
-from .quantize import MatrixLayout, QuantLinear
+from .quantize import MatrixLayout
 
 RoutingObserver = Callable[[int, list[list[int]], list[int]], None]
 

@@ -22,18 +22,16 @@ expert cache (pinned host slot, or the CPU scratch of a device slot): no mmap, n
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
-from typing import BinaryIO, NoReturn, Union
+from typing import BinaryIO, Callable, NoReturn
 
 import torch
 from tqdm.auto import tqdm
 
 from .anatomy import Anatomy
-from .checkpoint import read_config
-from .config import CONFIG_DIR, ConfigError, EngineConfig, load_config, read_yaml
-from .engine import MANIFEST, Engine, build_engine, load_tokenizer
+from .checkpoint import MANIFEST, read_config
+from .config import CONFIG_DIR, ConfigError, ConfigLike, EngineConfig, load_config, read_yaml
 from .experts import ExpertLayout
 from .model import OffloadedModel
 from .prequantized_io import ST_DTYPES, PrequantizedError, TensorSpec, read_header, read_into
@@ -45,7 +43,6 @@ FILE_METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}  # in 
 TRUNK_FILE = "trunk.safetensors"
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
 
 
 def layer_file(layer: int) -> str:
@@ -266,12 +263,19 @@ def validate(model_dir: Path, manifest: dict, hf, cfg: EngineConfig) -> dict[str
     return headers
 
 
-def load_prequantized(model_dir: Path, config: ConfigLike, device: torch.device, progress: bool) -> Engine:
-    """Load a directory written by `quantize_checkpoint` (called by `offload_engine.load`)."""
+def open_prequantized(model_dir: Path, config: ConfigLike) -> tuple[object, EngineConfig, Callable]:
+    """Check a directory written by `quantize_checkpoint` against its manifest; -> (config.json's config, the
+    engine config in effect, the loader that fills a model with its bytes), for `loader.build_engine`."""
     manifest = _read_manifest(model_dir)
     cfg = resolve_config(manifest, config, model_dir)
     hf = read_config(model_dir)
     headers = validate(model_dir, manifest, hf, cfg)
+    return hf, cfg, prequantized_loader(model_dir, manifest, headers, hf, cfg)
+
+
+def prequantized_loader(model_dir: Path, manifest: dict, headers: dict[str, tuple[int, dict]], hf,
+                        cfg: EngineConfig) -> Callable[[OffloadedModel, ExpertLayout, bool], None]:
+    """Fill a model from the checked files: every tensor read into place and compared with its CRC-32."""
     plan = plan_files(hf, cfg)
 
     def read(f: BinaryIO, file: str, name: str, out: torch.Tensor) -> None:
@@ -305,16 +309,4 @@ def load_prequantized(model_dir: Path, config: ConfigLike, device: torch.device,
                     else:
                         model.set_tensor(spec.name, fresh(f, file, spec), spec.dtype)
 
-    engine = build_engine(hf, cfg, device, fill, progress)
-    engine.tokenizer = load_tokenizer(model_dir)
-    engine.model_dir = model_dir
-    return engine
-
-
-def __getattr__(name: str):
-    """`quantize_checkpoint` lives in convert/ (which imports this module); still importable from here."""
-    if name == "quantize_checkpoint":
-        from .convert import quantize_checkpoint
-
-        return quantize_checkpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return fill

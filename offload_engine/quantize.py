@@ -187,26 +187,6 @@ def quantize_matrix(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -
     return layout, buffer
 
 
-class QuantLinear(torch.nn.Module):
-    """A linear layer whose weight lives in a packed buffer, multiplied by `kernels` (offload_engine.kernels;
-    None = the reference: dequantize at each call, then F.linear); an optional bias stays in the model dtype."""
-
-    def __init__(self, layout: MatrixLayout, buffer: torch.Tensor, kernels=None, bias: torch.Tensor | None = None):
-        super().__init__()
-        if kernels is None:
-            from .kernels import REFERENCE as kernels
-        self.layout, self.kernels = layout, kernels
-        self.register_buffer("packed", buffer)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = layout.shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernels.linear(x.reshape(-1, self.in_features), self.layout, self.packed)  # [tokens, out]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
-
-
 def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Plain min-max round-to-nearest with 16-bit scales/zeros: the baseline HQQ must beat (tests, benchmarks)."""
     w = weight.float().reshape(-1, group_size)

@@ -45,9 +45,9 @@ from transformers import MixtralConfig
 
 from .config import EngineConfig, QuantSpec, load_config
 from .experts import ExpertLayout, expert_forward
-from .kernels import REFERENCE, fused_traffic
+from .kernels import REFERENCE, QuantLinear, fused_traffic
 from .memory import GiB, plan_memory
-from .quantize import MatrixLayout, QuantLinear
+from .quantize import MatrixLayout
 
 __all__ = ["GPU", "GPUS", "Prefetch", "NO_PREFETCH", "ORACLE", "Estimate", "CostModel", "estimate",
            "expert_traffic", "trunk_traffic", "cost_model", "auto_k", "simulated_hit_rate", "solve", "KERNELS"]

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache, MixtralConfig  # noqa: E402
 
 from offload_engine.config import load_config  # noqa: E402
-from offload_engine.engine import build_engine  # noqa: E402
+from offload_engine.loader import build_engine  # noqa: E402
 from offload_engine.simulate import default_trace_paths, load_traces  # noqa: E402
 
 SHAPES = {"mixtral-8x7b": {}, "small": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=4)}

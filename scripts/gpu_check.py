@@ -126,7 +126,7 @@ def dtypes_here(r: Report) -> list[torch.dtype]:
 def kernels_check(r: Report) -> None:
     from kernel_cases import assert_close_to_reference, layout_for, random_packed
 
-    from offload_engine.engine import resolve_dtype
+    from offload_engine.loader import resolve_dtype
     from offload_engine.kernels.geometry import warm_up_tokens
     from offload_engine.kernels.packing import PackedFormat
     from offload_engine.kernels.triton_kernels import TritonKernels

@@ -147,11 +147,13 @@ def main() -> int:
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     servers, engine = [], None
     if not args.url:
-        from offload_engine.cli import load_engine, resolve_setup
+        from offload_engine.cli import load_engine
+        from offload_engine.model_args import resolve_setup
         from offload_engine.server import BackgroundServer, create_app
 
         engine = load_engine(resolve_setup(argparse.Namespace(demo=args.demo, model=args.model, config=args.config,
-                                                              device=args.device)), log=sys.stdout)
+                                                              device=args.device, cache_dir=None, yes=False)),
+                             log=sys.stdout)
         for reuse in ([True, False] if args.compare_prefix_reuse else [True]):
             app = create_app(engine, model_name="m", max_queue=max(32, args.clients), prefix_reuse=reuse)
             servers.append((reuse, BackgroundServer(app).start()))

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Profile the expert cache while generating: hit rate per layer, prefetch quality, where each token's time goes.
 
-    python scripts/profile_cache.py MODEL [--config NAME|FILE] [--device cpu|cuda] [--prompts FILE]
-        [--max-new-tokens N] [--experts-on-device K] [--prefetch N] [--policy NAME] [--threads N] [--out report.json]
-        [--plot F.png]
+    python scripts/profile_cache.py MODEL|--demo [--config NAME|FILE] [--device cpu|cuda] [--cache-dir DIR] [--yes]
+        [--prompts FILE] [--max-new-tokens N] [--experts-on-device K] [--prefetch N] [--policy NAME] [--threads N]
+        [--out report.json] [--plot F.png]
 
-MODEL is a local checkpoint directory (any family in the README's table) or a hub repo id. Prompts: one per line
-of FILE; without --prompts, four built-in prompts. A model without tokenizer files gets token ids instead: each line of FILE is then a list of
+MODEL is named as for offload-chat: a local checkpoint directory (any family in the README's table, or one
+converted by scripts/quantize.py), `demo` or --demo (the demo's one set-up, as in offload-chat), or a hub repo id
+(a source repo is converted once into the same cache as offload-chat's). Without --config: the default config
+(4 experts per layer on the device, prefetch 1), the demo's set-up for the demo, a converted checkpoint's own.
+Prompts: one per line of FILE; without --prompts, four built-in prompts. A model without tokenizer files gets token ids instead: each line of FILE is then a list of
 integers, and the default is four random prompts (seeded by --seed). Every prompt is decoded greedily.
 
 What is measured: the engine's own cache counters, for the single-token decode steps only (the prefill is reported
@@ -63,8 +66,8 @@ from transformers import DynamicCache  # noqa: E402
 
 import offload_engine.model as model_module  # noqa: E402
 from offload_engine import load, load_config  # noqa: E402
-from offload_engine.checkpoint import read_config, resolve_model_dir  # noqa: E402
-from offload_engine.cli import parse_device  # noqa: E402
+from offload_engine.model_args import add_model_arguments, parse_model_args, resolve_setup  # noqa: E402
+from offload_engine.config import ConfigLike  # noqa: E402
 from offload_engine.engine import Engine  # noqa: E402
 from offload_engine.errors import UsageError, add_debug_flag, user_errors  # noqa: E402
 from offload_engine.expert_cache import LayerStats  # noqa: E402
@@ -339,12 +342,22 @@ def plot_hit_rates(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def with_offload(config: ConfigLike, overrides: dict) -> ConfigLike:
+    """`config` with the --experts-on-device/--prefetch/--policy overrides; for a converted checkpoint (config
+    None) only the overrides, which its own config takes in."""
+    if not overrides:
+        return config
+    if config is None:
+        return {"offload": overrides}
+    full = load_config(config).to_dict()
+    return {**full, "offload": {**full["offload"], **overrides}}
+
+
 @user_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="local checkpoint directory or hub repo id")
-    ap.add_argument("--config", help="packaged config name (e.g. t4-16gb, cpu) or YAML file (default: the defaults)")
-    ap.add_argument("--device", type=parse_device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_model_arguments(ap, "profile the small demo model shipped in the package",
+                        config_default="the defaults (4 experts per layer on the device, prefetch 1)")
     ap.add_argument("--prompts", help="file with one prompt per line (token ids per line for tokenizer-less models)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--experts-on-device", type=int, help="override offload.experts_on_device")
@@ -360,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                     "avoids OpenMP barriers waiting for a descheduled thread on tiny ops")
     ap.add_argument("--quiet", action="store_true", help="no loading progress bar")
     add_debug_flag(ap)
-    args = ap.parse_args(argv)
+    args = parse_model_args(ap, argv)
     for option in ("max_new_tokens", "num_random_prompts", "prompt_tokens", "threads"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -375,29 +388,28 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--prompts {args.prompts} does not exist; give a text file with one prompt per line")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    setup = resolve_setup(args, default_config=lambda device: None)
     overrides = {k: v for k, v in {"experts_on_device": args.experts_on_device, "prefetch": args.prefetch,
                                    "policy": args.policy}.items() if v is not None}
-    cfg = cfg.replace(**overrides) if overrides else cfg
-    window = min(cfg.max_context, read_config(resolve_model_dir(args.model)).max_position_embeddings)
-    if args.max_new_tokens >= window:  # checked again per prompt; this catches it before loading
+    config = with_offload(setup.config, overrides)
+    if setup.window is not None and args.max_new_tokens >= setup.window:  # checked again per prompt; now: early
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context window "
-                         f"({window} tokens); lower it")
-    engine = load(args.model, config=cfg, device=args.device, progress=not args.quiet)
+                         f"({setup.window} tokens); lower it")
+    engine = load(setup.model_dir, config=config, device=setup.device, progress=not args.quiet)
     prompts = read_prompts(args.prompts, engine, args.num_random_prompts, args.prompt_tokens, args.seed)
     body = profile(engine, prompts, args.max_new_tokens, args.ignore_eos)
     argv_shown = sys.argv[1:] if argv is None else argv
-    report = {"schema_version": SCHEMA_VERSION, "model": str(args.model),
+    report = {"schema_version": SCHEMA_VERSION, "model": "demo" if args.demo else str(args.model),
               "command": "python scripts/profile_cache.py " + " ".join(shlex.quote(a) for a in argv_shown),
               "config": engine.config.to_dict(), **{k: v for k, v in body.items() if k != "schema_version"}}
     print(format_report(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        print(f"report: {os.path.relpath(args.out)}")
+        print(f"report: {args.out}")
     if args.plot:
         plot_hit_rates(report, args.plot)
-        print(f"plot: {os.path.relpath(args.plot)}")
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -12,8 +12,9 @@ import pytest
 from conftest import exact_config
 
 import offload_engine
-from offload_engine.engine import MANIFEST
-from offload_engine.prequantized import OUTPUT_KEYS, PrequantizedError, quantize_checkpoint
+from offload_engine import quantize_checkpoint
+from offload_engine.checkpoint import MANIFEST
+from offload_engine.prequantized import OUTPUT_KEYS, PrequantizedError
 
 # Unquantized float32: conversion is quick, and what is checked here does not depend on the quantization.
 QUANT = {**exact_config(), "kernels": "reference"}

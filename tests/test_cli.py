@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from offload_engine import cli
+from offload_engine import checkpoint, cli
 
 import paced_chat
 from conftest import make_checkpoint
@@ -276,7 +276,7 @@ def test_stats_line_when_every_expert_is_resident(chat_model, tmp_path, capsys):
 
 
 def test_missing_demo_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "demo_dir", lambda: tmp_path / "demo")
+    monkeypatch.setattr(checkpoint, "DEMO_DIR", tmp_path / "demo")
     assert cli.main(["--demo", "--prompt", "hi"]) == 2
     assert "train_demo_model.py" in capsys.readouterr().err
 

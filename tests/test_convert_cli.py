@@ -17,7 +17,7 @@ import pytest
 from offload_engine.convert import ConversionPlan, model_card, push_to_hub, quantize_checkpoint
 from offload_engine.convert.cache import ask_before_download, converted_dir
 from offload_engine.config import ConfigError, load_config
-from offload_engine.engine import MANIFEST
+from offload_engine.checkpoint import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = {"dtype": "float32", "offload": {"experts_on_device": 8, "prefetch": 1}}

@@ -12,19 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload_engine import cli
-from offload_engine.prequantized import quantize_checkpoint
+from offload_engine import cli, quantize_checkpoint
+from offload_engine.checkpoint import DEMO_DIR
 
 from conftest import REAL_CUDA
 
 
 @pytest.mark.parametrize("capability,dtype", [((7, 5), "float16"), ((8, 0), "bfloat16")])
 def test_demo_picks_float16_on_gpus_without_fast_bfloat16(monkeypatch, capability, dtype):
-    if not (cli.demo_dir() / "config.json").exists():
+    if not (DEMO_DIR / "config.json").exists():
         pytest.skip("the demo model is not installed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)  # T4: 7.5, A100: 8.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     setup = cli.resolve_setup(cli.build_parser().parse_args(["--demo", "--device", "cuda"]))
     assert setup.config["dtype"] == dtype
     setup = cli.resolve_setup(cli.build_parser().parse_args(["--demo", "--device", "cpu"]))
@@ -63,13 +64,13 @@ def test_a_fake_gpu_is_seen_and_the_cpu_still_pinned(request, monkeypatch):
     """Run by the test above: the session's fake GPU is what torch reports, yet this unmarked test sees the CPU."""
     if not request.config.getoption("--fake-cuda-available"):
         pytest.skip("meaningful only under --fake-cuda-available (run by test_cpu_tests_pin_the_cpu_...)")
-    from offload_engine.engine import default_device
+    from offload_engine.loader import resolve_device
 
-    assert default_device() == torch.device("cpu") and os.environ["CUDA_VISIBLE_DEVICES"] == ""
-    if (cli.demo_dir() / "config.json").exists():
+    assert resolve_device(None) == torch.device("cpu") and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    if (DEMO_DIR / "config.json").exists():
         assert cli.resolve_setup(cli.build_parser().parse_args(["--demo"])).device == torch.device("cpu")
     monkeypatch.undo()  # without conftest's pin, the fake GPU would be the default
-    assert torch.cuda.is_available() and default_device() == torch.device("cuda")
+    assert torch.cuda.is_available() and resolve_device(None) == torch.device("cuda")
 
 
 class FakeCudart:

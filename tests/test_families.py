@@ -21,9 +21,10 @@ import offload_engine
 from offload_engine.anatomy import Anatomy
 from offload_engine.config import QuantSpec
 from offload_engine.convert import model_card
-from offload_engine.engine import MANIFEST
+from offload_engine.checkpoint import MANIFEST
 from offload_engine.families import FAMILIES
-from offload_engine.quantize import QuantLinear, dequantize, quantize_matrix
+from offload_engine.kernels import QuantLinear
+from offload_engine.quantize import dequantize, quantize_matrix
 
 from families_cases import CONFIGS, family_config, make_family_checkpoint, mxfp4_experts, num_experts, reference
 

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from transformers import MixtralForCausalLM
 
 import offload_engine
-from offload_engine.engine import MANIFEST
-from offload_engine.prequantized import quantize_checkpoint
+from offload_engine.checkpoint import MANIFEST
+from offload_engine import quantize_checkpoint
 
 from conftest import tiny_config
 from families_cases import make_family_checkpoint, mxfp4_experts
@@ -97,7 +97,9 @@ def disk_bytes(*roots: Path) -> int:
     return total
 
 
-def test_streamed_conversion_equals_local_and_keeps_at_most_two_shards(sharded, config_file, reference, tmp_path):
+def test_streamed_conversion_equals_local_and_keeps_at_most_one_shard(sharded, config_file, reference, tmp_path):
+    """Peak disk is the output plus one shard (the README and `quantize.py --help` say so; these shards hold no
+    MXFP4 matrix, whose `_blocks` and `_scales` could straddle two), plus the small files (config, index)."""
     out, home = tmp_path / "out", tmp_path / "hf"
     peak, running = [0], [True]
 
@@ -125,9 +127,10 @@ def test_streamed_conversion_equals_local_and_keeps_at_most_two_shards(sharded, 
     shards = sorted(p for p in sharded.glob("*.safetensors"))
     assert hub.gets() == {p.name: 1 for p in shards}  # every shard fetched exactly once
     assert not list(home.rglob("*.safetensors")) and sorted(os.listdir(out)) == ["m"]  # sources deleted
-    two_largest = sum(sorted((p.stat().st_size for p in shards), reverse=True)[:2])
+    largest = max(p.stat().st_size for p in shards)
+    small = sum(p.stat().st_size for p in sharded.iterdir() if p.suffix != ".safetensors")
     output = disk_bytes(out / "m")
-    assert 0 < peak[0] <= output + two_largest, (peak[0], output, two_largest)
+    assert 0 < peak[0] <= output + largest + small + 2**16, (peak[0], output, largest, small)  # + the journal
     assert peak[0] < output + sum(p.stat().st_size for p in shards) / 2  # far from holding the source
 
 

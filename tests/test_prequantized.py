@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import offload_engine
-from offload_engine.checkpoint import DOWNLOAD_PATTERNS
+from offload_engine import quantize_checkpoint
+from offload_engine.checkpoint import DOWNLOAD_PATTERNS, MANIFEST
 from offload_engine.config import ConfigError
-from offload_engine.engine import MANIFEST
 from offload_engine.experts import ExpertLayout
-from offload_engine.prequantized import PrequantizedError, quantize_checkpoint
+from offload_engine.prequantized import PrequantizedError
 
 from conftest import exact_config, make_checkpoint
 

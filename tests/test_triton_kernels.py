@@ -226,7 +226,7 @@ def test_bfloat16_is_refused_below_compute_capability_8(monkeypatch):
     import warnings
 
     from offload_engine.config import ConfigError, load_config
-    from offload_engine.engine import build_engine, resolve_dtype
+    from offload_engine.loader import build_engine, resolve_dtype
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")

@@ -35,7 +35,7 @@ from triton.compiler import ASTSource
 
 import offload_engine
 from offload_engine.config import QuantSpec
-from offload_engine.kernels import BFLOAT16_CAPABILITY
+from offload_engine.kernels.capability import BFLOAT16_CAPABILITY
 from offload_engine.kernels.geometry import GEMV_MAX_TOKENS, warm_up_tokens
 from offload_engine.kernels.triton_kernels import NUM_WARPS, TritonKernels
 from offload_engine.quantize import MatrixLayout

@@ -17,11 +17,9 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError, EngineConfig, load_config
-from ..engine import MANIFEST
+from ..checkpoint import MANIFEST, CheckpointError, is_hub_id, resolve_model_dir
+from ..config import ConfigError, ConfigLike, EngineConfig, load_config
 from .run import ConversionInterrupted, ConversionPlan, quantize_checkpoint
-from .source import is_hub_id
 
 ASK_ABOVE_BYTES = 1e9  # downloads at least this large need a yes (--yes or the prompt)
 
@@ -57,7 +55,7 @@ def _is_prequantized_repo(repo: str) -> bool | None:
     return any(s.rfilename == MANIFEST for s in files)
 
 
-def prepare_model(model: str | os.PathLike, config, device: torch.device | None = None,
+def prepare_model(model: str | os.PathLike, config: ConfigLike, device: torch.device | None = None,
                   cache_dir: str | os.PathLike | None = None,
                   confirm: Callable[[ConversionPlan], bool] | None = None, progress: bool = True) -> str | Path:
     """What to load for `model`: a hub source repo converted into the cache (once), or `model` unchanged (a local
@@ -68,7 +66,18 @@ def prepare_model(model: str | os.PathLike, config, device: torch.device | None 
     target = converted_dir(str(model), cfg, cache_dir)
     if (target / MANIFEST).exists():
         return target
-    if _is_prequantized_repo(str(model)) in (True, None):
+    prequantized = _is_prequantized_repo(str(model))
+    if prequantized is None:  # offline: only what is on disk already
+        try:
+            return resolve_model_dir(model)
+        except CheckpointError as e:
+            from huggingface_hub import constants
+
+            raise CheckpointError(
+                f"{model} is not on this machine and the hub is offline (HF_HUB_OFFLINE is set): no copy converted "
+                f"with these settings in {target}, no download in {constants.HF_HUB_CACHE}; unset HF_HUB_OFFLINE, "
+                f"with a network, to download and convert it once, or pass a local directory") from e
+    if prequantized:
         return model
     try:
         return quantize_checkpoint(str(model), target, cfg, progress=progress, device=device, confirm=confirm)

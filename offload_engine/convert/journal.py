@@ -15,13 +15,16 @@ removes it (other KEY) and says so; one that is held is left alone and reported.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 try:
     import fcntl
@@ -31,6 +34,23 @@ except ImportError:  # Windows: no flock; stale directories are then always cons
 from ..checkpoint import CheckpointError
 
 JOURNAL, LOCK = "journal.jsonl", "lock"
+
+
+@contextmanager
+def naming_a_full_disk(path: Path, needed: int) -> Iterator[None]:
+    """A full disk while writing `path` (ENOSPC, an OSError that names no file) becomes an error that names the
+    file and the space the rest of the conversion needs (`needed` bytes, besides what is already written)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        size = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"  # noqa: E731
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(
+            f"the disk is full: writing {path} failed (no space left on device); the rest of the conversion needs "
+            f"about {size(needed)} more in {path.parent} ({size(free)} free now): free that much, then run the "
+            f"same command again, which resumes and keeps every part already written") from e
 
 
 def conversion_key(identity: dict, config: dict) -> str:

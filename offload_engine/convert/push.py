@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 from ..anatomy import Anatomy
-from ..checkpoint import read_config
-from ..engine import MANIFEST
+from ..checkpoint import MANIFEST, read_config
 from ..prequantized import _describe_quant, _read_manifest, resolve_config, validate
 
 CARD = "README.md"

@@ -13,6 +13,7 @@ the order in which units complete does not change a single output byte.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -28,14 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..anatomy import Anatomy
-from ..checkpoint import CheckpointError, SafetensorsCheckpoint, read_config
+from ..checkpoint import MANIFEST, CheckpointError, SafetensorsCheckpoint, read_config
 from ..config import load_config
-from ..engine import MANIFEST, default_device
 from ..experts import ExpertLayout
+from ..loader import resolve_device
 from ..prequantized import (AUX_FILES, FILE_METADATA, FORMAT, FORMAT_VERSION, ConfigLike, _layouts, _model_summary,
                             layout_key, plan_files)
 from ..prequantized_io import TensorSpec, _bytes_of, safetensors_header
-from .journal import Journal, clear_stale, conversion_key
+from .journal import Journal, clear_stale, conversion_key, naming_a_full_disk
 from .source import HubSource, LocalSource, open_source
 from .units import Step, build_units, compute, schedule
 
@@ -141,10 +142,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
 
     notice = log or stderr  # removing someone's files is said even when quiet
     log = log or (stderr if progress else (lambda _: None))
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     quant_device = device if device.type == "cuda" else torch.device("cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConversionError(f"device {str(device)!r} was requested but torch sees no CUDA GPU; use device='cpu'")
     dst = Path(dst).expanduser()
     source = open_source(src, keep_source, revision, cache_dir)
     _check_destination(source, dst, overwrite)
@@ -194,8 +193,9 @@ def _convert(source, dst: Path, partial: Path, journal: Journal, cfg, quant_devi
     fds = {}
     for name, specs in plan.items():  # header first; resumed files keep their journalled bytes
         fd = os.open(partial / name, os.O_RDWR | os.O_CREAT, 0o644)
-        os.pwrite(fd, safetensors_header(specs, FILE_METADATA), 0)
         fds[name] = fd
+        with naming_a_full_disk(partial / name, conversion_plan.disk_needed):
+            os.pwrite(fd, safetensors_header(specs, FILE_METADATA), 0)
     try:
         _run_units(source, steps, len(pending), fds, journal, anatomy, cfg, quant_device, layout, progress)
         for name, fd in fds.items():
@@ -237,22 +237,35 @@ def _run_units(source, steps: list[Step], total: int, fds: dict[str, int], journ
     """Fetch shards in index order; convert the units each one completes, then release the shards done with."""
     checkpoint = SafetensorsCheckpoint(source.dir, file_of={})
     bar = tqdm(total=total, desc="converting", unit="matrix", disable=not progress)
+    to_write = sum(unit.nbytes for step in steps for unit in step.units)  # output bytes not written yet
     for step in steps:
         path = source.fetch(step.shard)
         SafetensorsCheckpoint._check_complete(path)
         checkpoint.file_of.update({n: path for n, s in source.weight_map.items() if s == step.shard})
         for unit in step.units:
             data = _bytes_of(compute(unit, checkpoint, anatomy, cfg, quant_device, layout).cpu())
-            os.pwrite(fds[unit.file], data, unit.offset)
-            os.fsync(fds[unit.file])  # the bytes are durable before the journal vouches for them
-            journal.record({"tensor": unit.key, "file": unit.file, "offset": unit.offset, "nbytes": data.nbytes,
-                            "crc32": zlib.crc32(data)})
+            with naming_a_full_disk(journal.dir / unit.file, to_write):
+                os.pwrite(fds[unit.file], data, unit.offset)
+                os.fsync(fds[unit.file])  # the bytes are durable before the journal vouches for them
+            with naming_a_full_disk(journal.dir / "journal.jsonl", to_write):
+                journal.record({"tensor": unit.key, "file": unit.file, "offset": unit.offset,
+                                "nbytes": data.nbytes, "crc32": zlib.crc32(data)})
+            to_write -= unit.nbytes
             checkpoint.close()  # unmap the source shard, or its pages stay resident (host RAM is scarce)
             bar.update()
         for shard in step.release:
             checkpoint.file_of = {n: p for n, p in checkpoint.file_of.items() if source.weight_map[n] != shard}
             source.release(shard)
     bar.close()
+
+
+def package_version() -> str:
+    """The installed offload_engine's version, for the manifest's `created_by` (read from the package metadata:
+    importing it from offload_engine/__init__.py, which imports this module, would be an import circle)."""
+    try:
+        return importlib.metadata.version("offload_engine")
+    except importlib.metadata.PackageNotFoundError:  # run from a clone without `pip install`
+        return "(not installed)"
 
 
 def _tensor_crcs(partial: Path, plan: dict[str, list[TensorSpec]]) -> dict[str, int]:
@@ -267,8 +280,6 @@ def _tensor_crcs(partial: Path, plan: dict[str, list[TensorSpec]]) -> dict[str, 
 
 
 def _finish(source, dst: Path, partial: Path, journal: Journal, hf, cfg, plan, sizes, quant_device) -> Path:
-    from .. import __version__
-
     crcs = _tensor_crcs(partial, plan)
     files, tensors = {}, {}
     for name, specs in plan.items():
@@ -282,7 +293,7 @@ def _finish(source, dst: Path, partial: Path, journal: Journal, hf, cfg, plan, s
     for name in AUX_FILES:
         if (source.dir / name).exists():
             shutil.copyfile(source.dir / name, partial / name)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"offload_engine {__version__}",
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"offload_engine {package_version()}",
                 "family": hf.model_type, "config": cfg.to_dict(), "model": _model_summary(hf),
                 "layouts": _layouts(hf, cfg),
                 "files": files, "tensors": tensors, "aux_files": [n for n in AUX_FILES if (partial / n).exists()],

@@ -15,22 +15,20 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, SafetensorsCheckpoint, resolve_model_dir
-from ..engine import MANIFEST
+from ..checkpoint import MANIFEST, CheckpointError, SafetensorsCheckpoint, is_hub_id, resolve_model_dir
 from ..prequantized import AUX_FILES
+from .journal import naming_a_full_disk
 
 INDEX = "model.safetensors.index.json"
 SMALL_FILES = (INDEX, *AUX_FILES)  # fetched first and kept: what the plan and the output need
 
 
-def is_hub_id(model: str | os.PathLike) -> bool:
-    """True for 'org/name' that is not an existing local path (the rule resolve_model_dir follows)."""
-    name = str(model)
-    return (not Path(name).expanduser().exists() and name != "demo" and name.count("/") == 1
-            and not name.startswith((".", "/", "~")))
-
-
 def _hub_error(repo: str, e: Exception) -> CheckpointError:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return CheckpointError(f"the hub is offline (HF_HUB_OFFLINE is set), so {repo} cannot be downloaded: unset "
+                               f"HF_HUB_OFFLINE, with a network, to convert it, or pass a local directory")
     return CheckpointError(f"could not reach {repo!r} on the Hugging Face hub ({type(e).__name__}: {e}); check the "
                            f"repo id, your network, and `huggingface-cli login` for gated repos")
 
@@ -103,16 +101,18 @@ class HubSource:
             raise _hub_error(self.repo, e) from e
 
     def _download(self, filename: str, local_dir: Path | None, progress: bool) -> Path:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError
 
         quiet = None if progress else _Silent
+        folder = local_dir or Path(self.cache_dir or constants.HF_HUB_CACHE) / f"models--{self.repo.replace('/', '--')}"
         try:
-            if local_dir is None:
-                return Path(hf_hub_download(self.repo, filename, revision=self.revision, cache_dir=self.cache_dir,
+            with naming_a_full_disk(folder / filename, self.sizes.get(filename, 0)):
+                if local_dir is None:
+                    return Path(hf_hub_download(self.repo, filename, revision=self.revision,
+                                                cache_dir=self.cache_dir, tqdm_class=quiet))
+                return Path(hf_hub_download(self.repo, filename, revision=self.revision, local_dir=local_dir,
                                             tqdm_class=quiet))
-            return Path(hf_hub_download(self.repo, filename, revision=self.revision, local_dir=local_dir,
-                                        tqdm_class=quiet))
         except (HfHubHTTPError, OSError) as e:
             raise _hub_error(self.repo, e) from e
 

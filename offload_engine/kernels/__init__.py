@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..config import KERNEL_CHOICES, ConfigError
 from ..quantize import MatrixLayout, dequantize
+from .capability import bfloat16_problem  # noqa: F401  (public here: the loader, tests)
 from .geometry import kernel_bytes, plan_launch
 from .packing import PackedFormat
 
@@ -57,6 +58,25 @@ class ReferenceKernels:
 REFERENCE = ReferenceKernels()
 
 
+class QuantLinear(torch.nn.Module):
+    """A linear layer whose weight lives in a packed buffer (a `MatrixLayout`), multiplied by `kernels`; an
+    optional bias stays in the model dtype."""
+
+    def __init__(self, layout: MatrixLayout, buffer: torch.Tensor, kernels: Kernels,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.layout, self.kernels = layout, kernels
+        self.register_buffer("packed", buffer)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = layout.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernels.linear(x.reshape(-1, self.in_features), self.layout, self.packed)  # [tokens, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 class MixedKernels:
     """The fused backend for the layouts it supports and the reference for the rest (`auto` only)."""
 
@@ -77,20 +97,6 @@ class MixedKernels:
 
 # bfloat16 arithmetic arrived with Ampere. Below it Triton emulates every bf16 conversion in integer code (3.9
 # does; older releases' ptxas rejected them for sm_75) and tl.dot gets no tensor cores, while float16 runs natively.
-BFLOAT16_CAPABILITY = (8, 0)
-
-
-def bfloat16_problem(device: torch.device) -> str | None:
-    """Why the fused kernels will not compute in bfloat16 on `device`, or None."""
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) >= BFLOAT16_CAPABILITY:
-        return None
-    return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} and no bfloat16 "
-            f"arithmetic (the fused Triton kernels need 8.0 for bfloat16)")
-
-
 def _fused_for(device: torch.device) -> tuple[Kernels | None, str | None]:
     """The fused backend for `device`, or (None, why not)."""
     if device.type == "cuda":

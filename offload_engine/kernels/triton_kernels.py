@@ -14,7 +14,7 @@ block of base rows and all PACK rows stored in their words, so each packed byte 
 Scales and zeros are rounded through the compute dtype exactly as the reference path rounds them. Token counts
 are not specialised on (`do_not_specialize`: Triton would compile again for T = 1 and each multiple of 16), and
 `warm_up` compiles every variant a layout can launch (geometry.warm_up_tokens), so no reply waits for a compile.
-bfloat16 needs compute capability 8.0 (`supports` refuses it below: see kernels.BFLOAT16_CAPABILITY).
+bfloat16 needs compute capability 8.0 (`supports` refuses it below: see kernels/capability.py).
 
 Under TRITON_INTERPRET=1 (CI on CPU) the same kernels run in numpy; its bfloat16 arithmetic is wrong, so loads are
 cast to fp32 and `tl.dot` runs in fp32 there (`DOT_DTYPE`).
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..quantize import MatrixLayout
-from . import bfloat16_problem
+from .capability import bfloat16_problem
 from .geometry import DOT_MAX_TOKENS, GEMV_MAX_TOKENS, REDUCE_BLOCK, plan_launch, shares_rows, warm_up_tokens
 from .packing import PackedFormat
 

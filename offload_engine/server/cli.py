@@ -1,8 +1,12 @@
 """`offload-serve`: serve a checkpoint over OpenAI's HTTP API.
 
-    offload-serve MODEL [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--host 127.0.0.1] [--port 8000]
-                  [--api-key KEY] [--max-queue N] [--served-model-name NAME] [--no-prefix-reuse]
-    offload-serve --demo            # the small demo model shipped in the package
+    offload-serve MODEL [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--cache-dir DIR] [--yes]
+                  [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-queue N] [--served-model-name NAME]
+                  [--no-prefix-reuse]
+    offload-serve --demo            # the small demo model shipped in the package (same as MODEL `demo`)
+
+MODEL is named and prepared as for offload-chat (offload_engine/cli.py: a directory, `demo`, or a hub repo id,
+converted once into the cache). --port 0 picks a free port (uvicorn's log line says which).
 
 Ctrl-C / SIGTERM shut it down: running requests get 5 s to finish, then their generation is stopped (uvicorn
 then re-raises the signal, so the exit status is the signal's). Exit code 2 with a one-line `error: ...` for a
@@ -15,7 +19,8 @@ import argparse
 import os
 import sys
 
-from ..cli import UsageError, add_model_arguments, cli_terms, load_engine, parse_model_args, resolve_setup
+from ..cli import UsageError, cli_terms, load_engine
+from ..model_args import add_model_arguments, parse_model_args, resolve_setup
 from ..memory import NotEnoughMemory
 
 
