@@ -9,10 +9,14 @@ queued on, as every compute read of a slot. Each stand-in stream keeps a vector 
 the stream's clock, waiting on one merges it. Two accesses to one buffer conflict when at least one writes; a
 conflicting pair is a race unless the earlier one happens-before the later (same stream, or a chain of events).
 Host syncs order nothing here on purpose: on a GPU they would hide a missing event only until timing changes.
+
+`TimedStreams` adds simulated time to the same stand-ins (the timed replay, offload_engine/replay.py): see its
+docstring.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -112,6 +116,180 @@ class RecordingStreams:
 
     def report(self, limit: int = 5) -> str:
         return f"{len(self.races)} race(s): " + "; ".join(self.races[:limit])
+
+
+@dataclass(eq=False)
+class Op:
+    """One piece of work on a timeline: a copy (`left` in bytes), a kernel or host work (seconds), or a wait."""
+    timeline: str  # "host", "compute", "h2d" or "d2h"
+    kind: str  # "copy", "kernel", "work" or "wait"
+    left: float
+    deps: tuple = ()  # ops that must end before this one starts (besides the one before it on its timeline)
+    label: str = ""
+    start: float | None = None
+    end: float | None = None
+    bound_by: "Op | None" = None  # the op whose end started this one: the critical path runs through it
+
+
+@dataclass
+class TimedEvent(StandInEvent):
+    op: Op | None = None  # the last op queued on the stream when the event was recorded (None: nothing yet)
+
+
+class TimedStreams(RecordingStreams):
+    """Stand-in streams that also carry simulated time, for replaying the real cache with stated speeds.
+
+    Four timelines: the host, which runs the caller's program in order, and three device streams (compute,
+    h2d, d2h), each a FIFO of ops that start when the host has queued them, the op before them on their stream
+    has ended and every event they wait for has been reached. A copy moves `copy_bytes` at its direction's rate,
+    both directions at once share `duplex` bytes/s in proportion to their rates (the sum of the two rates:
+    full duplex); a kernel (`kernel`) and host work (`host_work`) take the seconds given; `host_wait` blocks the
+    host until an event is reached. Device time is simulated lazily, up to what the host has queued: nothing
+    the host queues later can start earlier, so every figure is final once the host has moved past it.
+    The race check of RecordingStreams runs as well.
+    """
+
+    def __init__(self, h2d: float, d2h: float, copy_bytes: int, duplex: float | None = None, keep_ops: bool = False):
+        super().__init__()
+        if min(h2d, d2h) <= 0 or (duplex is not None and duplex <= 0):
+            raise ValueError("copy rates must be positive")
+        self.rate = {"h2d": float(h2d), "d2h": float(d2h)}
+        self.share = min(1.0, (h2d + d2h if duplex is None else duplex) / (h2d + d2h))  # of each rate, both on
+        self.copy_bytes = copy_bytes
+        self.now = 0.0  # device time simulated so far
+        self.host_op = Op("host", "work", 0.0, start=0.0, end=0.0)  # the host's latest op: it ends at host time
+        self.queues = {name: deque() for name in ("compute", "h2d", "d2h")}
+        self.last = dict.fromkeys(self.queues)  # the latest op queued per device timeline
+        self.last_done: dict[str, Op] = {}  # the latest op finished per device timeline
+        self.busy = dict.fromkeys(("host", "compute", "h2d", "d2h"), 0.0)  # seconds each timeline was working
+        self.both_copying_s = 0.0  # seconds during which copies ran in both directions at once
+        self.ops: list[Op] | None = [] if keep_ops else None  # every finished op, if asked (tests, timelines)
+
+    @property
+    def host_now(self) -> float:
+        return self.host_op.end
+
+    # ---- the host ----
+    def host_work(self, seconds: float, label: str = "host") -> None:
+        start = self.host_now
+        self._host(Op("host", "work", 0.0, label=label, start=start, end=start + seconds, bound_by=self.host_op))
+
+    def host_wait(self, event) -> None:
+        super().host_wait(event)
+        op = getattr(event, "op", None)
+        if op is None:
+            return
+        self._advance(until_op=op)
+        end = max(self.host_now, op.end)
+        self._host(Op("host", "wait", 0.0, label=f"wait for {op.label}", start=end, end=end,
+                      bound_by=op if op.end > self.host_now else self.host_op))
+
+    def synchronize(self) -> None:
+        super().synchronize()
+        for op in list(self.last.values()):
+            if op is not None:
+                self.host_wait(TimedEvent({}, op))
+
+    def _host(self, op: Op) -> None:
+        self.busy["host"] += op.end - op.start if op.kind == "work" else 0.0
+        self.host_op = op
+        if self.ops is not None:
+            self.ops.append(op)
+
+    # ---- the device: the interface the cache uses, and kernels ----
+    def copy(self, dst, src, stream: StandInStream, dst_id: Hashable, src_id: Hashable) -> None:
+        super().copy(dst, src, stream, dst_id, src_id)
+        self._queue(stream.name, "copy", float(self.copy_bytes), label=f"{src_id} -> {dst_id}")
+
+    def kernel(self, seconds: float, label: str = "kernel") -> None:
+        self._queue("compute", "kernel", seconds, label=label)
+
+    def record(self, stream: StandInStream) -> TimedEvent:
+        return TimedEvent(super().record(stream).clock, self.last[stream.name])
+
+    def wait(self, stream: StandInStream, event) -> None:
+        super().wait(stream, event)
+        op = getattr(event, "op", None)
+        if op is not None:
+            self._advance(until=self.host_now)
+            if op.end is None:
+                self._queue(stream.name, "wait", 0.0, deps=(op,), label=f"wait for {op.label}")
+
+    def done(self, event) -> bool:
+        self._advance(until=self.host_now)
+        op = getattr(event, "op", None)
+        return op is None or op.end is not None
+
+    def _queue(self, timeline: str, kind: str, amount: float, deps: tuple = (), label: str = "") -> None:
+        self._advance(until=self.host_now)
+        op = Op(timeline, kind, amount, deps=(self.host_op, *deps), label=label)
+        self.queues[timeline].append(op)
+        self.last[timeline] = op
+
+    # ---- the simulation ----
+    def _advance(self, until: float = float("inf"), until_op: Op | None = None) -> None:
+        """Simulate the device timelines up to time `until`, or until `until_op` has ended."""
+        while until_op is None or until_op.end is None:
+            self._start_ready()
+            active = [queue[0] for queue in self.queues.values() if queue and queue[0].start is not None]
+            if not active:
+                if until_op is not None:
+                    raise RuntimeError(f"timed replay deadlock: '{until_op.label}' can never end")
+                self.now = max(self.now, until)
+                return
+            rates = self._rates(active)
+            step, first = min((op.left / rates[id(op)], i) for i, op in enumerate(active))
+            if until_op is None and self.now + step > until:
+                self._progress(active, rates, until - self.now)
+                self.now = until
+                return
+            self._progress(active, rates, step)
+            self.now += step
+            active[first].left = 0.0
+            for op in active:
+                if op.left <= rates[id(op)] * 1e-12:  # within a picosecond of its end
+                    self._finish(op)
+
+    def _start_ready(self) -> None:
+        for queue in self.queues.values():
+            while queue and queue[0].start is None and all(dep.end is not None for dep in queue[0].deps):
+                op = queue[0]
+                previous = [self.last_done[op.timeline]] if op.timeline in self.last_done else []
+                op.bound_by = max(previous + list(op.deps), key=lambda dep: dep.end)
+                op.start, op.deps = self.now, ()
+                if op.left > 0.0:
+                    break
+                self._finish(op)
+
+    def _rates(self, active: list[Op]) -> dict:
+        both = sum(op.kind == "copy" for op in active) == 2
+        return {id(op): (self.rate[op.timeline] * (self.share if both else 1.0) if op.kind == "copy" else 1.0)
+                for op in active}
+
+    def _progress(self, active: list[Op], rates: dict, seconds: float) -> None:
+        if sum(op.kind == "copy" for op in active) == 2:
+            self.both_copying_s += seconds
+        for op in active:
+            op.left -= rates[id(op)] * seconds
+
+    def _finish(self, op: Op) -> None:
+        op.end, op.left = self.now, 0.0
+        self.queues[op.timeline].popleft()
+        self.last_done[op.timeline] = op
+        if op.kind != "wait":
+            self.busy[op.timeline] += op.end - op.start
+        if self.ops is not None:
+            self.ops.append(op)
+
+    def critical_path(self, op: Op | None = None) -> dict:
+        """Seconds of each timeline's work on the chain of ops that ended last (or at `op`): every op on it
+        started when the one before it ended, so the parts add up to the end time."""
+        parts = dict.fromkeys(self.busy, 0.0)
+        op = op or self.host_op
+        while op is not None:
+            parts[op.timeline] += op.end - op.start
+            op = op.bound_by
+        return parts
 
 
 def attach(cache) -> RecordingStreams:

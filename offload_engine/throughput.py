@@ -299,3 +299,23 @@ def solve(f: Callable[[float], float], target: float, lo: float, hi: float, iter
 
 def with_bandwidth(gpu: GPU, h2d: float, d2h: Optional[float] = None) -> GPU:
     return replace(gpu, h2d=h2d, d2h=h2d if d2h is None else d2h)
+
+
+def model_costs(cfg: EngineConfig, hf: Optional[MixtralConfig] = None, *, context: int = 512,
+                sms: int = 40) -> "ModelCosts":
+    """What a decode step of Mixtral (``hf``, default Mixtral-8x7B shapes) under ``cfg`` moves, with the fused
+    kernels, for the timed replay (replay.ModelCosts)."""
+    from .replay import ModelCosts
+
+    hf = hf or MixtralConfig()
+    spec, dtype = cfg.quant.experts, cfg.torch_dtype
+    layout = ExpertLayout.build(hf.hidden_size, hf.intermediate_size, spec, dtype)
+
+    def expert(tokens: int) -> int:
+        swiglu = 5 * hf.intermediate_size * dtype.itemsize * tokens
+        return sum(fused_traffic(m, tokens, sms) for m in layout.matrices.values()) + swiglu
+
+    lm_head = hf.vocab_size * hf.hidden_size * dtype.itemsize
+    trunk = trunk_traffic(hf, cfg, 0, "fused") - lm_head
+    kv = (trunk_traffic(hf, cfg, context, "fused") - lm_head - trunk) // hf.num_hidden_layers
+    return ModelCosts(layout.nbytes, expert(1), expert(2) - expert(1), trunk // hf.num_hidden_layers, kv, lm_head)
