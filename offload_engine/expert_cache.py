@@ -58,6 +58,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .cache_allocation import CacheAllocation  # noqa: F401 (re-exported: memory.py, tests)
 from .policy import make_policy
 from .prefetch import PrefetchGate
 from .streams import make_streams, pin, unpin
@@ -82,39 +83,6 @@ class LayerStats:
     def add(self, other: "LayerStats") -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-
-@dataclass(frozen=True)
-class CacheAllocation:
-    """What an ExpertCache allocates, computed from shapes alone (the memory plan uses it before allocating)."""
-    device_slots: int  # main + spare
-    spare_slots: int
-    host_slots: int  # per layer
-    num_layers: int
-    expert_bytes: int
-    locked: bool  # host slots page-locked (CUDA)
-
-    @staticmethod
-    def build(num_layers: int, num_experts: int, expert_bytes: int, experts_on_device: int, prefetch: int,
-              cuda: bool, write_back: bool = True) -> "CacheAllocation":
-        k = min(experts_on_device, num_experts)
-        if k == num_experts:  # everything resident: no host slots, no spares, no copies
-            return CacheAllocation(num_layers * k, 0, 0, num_layers, expert_bytes, cuda)
-        spares = (2 if write_back else 1) + 2 * prefetch
-        host = num_experts - k if write_back else num_experts
-        return CacheAllocation(num_layers * k + spares, spares, host, num_layers, expert_bytes, cuda)
-
-    @property
-    def device_bytes(self) -> int:
-        return self.device_slots * self.expert_bytes
-
-    @property
-    def host_bytes(self) -> int:
-        return self.num_layers * self.host_slots * self.expert_bytes
-
-    @property
-    def locked_host_bytes(self) -> int:
-        return self.host_bytes if self.locked else 0  # one exact-size registration: nothing rounded up
 
 
 # The protocol's ordering steps (the `step` names `_after` is called with); tests remove each in turn.

@@ -17,7 +17,7 @@ import torch
 
 from .anatomy import Anatomy
 from .config import EngineConfig
-from .expert_cache import CacheAllocation
+from .cache_allocation import CacheAllocation
 
 GiB = 1024**3
 # CUDA context, allocator fragmentation, activations and one expert's dequantized matrices at a time.

@@ -75,6 +75,7 @@ class ReplayResult:
     both_copying_s: float  # copy-ins and write-backs running at the same time
     stats: dict = field(default_factory=dict)  # the cache's counters, summed over layers
     races: int = 0  # the stream protocol's race check, on the same run
+    streams: TimedStreams | None = field(default=None, repr=False)  # with every op, when asked (`keep_ops`)
 
     @property
     def tokens(self) -> int:
@@ -135,7 +136,8 @@ def replay_engine(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: S
                   min_precision: float = 0.0, num_experts: int | None = None, seed: int = 0,
                   keep_ops: bool = False) -> ReplayResult:
     """Replay `traces` ({name: experts [tokens, layers, top_k]}, -1 = missing) through the engine's cache with
-    `k` experts per layer on the device, and time it. `keep_ops`: keep every op (`result.streams.ops`)."""
+    `k` experts per layer on the device, and time it. `prefetch`, `policy`, `write_back` and `min_precision`
+    (`offload.prefetch_min_precision`) are the engine's settings. `keep_ops`: keep every op (`result.streams.ops`)."""
     runs = sequences(traces, batch)
     layers = runs[0].shape[1]
     experts = num_experts or max(8, int(max(r.max() for r in runs)) + 1)
@@ -180,7 +182,5 @@ def replay_engine(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: S
     totals["bytes_h2d"] *= costs.expert_bytes  # the cache counted one byte per copy
     totals["bytes_d2h"] *= costs.expert_bytes
     totals["expert_bytes"] = costs.expert_bytes
-    result = ReplayResult(len(runs[0]), batch, streams.host_now, dict(streams.busy), streams.critical_path(),
-                          streams.both_copying_s, totals, len(streams.races))
-    result.streams = streams if keep_ops else None
-    return result
+    return ReplayResult(len(runs[0]), batch, streams.host_now, dict(streams.busy), streams.critical_path(),
+                        streams.both_copying_s, totals, len(streams.races), streams if keep_ops else None)

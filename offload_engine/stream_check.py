@@ -126,6 +126,8 @@ class Op:
     left: float
     deps: tuple = ()  # ops that must end before this one starts (besides the one before it on its timeline)
     label: str = ""
+    issued: float = 0.0  # host time when it was queued
+    seq: int = 0  # order in which the host queued device ops
     start: float | None = None
     end: float | None = None
     bound_by: "Op | None" = None  # the op whose end started this one: the critical path runs through it
@@ -163,6 +165,7 @@ class TimedStreams(RecordingStreams):
         self.last_done: dict[str, Op] = {}  # the latest op finished per device timeline
         self.busy = dict.fromkeys(("host", "compute", "h2d", "d2h"), 0.0)  # seconds each timeline was working
         self.both_copying_s = 0.0  # seconds during which copies ran in both directions at once
+        self.queued = 0  # device ops queued so far
         self.ops: list[Op] | None = [] if keep_ops else None  # every finished op, if asked (tests, timelines)
 
     @property
@@ -222,7 +225,8 @@ class TimedStreams(RecordingStreams):
 
     def _queue(self, timeline: str, kind: str, amount: float, deps: tuple = (), label: str = "") -> None:
         self._advance(until=self.host_now)
-        op = Op(timeline, kind, amount, deps=(self.host_op, *deps), label=label)
+        self.queued += 1
+        op = Op(timeline, kind, amount, deps=(self.host_op, *deps), label=label, issued=self.host_now, seq=self.queued)
         self.queues[timeline].append(op)
         self.last[timeline] = op
 
