@@ -229,30 +229,37 @@ class TimedStreams(RecordingStreams):
         op = Op(timeline, kind, amount, deps=(self.host_op, *deps), label=label, issued=self.host_now, seq=self.queued)
         self.queues[timeline].append(op)
         self.last[timeline] = op
+        self._start_ready()
 
     # ---- the simulation ----
     def _advance(self, until: float = float("inf"), until_op: Op | None = None) -> None:
-        """Simulate the device timelines up to time `until`, or until `until_op` has ended."""
+        """Simulate the device timelines up to time `until`, or until `until_op` has ended. Every op that can
+        start at the current time has started (`_start_ready` runs after each op is queued or ends)."""
+        if until_op is None and until <= self.now:
+            return
+        queues = self.queues.values()
         while until_op is None or until_op.end is None:
-            self._start_ready()
-            active = [queue[0] for queue in self.queues.values() if queue and queue[0].start is not None]
+            active = [queue[0] for queue in queues if queue and queue[0].start is not None]
             if not active:
                 if until_op is not None:
                     raise RuntimeError(f"timed replay deadlock: '{until_op.label}' can never end")
                 self.now = max(self.now, until)
                 return
-            rates = self._rates(active)
-            step, first = min((op.left / rates[id(op)], i) for i, op in enumerate(active))
+            both = sum(op.kind == "copy" for op in active) == 2
+            rates = [(self.rate[op.timeline] * self.share if both else self.rate[op.timeline])
+                     if op.kind == "copy" else 1.0 for op in active]
+            ends = [op.left / rate for op, rate in zip(active, rates)]
+            step = min(ends)
             if until_op is None and self.now + step > until:
-                self._progress(active, rates, until - self.now)
+                self._progress(active, rates, until - self.now, both)
                 self.now = until
                 return
-            self._progress(active, rates, step)
+            self._progress(active, rates, step, both)
             self.now += step
-            active[first].left = 0.0
-            for op in active:
-                if op.left <= rates[id(op)] * 1e-12:  # within a picosecond of its end
+            for op, end in zip(active, ends):
+                if end - step <= 1e-12:  # within a picosecond of its end
                     self._finish(op)
+            self._start_ready()
 
     def _start_ready(self) -> None:
         for queue in self.queues.values():
@@ -265,16 +272,11 @@ class TimedStreams(RecordingStreams):
                     break
                 self._finish(op)
 
-    def _rates(self, active: list[Op]) -> dict:
-        both = sum(op.kind == "copy" for op in active) == 2
-        return {id(op): (self.rate[op.timeline] * (self.share if both else 1.0) if op.kind == "copy" else 1.0)
-                for op in active}
-
-    def _progress(self, active: list[Op], rates: dict, seconds: float) -> None:
-        if sum(op.kind == "copy" for op in active) == 2:
+    def _progress(self, active: list[Op], rates: list[float], seconds: float, both: bool) -> None:
+        if both:
             self.both_copying_s += seconds
-        for op in active:
-            op.left -= rates[id(op)] * seconds
+        for op, rate in zip(active, rates):
+            op.left -= rate * seconds
 
     def _finish(self, op: Op) -> None:
         op.end, op.left = self.now, 0.0
