@@ -12,6 +12,8 @@ demo model one guess is right 79 % of the time one MoE layer ahead, 60 % two ahe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -29,11 +31,12 @@ class PrefetchGate:
     break-even precision, which the timed replay measures (replay.py, scripts/throughput_model.py: 0.86-0.97
     for one guess one layer ahead on a T4-class link, depending on the host and the link). A layer's guesses
     are copied once `warmup` of them have been scored and while the precision measured on its recent guesses
-    (every guess is scored, copied or not, so a layer can earn prefetch back) is at least `min_precision`.
+    (every guess is scored, copied or not, so a layer can earn prefetch back), less two standard errors (a layer
+    right 80 % of the time must not open the gate on a lucky run), is at least `min_precision`.
     `min_precision` 0 copies every guess from the start.
     """
 
-    def __init__(self, num_layers: int, min_precision: float = 0.0, warmup: int = 16, half_life: float = 256.0):
+    def __init__(self, num_layers: int, min_precision: float = 0.0, warmup: int = 32, half_life: float = 256.0):
         if not 0.0 <= min_precision <= 1.0:
             raise ValueError(f"min_precision must be in [0, 1], got {min_precision!r}")
         self.min_precision, self.warmup = min_precision, warmup
@@ -54,4 +57,7 @@ class PrefetchGate:
     def open(self, layer: int) -> bool:
         if self.min_precision <= 0.0:
             return True
-        return self.scored[layer] >= self.warmup and self.correct[layer] >= self.min_precision * self.guessed[layer]
+        if self.scored[layer] < self.warmup:
+            return False
+        n, precision = self.guessed[layer], self.precision(layer)
+        return precision - 2.0 * math.sqrt(precision * (1.0 - precision) / n) >= self.min_precision

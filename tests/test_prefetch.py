@@ -223,7 +223,7 @@ def test_engine_copies_guesses_only_for_layers_whose_precision_pays(tmp_path, ti
     _decode(good, tokens)
     stats = good.stats()["overall"]
     assert stats["prefetch_precision"] == 1.0 and stats["prefetch_used"] > 0
-    assert stats["misses"] <= 3 * 16 // 2 * 2, "only the warm-up's guesses (16 per layer) are not copied"
+    assert stats["misses"] <= 3 * 32, "only the warm-up's guesses (32 per layer) are not copied"
     bad = offload_engine.load(tiny_dir, progress=False,
                               config=exact_config(experts_on_device=1, prefetch=2, prefetch_min_precision=0.99))
     _decode(bad, tokens)
