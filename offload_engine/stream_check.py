@@ -16,6 +16,7 @@ docstring.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable
@@ -335,3 +336,43 @@ class SyncCounter(TorchDispatchMode):
     def __exit__(self, *exc):
         torch.Tensor.tolist = self._tolist
         return super().__exit__(*exc)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch ops that do work (views and other metadata-only ops excluded): on CUDA each is a kernel
+    launch or a host-side op the critical path pays for, and the same forward on CPU dispatches the same ops.
+    `parts` ({part: function names}) attributes each op to the innermost listed function on the Python stack
+    (`other` if none)."""
+
+    VIEWS = frozenset({"view", "_unsafe_view", "slice", "select", "detach", "t", "unsqueeze", "squeeze", "expand",
+                       "reshape", "as_strided", "alias", "transpose", "permute", "split", "unbind", "chunk", "narrow",
+                       "lift_fresh", "_reshape_alias", "view_as_real", "view_as_complex", "split_with_sizes"})
+
+    def __init__(self, parts: dict[str, set[str]] | None = None):
+        super().__init__()
+        self.parts = parts or {}
+        self.ops: dict[str, int] = {}  # op name -> count
+        self.by_part: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.ops[name] = self.ops.get(name, 0) + 1
+            part = self._part()
+            self.by_part[part] = self.by_part.get(part, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def _part(self) -> str:
+        if not self.parts:
+            return "other"
+        frame = sys._getframe(2)
+        while frame is not None:
+            for part, names in self.parts.items():
+                if frame.f_code.co_name in names:
+                    return part
+            frame = frame.f_back
+        return "other"
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())

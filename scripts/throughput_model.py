@@ -63,7 +63,10 @@ class Model:
             self.cfg = load_config(self.report["config"])
             if args.experts_on_device is not None:
                 self.cfg = self.cfg.replace(experts_on_device=args.experts_on_device)
-            self.name = f"{self.report['model']} (profiler report {paths[0]})"
+            measured = self.report.get("timing", {}).get("host_ms_per_layer")
+            self.name = f"{self.report['model']} (profiler report {paths[0]}" + (
+                f"; host ms per layer measured there: {measured:.2f}, {self.report['timing']['host_timing']})"
+                if measured is not None else ")")
         else:
             self.traces = load_traces(*paths) if paths else shared_traces()
             self.costs = costs_of(MixtralConfig(), load_config("t4-16gb"))
