@@ -18,14 +18,13 @@ class CacheAllocation:
 
     @staticmethod
     def build(num_layers: int, num_experts: int, expert_bytes: int, experts_on_device: int, prefetch: int,
-              cuda: bool, write_back: bool = True, top_k: int = 2) -> "CacheAllocation":
+              cuda: bool, write_back: bool = True) -> "CacheAllocation":
         k = min(experts_on_device, num_experts)
         if k == num_experts:  # everything resident: no host slots, no spares, no copies
             return CacheAllocation(num_layers * k, 0, 0, num_layers, expert_bytes, cuda)
         # Per layer in flight at once (the running one, the next one's guesses): `prefetch` staged; one for a
-        # miss; swap mode: one per expert a token uses (`top_k`, at least 2), so that a layer's misses never need
-        # a slot whose write-back is still queued behind the copy-ins before them.
-        spares = (max(2, top_k) if write_back else 1) + 2 * prefetch
+        # miss; swap mode: one more, so that a copy-in never needs the slot whose write-back is still queued.
+        spares = (2 if write_back else 1) + 2 * prefetch
         host = num_experts - k if write_back else num_experts
         return CacheAllocation(num_layers * k + spares, spares, host, num_layers, expert_bytes, cuda)
 

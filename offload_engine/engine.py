@@ -199,7 +199,7 @@ def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, pro
     kernels, warmup_s = _ready_kernels(cfg.kernels, device, [*layout.matrices.values(), *trunk])
     cache = ExpertCache(len(anatomy.moe_layers), anatomy.num_experts, layout.nbytes, k, cfg.offload.prefetch, device,
                         cfg.offload.policy, write_back=write_back == "always",
-                        prefetch_min_precision=cfg.offload.prefetch_min_precision, top_k=anatomy.top_k)
+                        prefetch_min_precision=cfg.offload.prefetch_min_precision)
     model = OffloadedModel(hf_config, anatomy, cache, layout, cfg.torch_dtype, device, kernels)
     source(model, layout, progress)
     model.finish_loading()

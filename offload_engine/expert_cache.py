@@ -10,9 +10,8 @@ Memory model, per layer, for E experts and k = experts_on_device < E, in one of 
     host slot (`host_of[e] == e`) for good. Experts are read-only, so a host copy never goes stale: an evicted
     device copy is dropped, never written back, and only copy-ins use the link (half the PCIe traffic).
   * Spare device slots, shared by all layers (every expert has the same byte size): `prefetch` per layer for
-    the two layers whose guesses can be in flight at once, plus one for a miss, or (swap mode) one per expert a
-    token uses (`top_k`, at least 2), so that a copy-in never takes a slot whose write-back is still queued
-    (`_take_free_slot`).
+    the two layers whose guesses can be in flight at once, plus one for a miss, plus (swap mode) one more so
+    that a copy-in never takes the slot whose write-back was queued last (`_take_free_slot`).
   * Prefetch rule (the reference system's): a prefetched expert sits in a spare slot ("staged") and displaces
     nothing; when a lookup uses it, it takes the place of the policy's victim, like a miss that was already
     paid for. The victim is never an expert the current layer call still has to look up; if every resident is
@@ -23,8 +22,7 @@ Memory model, per layer, for E experts and k = experts_on_device < E, in one of 
 With k >= E every expert is resident and there are no host slots and no copies.
 
 A layer call: `acquire` each expert it needs (this queues every demand copy before any compute), `prefetch` the
-next layer's guesses (queued behind the demand copies), then per expert `use` -> kernels -> `computed`
-(`schedule.run_layer`, which the model and the timed replay share). An
+next layer's guesses (queued behind the demand copies), then per expert `use` -> kernels -> `computed`. An
 acquired expert may be evicted before it computes (a later miss of the same call chose it): its slot is then
 "retiring", kept until `computed` returns it.
 
@@ -95,7 +93,7 @@ ORDERING_STEPS = ("copy_in_after_compute", "copy_in_after_write_back", "copy_in_
 class ExpertCache:
     def __init__(self, num_layers: int, num_experts: int, expert_nbytes: int, experts_on_device: int,
                  prefetch: int, device: torch.device, policy: str = "lru", streams=None, write_back: bool = True,
-                 prefetch_min_precision: float = 0.0, top_k: int = 2):
+                 prefetch_min_precision: float = 0.0):
         self.num_layers, self.num_experts, self.nbytes = num_layers, num_experts, expert_nbytes
         self.k = min(experts_on_device, num_experts)
         self.prefetch_count = prefetch if self.k < num_experts else 0
@@ -104,7 +102,7 @@ class ExpertCache:
         self.cuda = self.device.type == "cuda"
         self.streams = streams if streams is not None else make_streams(self.device)
         self.allocation = CacheAllocation.build(num_layers, num_experts, expert_nbytes, self.k, self.prefetch_count,
-                                                self.cuda, self.write_back, top_k)
+                                                self.cuda, self.write_back)
         offloaded, spares = self.allocation.host_slots, self.allocation.spare_slots
         # [L*k + spares, nbytes]: main slots of layer l start at l*k; slots change layers as experts swap.
         self.slots = torch.empty(self.allocation.device_slots, expert_nbytes, dtype=torch.uint8, device=self.device)

@@ -99,8 +99,7 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
     trunk = anatomy.trunk_bytes(cfg)
     fixed = trunk + kv_cache_bytes(hf, cfg, context) + margin
 
-    every_expert = CacheAllocation.build(L, E, expert, 1, cfg.offload.prefetch, cuda=True, write_back=False,
-                                         top_k=anatomy.top_k)
+    every_expert = CacheAllocation.build(L, E, expert, 1, cfg.offload.prefetch, cuda=True, write_back=False)
     mode = cfg.offload.write_back
     if mode == "auto":
         fits = host_free_bytes is not None and every_expert.locked_host_bytes + HOST_MARGIN <= host_free_bytes
@@ -108,8 +107,7 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
     write_back = mode == "always"
 
     def spares(k: int) -> int:
-        return CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, True, write_back,
-                                     anatomy.top_k).spare_slots * expert
+        return CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, True, write_back).spare_slots * expert
 
     def total(k: int) -> int:
         return fixed + L * k * expert + spares(k)
@@ -129,8 +127,7 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
                 f"experts_on_device={requested} needs {total(k) / GiB:.2f} GiB of device memory but "
                 f"{free_bytes / GiB:.2f} GiB is free; " + (f"at most {fits} fit(s): set offload.experts_on_device "
                 f"to {fits} or 'auto'" if fits else "not even 1 fits: use fewer bits or a larger GPU"))
-    pinned = CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, True, write_back,
-                                   anatomy.top_k).locked_host_bytes
+    pinned = CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, True, write_back).locked_host_bytes
     plan = MemoryPlan(k, expert, trunk, kv_cache_bytes(hf, cfg, context), spares(k), margin,
                       total(k), context, pinned, write_back=write_back and k < E)
     if host_free_bytes is not None and plan.host_total_bytes > host_free_bytes:

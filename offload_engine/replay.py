@@ -145,7 +145,7 @@ def replay_engine(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: S
                            None if speeds.duplex_gbps is None else speeds.duplex_gbps * GB, keep_ops=keep_ops)
     # One byte per expert: the real cache's bookkeeping and copies, with the sizes carried by the stand-ins.
     cache = ExpertCache(layers, experts, 1, k, prefetch, torch.device("cpu"), policy, streams=streams,
-                        write_back=write_back, prefetch_min_precision=min_precision, top_k=runs[0].shape[2])
+                        write_back=write_back, prefetch_min_precision=min_precision)
     guess = _Guesser(experts, cache.prefetch_count, speeds.precision, seed)
     kernel_s = lambda nbytes: nbytes / (speeds.kernel_gbps * GB)  # noqa: E731
     trunk_s = kernel_s(costs.trunk_bytes_per_layer + batch * costs.kv_bytes_per_layer)

@@ -140,12 +140,3 @@ def test_timed_streams_share_the_link_when_both_directions_copy(duplex, expected
     assert copy_in.start == pytest.approx(expected_ms / 1e3 + 0.5e-3)
     assert copy_in.bound_by.label == "wait for kernel"
     assert sum(streams.critical_path().values()) == pytest.approx(streams.host_now)
-
-
-def test_many_experts_per_token_get_spares_enough_to_overlap():
-    """Top-4 routing: a layer's misses each find a spare whose write-back is not still queued (spares follow top_k)."""
-    rng = np.random.default_rng(1)
-    trace = {"top4": np.stack([[rng.choice(16, 4, replace=False) for _ in range(4)] for _ in range(80)])}
-    result = replay_engine(trace, COSTS, k=6, prefetch=0, keep_ops=True)
-    pairs = chained_pairs(sorted(result.streams.ops, key=lambda op: op.seq))
-    assert len(pairs) > 50 and all(c.start < w.end for w, c in pairs)
