@@ -22,7 +22,8 @@ Memory model, per layer, for E experts and k = experts_on_device < E, in one of 
 With k >= E every expert is resident and there are no host slots and no copies.
 
 A layer call: `acquire` each expert it needs (this queues every demand copy before any compute), `prefetch` the
-next layer's guesses (queued behind the demand copies), then per expert `use` -> kernels -> `computed`. An
+next layer's guesses (queued behind the demand copies), then per expert `use` -> kernels -> `computed`
+(`schedule.run_layer`, which the model and the timed replay share). An
 acquired expert may be evicted before it computes (a later miss of the same call chose it): its slot is then
 "retiring", kept until `computed` returns it.
 
