@@ -10,7 +10,9 @@
     offload:
       experts_on_device: 4    # per layer; 8 = everything resident; auto = as many as fit
       prefetch: 1             # experts per layer guessed ahead; 0 = off
+      prefetch_min_precision: 0.0  # copy a layer's guesses only while this many are right (0 = always)
       policy: lru             # eviction policy (see offload_engine.policy)
+      write_back: auto        # always | never | auto: never when host RAM holds every expert (memory.py)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 KERNEL_CHOICES = ("auto", "fused", "reference")  # auto: fused where this device can run them
+WRITE_BACK_CHOICES = ("auto", "always", "never")
 
 
 class ConfigError(ValueError):
@@ -71,9 +74,20 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class OffloadConfig:
+    """`write_back`: "always" keeps only the offloaded experts in host RAM and writes an evicted expert back into
+    the host slot its replacement vacated (a swap: both PCIe directions busy); "never" keeps every expert in
+    host RAM, so an evicted device copy is just dropped (half the traffic, E instead of E - k experts per layer
+    page-locked); "auto" (default) picks "never" where the host RAM available holds every expert beside the
+    process, "always" otherwise (and on a CPU device, where the device slots are host RAM too).
+    `prefetch_min_precision`: a layer's guesses are copied only once at least this share of its recent guesses
+    were right (prefetch.PrefetchGate; 0 = copy every guess). The timed replay puts prefetch's break-even
+    at 0.86-0.97 on a T4-class link (scripts/throughput_model.py)."""
+
     experts_on_device: Union[int, str] = 4  # an int, or "auto"
     prefetch: int = 1
     policy: str = "lru"
+    write_back: str = "auto"  # auto | always | never
+    prefetch_min_precision: float = 0.0
 
     def __post_init__(self) -> None:
         from .policy import POLICIES
@@ -85,6 +99,12 @@ class OffloadConfig:
             raise ConfigError(f"offload.prefetch must be an integer >= 0, got {self.prefetch!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"offload.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.write_back not in WRITE_BACK_CHOICES:
+            raise ConfigError(f"offload.write_back must be one of {', '.join(WRITE_BACK_CHOICES)}, "
+                              f"got {self.write_back!r}")
+        threshold = self.prefetch_min_precision
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ConfigError(f"offload.prefetch_min_precision must be a number from 0 to 1, got {threshold!r}")
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,29 @@
 """The expert cache (mechanism only): which expert lives in which buffer, the copies that move them, counters.
 
-Memory model, per layer, for E experts and k = experts_on_device < E:
-  * k experts live in device slots ("main"); the other E - k live in host slots (page-locked at their exact size
-    when the device is CUDA). The host holds *only* the non-resident experts, which is what lets Mixtral's 2-bit
-    experts fit beside Colab's 12.7 GB of RAM: a miss swaps, i.e. copies the wanted expert host->device into a
-    spare slot and writes the evicted expert device->host into the host slot just vacated.
-  * A few spare device slots, shared by all layers (every expert has the same byte size): one for a miss and
-    `prefetch` per layer for the two layers whose guesses can be in flight at once.
+Memory model, per layer, for E experts and k = experts_on_device < E, in one of two modes:
+  * swap (`write_back=True`): k experts live in device slots ("main"); the other E - k live in host slots
+    (page-locked at their exact size when the device is CUDA). The host holds *only* the non-resident experts,
+    which is what lets Mixtral's 2-bit experts fit beside Colab's 12.7 GB of RAM: a miss swaps, i.e. copies the
+    wanted expert host->device into a spare slot and writes the evicted expert device->host into the host slot
+    just vacated.
+  * no write-backs (`write_back=False`, where host RAM allows): the host holds all E experts, each in its own
+    host slot (`host_of[e] == e`) for good. Experts are read-only, so a host copy never goes stale: an evicted
+    device copy is dropped, never written back, and only copy-ins use the link (half the PCIe traffic).
+  * Spare device slots, shared by all layers (every expert has the same byte size): `prefetch` per layer for
+    the two layers whose guesses can be in flight at once, plus one for a miss, plus (swap mode) one more so
+    that a copy-in never takes the slot whose write-back was queued last (`_take_free_slot`).
   * Prefetch rule (the reference system's): a prefetched expert sits in a spare slot ("staged") and displaces
     nothing; when a lookup uses it, it takes the place of the policy's victim, like a miss that was already
     paid for. The victim is never an expert the current layer call still has to look up; if every resident is
     (fewer slots than experts per token), the newcomer is used in place ("transient"), its slot freed after.
     Staged experts that were not used are dropped when their layer finishes (counted as wasted); their host copy
-    never left, so dropping costs nothing.
+    never left, so dropping costs nothing. Which guesses are worth a copy at all is the prefetch gate's call
+    (prefetch.PrefetchGate: a layer whose measured precision makes prefetch a loss is not copied for).
 With k >= E every expert is resident and there are no host slots and no copies.
 
 A layer call: `acquire` each expert it needs (this queues every demand copy before any compute), `prefetch` the
-next layer's guesses (queued behind the demand copies), then per expert `use` -> kernels -> `computed`. An
+next layer's guesses (queued behind the demand copies), then per expert `use` -> kernels -> `computed`
+(`schedule.run_layer`, which the model and the timed replay share). An
 acquired expert may be evicted before it computes (a later miss of the same call chose it): its slot is then
 "retiring", kept until `computed` returns it.
 
@@ -30,9 +37,10 @@ the other PCIe direction. Events order every pair of accesses to one buffer that
 The host blocks only in `recover`/`close`, and per copy only when `timing` is set (profiling).
 
 INVARIANT (`check_invariant`), at every moment no forward is running:
-  * per layer, `main` (expert -> device slot) and `host_of` (expert -> host slot) partition the E experts,
-    |main| = k, and `host_of`'s values are exactly the layer's E - k host slots; every buffer holds the bytes of
-    the expert mapped to it (the tests check this through exact tokens; `check_invariant` checks the rest);
+  * per layer, |main| = k (`main`: expert -> device slot); swap mode: `main` and `host_of` (expert -> host slot)
+    partition the E experts and `host_of`'s values are exactly the layer's E - k host slots; no-write-back mode:
+    `host_of[e] == e` for all E experts. Every buffer holds the bytes of the expert mapped to it (the tests check
+    this through exact tokens; `check_invariant` checks the rest);
   * no expert is staged, transient, retiring or lent, no guess is pending, no swap is half done, and every
     device slot is in exactly one of: some layer's main, the free list (which so holds one slot per spare);
   * every copy still in flight is ordered by events before any later access to its buffers (after `recover`,
@@ -51,7 +59,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from .cache_allocation import CacheAllocation  # noqa: F401 (re-exported: memory.py, tests)
 from .policy import make_policy
+from .prefetch import PrefetchGate
 from .streams import make_streams, pin, unpin
 
 
@@ -76,37 +86,6 @@ class LayerStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-@dataclass(frozen=True)
-class CacheAllocation:
-    """What an ExpertCache allocates, computed from shapes alone (the memory plan uses it before allocating)."""
-    device_slots: int  # main + spare
-    spare_slots: int
-    host_slots: int  # per layer
-    num_layers: int
-    expert_bytes: int
-    locked: bool  # host slots page-locked (CUDA)
-
-    @staticmethod
-    def build(num_layers: int, num_experts: int, expert_bytes: int, experts_on_device: int, prefetch: int,
-              cuda: bool) -> "CacheAllocation":
-        k = min(experts_on_device, num_experts)
-        offloaded = num_experts - k
-        spares = (1 + 2 * prefetch) if offloaded else 0
-        return CacheAllocation(num_layers * k + spares, spares, offloaded, num_layers, expert_bytes, cuda)
-
-    @property
-    def device_bytes(self) -> int:
-        return self.device_slots * self.expert_bytes
-
-    @property
-    def host_bytes(self) -> int:
-        return self.num_layers * self.host_slots * self.expert_bytes
-
-    @property
-    def locked_host_bytes(self) -> int:
-        return self.host_bytes if self.locked else 0  # one exact-size registration: nothing rounded up
-
-
 # The protocol's ordering steps (the `step` names `_after` is called with); tests remove each in turn.
 ORDERING_STEPS = ("copy_in_after_compute", "copy_in_after_write_back", "copy_in_after_host_write",
                   "write_back_after_host_read", "compute_after_copy_in")
@@ -114,17 +93,19 @@ ORDERING_STEPS = ("copy_in_after_compute", "copy_in_after_write_back", "copy_in_
 
 class ExpertCache:
     def __init__(self, num_layers: int, num_experts: int, expert_nbytes: int, experts_on_device: int,
-                 prefetch: int, device: torch.device, policy: str = "lru", streams=None):
+                 prefetch: int, device: torch.device, policy: str = "lru", streams=None, write_back: bool = True,
+                 prefetch_min_precision: float = 0.0):
         self.num_layers, self.num_experts, self.nbytes = num_layers, num_experts, expert_nbytes
         self.k = min(experts_on_device, num_experts)
         self.prefetch_count = prefetch if self.k < num_experts else 0
+        self.write_back = bool(write_back)  # False: the host keeps every expert and evictions are dropped
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.streams = streams if streams is not None else make_streams(self.device)
         self.allocation = CacheAllocation.build(num_layers, num_experts, expert_nbytes, self.k, self.prefetch_count,
-                                                self.cuda)
+                                                self.cuda, self.write_back)
         offloaded, spares = self.allocation.host_slots, self.allocation.spare_slots
-        # [L, E - k, nbytes] in one exact-size buffer, page-locked on CUDA so that copies are truly asynchronous.
+        # [L, E - k or E, nbytes] in one exact-size buffer, page-locked on CUDA so that copies are truly asynchronous.
         # Locked before the device slots exist, so that a failed lock leaves nothing allocated.
         host_buffer = torch.empty(num_layers if offloaded else 0, offloaded, expert_nbytes, dtype=torch.uint8)
         self.locked_bytes = 0
@@ -156,12 +137,14 @@ class ExpertCache:
         self.policies = []
         for layer in range(num_layers):
             self.main.append({e: layer * self.k + e for e in range(self.k)})
-            self.host_of.append({e: e - self.k for e in range(self.k, num_experts)})
+            first_on_host = self.k if self.write_back else 0
+            self.host_of.append({e: e - first_on_host for e in range(first_on_host, num_experts)} if offloaded else {})
             layer_policy = make_policy(policy, num_experts)
             for e in range(self.k):  # initial residents, expert k-1 most recent
                 layer_policy.touch(e)
             self.policies.append(layer_policy)
         self.pending_guess: list[list[int] | None] = [None] * num_layers
+        self.gate = PrefetchGate(num_layers, prefetch_min_precision)  # which layers' guesses are copied
         self.stats = [LayerStats() for _ in range(num_layers)]
         self._journal: tuple | None = None  # a swap whose write-back is queued but whose bookkeeping may not be
         self.busy = False  # a forward is running (or was interrupted before `recover` finished)
@@ -176,9 +159,12 @@ class ExpertCache:
 
     # ---- loading: every expert is written once into its initial home ----
     def fill(self, layer: int, expert: int, write: Callable[[torch.Tensor], None]) -> None:
-        """Call `write(buffer)` with the expert's initial home: its host slot, or a CPU scratch copied to device."""
+        """Call `write(buffer)` with the expert's initial home: its host slot (copied on to its device slot too if
+        it is also resident), or a CPU scratch copied to its device slot."""
         if expert in self.host_of[layer]:
             write(self.host[layer][self.host_of[layer][expert]])
+            if expert in self.main[layer]:  # no-write-back mode: the host keeps a copy of every expert
+                self.slots[self.main[layer][expert]].copy_(self.host[layer][self.host_of[layer][expert]])
         elif self.device.type == "cpu":
             write(self.slots[self.main[layer][expert]])
         else:
@@ -258,6 +244,8 @@ class ExpertCache:
         """Start copying the guessed experts of `layer` into spare slots; resident or staged ones cost nothing."""
         guesses = list(guesses)[: self.prefetch_count]
         self.pending_guess[layer] = guesses
+        if not self.gate.open(layer):  # scored all the same, so that the layer can earn its prefetch back
+            return
         for expert in guesses:
             if expert in self.main[layer] or expert in self.staged[layer] or not self.free_slots:
                 continue
@@ -272,6 +260,7 @@ class ExpertCache:
             stats.guessed += len(guess)
             stats.guessed_correct += len(set(guess) & set(needed))
             stats.needed_after_guess += len(set(needed))
+            self.gate.score(layer, len(guess), len(set(guess) & set(needed)))
             self.pending_guess[layer] = None
 
     def end_layer(self, layer: int) -> None:
@@ -295,7 +284,7 @@ class ExpertCache:
             for other in range(self.num_layers):
                 if other != layer:
                     self.end_layer(other)
-        slot, host, s = self.free_slots.pop(), self.host_of[layer][expert], self.streams
+        slot, host, s = self._take_free_slot(), self.host_of[layer][expert], self.streams
         try:
             self._after(s.h2d, self.slot_computed[slot], "copy_in_after_compute")
             self._after(s.h2d, self.slot_written_back[slot], "copy_in_after_write_back")
@@ -308,6 +297,12 @@ class ExpertCache:
         self.stats[layer].bytes_h2d += self.nbytes
         return slot
 
+    def _take_free_slot(self) -> int:
+        """The free slot freed longest ago. A victim's slot is freed when its write-back is queued, and the
+        write-back stream runs in queue order, so this is the slot whose write-back ends first: a copy-in into
+        the slot freed last would wait for that write-back, which itself waits for the copy-in before it."""
+        return self.free_slots.pop(0)
+
     def _write_back(self, layer: int, slot: int, host: int) -> None:
         """Queue device slot -> host slot on the write-back stream."""
         s = self.streams
@@ -319,14 +314,17 @@ class ExpertCache:
 
     def _finish_swap(self) -> None:
         """Apply the journalled swap: `expert` (now in `slot`) takes `victim`'s place, `victim` goes to the host
-        slot `expert` vacates. Every step is idempotent, so `recover` can redo it after an interruption anywhere:
-        the victim's slot still holds its bytes until the journal is cleared."""
+        slot `expert` vacates (no-write-back mode: `victim`'s device copy is dropped; its host copy is current).
+        Every step is idempotent, so `recover` can redo it after an interruption anywhere: the victim's slot still
+        holds its bytes until the journal is cleared."""
         layer, expert, slot, victim, victim_slot, host = self._journal
-        self._write_back(layer, victim_slot, host)
         main, host_of = self.main[layer], self.host_of[layer]
+        if self.write_back:
+            self._write_back(layer, victim_slot, host)
+            host_of[victim] = host
+            host_of.pop(expert, None)
+            self.stats[layer].bytes_d2h += self.nbytes
         main.pop(victim, None)
-        host_of[victim] = host
-        host_of.pop(expert, None)
         main[expert] = slot
         self.staged[layer].pop(expert, None)
         if victim in self.lent[layer]:  # acquired earlier in this call and not yet computed: keep its slot
@@ -335,7 +333,6 @@ class ExpertCache:
             self.free_slots.append(victim_slot)
         self.policies[layer].evicted(victim)
         self.stats[layer].evictions += 1
-        self.stats[layer].bytes_d2h += self.nbytes
         self._journal = None
 
     # ---- failure and shutdown ----
@@ -368,7 +365,11 @@ class ExpertCache:
         seen: list[int] = []
         for layer in range(self.num_layers):
             main, host_of = self.main[layer], self.host_of[layer]
-            if len(main) != self.k or set(main) | set(host_of) != set(range(E)) or set(main) & set(host_of):
+            if not self.write_back and off:
+                if len(main) != self.k or host_of != {e: e for e in range(E)}:
+                    fail(f"layer {layer}: resident {sorted(main)}, host copies {host_of}: every expert should keep "
+                         f"its own host slot")
+            elif len(main) != self.k or set(main) | set(host_of) != set(range(E)) or set(main) & set(host_of):
                 fail(f"layer {layer}: resident {sorted(main)} and host {sorted(host_of)} do not partition the experts")
             if sorted(host_of.values()) != list(range(off)):
                 fail(f"layer {layer}: host slots {sorted(host_of.values())} are not 0..{off - 1}")

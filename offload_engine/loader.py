@@ -26,7 +26,7 @@ from .engine import Engine
 from .expert_tensors import read_expert_tensor
 from .experts import ExpertLayout
 from .kernels import REFERENCE, Kernels, bfloat16_problem, select_kernels, warm_up
-from .memory import resolve_experts_on_device
+from .memory import resolve_offload
 from .model import OffloadedModel
 from .prequantized import open_prequantized
 from .expert_cache import ExpertCache
@@ -146,12 +146,13 @@ def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, pro
     anatomy = Anatomy.of(hf_config, cfg.torch_dtype)
     check_config_for_model(cfg, anatomy)
     layout = anatomy.expert_layout(cfg)
-    k = resolve_experts_on_device(cfg, hf_config, device)
-    cfg = cfg.replace(experts_on_device=k)
+    k, write_back = resolve_offload(cfg, hf_config, device)
+    cfg = cfg.replace(experts_on_device=k, write_back=write_back)
     trunk = [t.layout(cfg) for t in anatomy.quantized()]
     kernels, warmup_s = _ready_kernels(cfg.kernels, device, [*layout.matrices.values(), *trunk])
     cache = ExpertCache(len(anatomy.moe_layers), anatomy.num_experts, layout.nbytes, k, cfg.offload.prefetch, device,
-                        cfg.offload.policy)
+                        cfg.offload.policy, write_back=write_back == "always",
+                        prefetch_min_precision=cfg.offload.prefetch_min_precision)
     model = OffloadedModel(hf_config, anatomy, cache, layout, cfg.torch_dtype, device, kernels)
     source(model, layout, progress)
     model.finish_loading()

@@ -1,5 +1,7 @@
 """Memory arithmetic: how many experts per layer fit beside the trunk, the KV cache and a working margin on the
-device, and whether the offloaded rest fits the host's RAM (page-locked) beside the process itself.
+device, whether the offloaded rest fits the host's RAM (page-locked) beside the process itself, and whether the
+host can keep a copy of every expert, so that evicted experts are dropped instead of written back
+(`offload.write_back`).
 
 Everything is computed from shapes and the byte layouts (the expert cache's own `CacheAllocation`), before
 anything is allocated, so that asking for more than fits is an error up front rather than an out-of-memory
@@ -15,7 +17,7 @@ import torch
 
 from .anatomy import Anatomy
 from .config import EngineConfig
-from .expert_cache import CacheAllocation
+from .cache_allocation import CacheAllocation
 
 GiB = 1024**3
 # CUDA context, allocator fragmentation, activations and one expert's dequantized matrices at a time.
@@ -39,8 +41,14 @@ class MemoryPlan:
     margin_bytes: int
     total_bytes: int  # everything above with `experts_on_device` experts per layer
     context: int
-    host_pinned_bytes: int = 0  # the offloaded experts, page-locked at their exact size
+    host_pinned_bytes: int = 0  # the experts kept in host RAM, page-locked at their exact size
     host_margin_bytes: int = HOST_MARGIN  # pageable: the process itself
+    write_back: bool = True  # evicted experts are written back (swap); False: the host keeps every expert
+
+    @property
+    def write_back_mode(self) -> str:
+        """What `offload.write_back` resolves to ("always" or "never")."""
+        return "always" if self.write_back else "never"
 
     @property
     def host_total_bytes(self) -> int:
@@ -51,7 +59,8 @@ class MemoryPlan:
         return (f"{self.experts_on_device} experts/layer x {self.expert_bytes / 2**20:.1f} MiB; trunk {g(self.trunk_bytes)}, "
                 f"KV cache ({self.context} tokens) {g(self.kv_cache_bytes)}, spare slots {g(self.spare_bytes)}, "
                 f"margin {g(self.margin_bytes)}; total {g(self.total_bytes)}; host RAM {g(self.host_pinned_bytes)} "
-                f"pinned + {g(self.host_margin_bytes)} process = {g(self.host_total_bytes)}")
+                f"pinned + {g(self.host_margin_bytes)} process = {g(self.host_total_bytes)}; write-backs: "
+                f"{'yes (swap)' if self.write_back else 'no (every expert in host RAM)'}")
 
 
 def trunk_bytes(hf, cfg: EngineConfig) -> int:
@@ -77,8 +86,10 @@ def kv_cache_bytes(hf, cfg: EngineConfig, context: int) -> int:
 def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = None,
                 host_free_bytes: int | None = None) -> MemoryPlan:
     """The largest experts-per-layer count that fits `free_bytes` of device memory (or the configured count,
-    checked), and, given `host_free_bytes`, whose offloaded experts fit the host's RAM. Raises NotEnoughMemory with
-    the numbers when even the requested/minimal configuration does not fit."""
+    checked), and, given `host_free_bytes`, whose offloaded experts fit the host's RAM. `offload.write_back: auto`
+    keeps every expert in host RAM (no write-backs) when `host_free_bytes` holds them all beside the process, and
+    swaps otherwise (also when `host_free_bytes` is None: unknown). Raises NotEnoughMemory with the numbers when
+    even the requested/minimal configuration does not fit."""
     context = context or cfg.max_context
     anatomy = Anatomy.of(hf, cfg.torch_dtype)
     E, L = anatomy.num_experts, len(anatomy.moe_layers)
@@ -88,8 +99,15 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
     trunk = anatomy.trunk_bytes(cfg)
     fixed = trunk + kv_cache_bytes(hf, cfg, context) + margin
 
+    every_expert = CacheAllocation.build(L, E, expert, 1, cfg.offload.prefetch, cuda=True, write_back=False)
+    mode = cfg.offload.write_back
+    if mode == "auto":
+        fits = host_free_bytes is not None and every_expert.locked_host_bytes + HOST_MARGIN <= host_free_bytes
+        mode = "never" if fits else "always"
+    write_back = mode == "always"
+
     def spares(k: int) -> int:
-        return 0 if k >= E else (1 + 2 * cfg.offload.prefetch) * expert
+        return CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, True, write_back).spare_slots * expert
 
     def total(k: int) -> int:
         return fixed + L * k * expert + spares(k)
@@ -109,15 +127,17 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
                 f"experts_on_device={requested} needs {total(k) / GiB:.2f} GiB of device memory but "
                 f"{free_bytes / GiB:.2f} GiB is free; " + (f"at most {fits} fit(s): set offload.experts_on_device "
                 f"to {fits} or 'auto'" if fits else "not even 1 fits: use fewer bits or a larger GPU"))
-    pinned = CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, cuda=True).locked_host_bytes
+    pinned = CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, True, write_back).locked_host_bytes
     plan = MemoryPlan(k, expert, trunk, kv_cache_bytes(hf, cfg, context), spares(k), margin,
-                      total(k), context, pinned)
+                      total(k), context, pinned, write_back=write_back and k < E)
     if host_free_bytes is not None and plan.host_total_bytes > host_free_bytes:
+        held = f"{E - k} offloaded experts per layer" if write_back else f"all {E} experts per layer (write_back: never)"
         raise NotEnoughMemory(
-            f"host RAM: {E - k} offloaded experts per layer need {pinned / GiB:.2f} GiB page-locked + "
+            f"host RAM: {held} need {pinned / GiB:.2f} GiB page-locked + "
             f"{HOST_MARGIN / GiB:.2f} GiB for the process = {plan.host_total_bytes / GiB:.2f} GiB, but "
             f"{host_free_bytes / GiB:.2f} GiB is available and at most {k} experts per layer fit on the GPU; "
-            f"use a machine with more RAM, a GPU with more memory, or fewer bits for the experts")
+            + ("set offload.write_back to auto or always (write evicted experts back instead), or " if not write_back
+               else "") + "use a machine with more RAM, a GPU with more memory, or fewer bits for the experts")
     return plan
 
 
@@ -133,11 +153,19 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_experts_on_device(cfg: EngineConfig, hf, device: torch.device) -> int:
-    """On CUDA: plan against the free device memory and the available host RAM. On CPU the 'device' is host RAM
-    and nothing is page-locked, so 'auto' keeps every expert."""
+def resolve_offload(cfg: EngineConfig, hf, device: torch.device) -> tuple[int, str]:
+    """(experts per layer on the device, "always" or "never" for write-backs). On CUDA: planned against the free
+    device memory and the available host RAM. On CPU the 'device' is host RAM and nothing is page-locked, so
+    'auto' keeps every expert on the device and write_back 'auto' swaps (a second copy of every expert would
+    only take RAM)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return plan_memory(hf, cfg, free, host_free_bytes=available_host_bytes()).experts_on_device
+        plan = plan_memory(hf, cfg, free, host_free_bytes=available_host_bytes())
+        return plan.experts_on_device, plan.write_back_mode
     requested, E = cfg.offload.experts_on_device, Anatomy.of(hf, cfg.torch_dtype).num_experts
-    return E if requested == "auto" else min(requested, E)
+    mode = cfg.offload.write_back
+    return (E if requested == "auto" else min(requested, E)), ("always" if mode == "auto" else mode)
+
+
+def resolve_experts_on_device(cfg: EngineConfig, hf, device: torch.device) -> int:
+    return resolve_offload(cfg, hf, device)[0]

@@ -31,6 +31,7 @@ from .experts import ExpertLayout, expert_forward
 from .kernels import REFERENCE, Kernels, QuantLinear
 from .prefetch import guess_experts
 from .quantize import MatrixLayout
+from .schedule import run_layer
 
 RoutingObserver = Callable[[int, list[list[int]], list[int]], None]
 
@@ -207,8 +208,9 @@ class OffloadedModel(nn.Module):
                      routed: list[int], then: Callable[[], None] | None) -> torch.Tensor:
         """x: [T, H]; weights, experts: [T, K]; routed: `experts` already read to the host (flat, T*K).
         `then()` runs once every demand copy is queued (the next layer's speculative copies)."""
-        cache = self.cache
         order = list(dict.fromkeys(routed))  # distinct experts in order of first use
+        if x.shape[0] == 1:  # decode: no gathering or scattering of tokens, 2-3 ops per expert instead of 7
+            return self._run_one_token(layer, x, weights, order, then)
         # Each expert's (token, k) positions from one device sort, sliced at offsets counted on the host: no
         # host sync per expert. Stable, so each expert's tokens stay ascending (the reference's summation order).
         positions = torch.sort(experts.view(-1), stable=True).indices  # [T*K], grouped by expert id
@@ -219,26 +221,28 @@ class OffloadedModel(nn.Module):
         out = torch.zeros_like(x)
         flat_weights = weights.reshape(-1)  # [T*K]
 
-        def run(expert: int) -> None:
+        def kernels(expert: int, buffer: torch.Tensor) -> None:
             pos = positions[starts[expert] : starts[expert] + counts[expert]]  # [n]
             token_idx = pos // experts.shape[-1]  # [n]
-            y = expert_forward(self.layout, cache.use(layer, expert), x[token_idx], self.kernels)  # [n, H]
-            cache.computed(layer, expert)
+            y = expert_forward(self.layout, buffer, x[token_idx], self.kernels)  # [n, H]
             out.index_add_(0, token_idx, y * flat_weights[pos, None].to(y.dtype))
 
-        cache.begin_layer(layer, order)
-        ran = 0
-        for i, expert in enumerate(order):
-            # All demand copies go out before any compute, unless the spare slots run out (a long prefill): then
-            # the experts already fetched run first and give back the slots of those evicted meanwhile.
-            if not cache.can_acquire(layer, expert):
-                for earlier in order[ran:i]:
-                    run(earlier)
-                ran = i
-            cache.acquire(layer, expert, protect=order[i + 1 :])
-        if then is not None:
-            then()
-        for expert in order[ran:]:
-            run(expert)
-        cache.end_layer(layer)
+        run_layer(self.cache, layer, order, kernels, then)
         return out
+
+    def _run_one_token(self, layer: int, x: torch.Tensor, weights: torch.Tensor, order: list[int],
+                       then: Callable[[], None] | None) -> torch.Tensor:
+        """`_run_experts` for one token: x [1, H], weights [1, K]; `order` is the token's routing. The same sums
+        in the same order as the general path's index_add_ into zeros."""
+        summed: list[torch.Tensor] = []
+
+        def kernels(expert: int, buffer: torch.Tensor) -> None:
+            y = expert_forward(self.layout, buffer, x, self.kernels)  # [1, H]
+            y = y * weights[:, order.index(expert), None].to(y.dtype)
+            if summed:
+                summed[0].add_(y)
+            else:
+                summed.append(y)
+
+        run_layer(self.cache, layer, order, kernels, then)
+        return summed[0]

@@ -374,7 +374,8 @@ def hit_rate_table(traces: Optional[TraceSource] = None, policies: Optional[Iter
     if traces is None:
         traces = default_trace_paths()
         if not traces:
-            raise FileNotFoundError(f"no traces given and none found in {_shared_routing_dir()}")
+            raise FileNotFoundError(f"no traces given and none found in {_shared_routing_dir()}: record a model's "
+                                    "routing with `python scripts/profile_cache.py MODEL --out report.json`")
     data = _as_traces(traces)
     pols = tuple(p.strip().lower() for p in (policies if policies is not None else (*POLICIES, BELADY)))
     for p in pols:

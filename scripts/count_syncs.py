@@ -7,6 +7,12 @@ real engine on a small model with Mixtral's layer count and routing (hidden size
 on it) and counts those reads per decode forward (stream_check.SyncCounter), next to what the engine reports
 (`stats()["host_syncs"]`) and the host-blocking waits of the cache (none unless profiling). The sampler adds one
 read per token (the sampled id) outside the forward. scripts/gpu_check.py lists the real syncs on a GPU.
+
+Then the torch ops per MoE layer per decode token (stream_check.OpCounter: ops that do work, views excluded; on
+CUDA each is a launch or host-side op), split by where they are issued: the guess for the next layer
+(`_speculate`), the routing read (`_experts`), the expert loop (`_run_experts`: gathering tokens, weighting and
+summing outputs, the cache's calls), the experts' own matmuls (`expert_forward`, unquantized here), and the rest
+(attention, norms, the router, embedding and lm_head shared out per layer).
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import torch  # noqa: E402
 from transformers import DynamicCache, MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 import offload_engine  # noqa: E402
-from offload_engine.stream_check import SyncCounter  # noqa: E402
+from offload_engine.stream_check import OpCounter, SyncCounter  # noqa: E402
+
+PARTS = {"guess": {"_speculate"}, "routing read": {"_experts"}, "expert loop": {"_run_experts"},
+         "expert matmuls": {"expert_forward"}}
 
 
 def main() -> None:
@@ -39,6 +48,7 @@ def main() -> None:
                            eos_token_id=None)
     print(f"model: 32 layers, top-2 of 8 experts, hidden 64, fp32; batch 1, prompt 8, {args.steps} decode steps, "
           f"{args.experts_on_device} experts/layer on the device")
+    rows = []
     print("| prefetch | syncs per decode token (counted) | engine reports | cache host waits |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,6 +66,18 @@ def main() -> None:
             stats = engine.stats()
             print(f"| {prefetch} | {counter.count / args.steps:.1f} | {stats['host_syncs'] / args.steps:.1f} | "
                   f"{engine.cache.host_waits} |")
+            ops = OpCounter(PARTS)
+            with ops:
+                for step in range(args.steps):
+                    engine.model(torch.tensor([[step + 100]]), kv_cache)
+            per_layer = lambda n: n / args.steps / 32  # noqa: E731
+            rows.append(f"| {prefetch} | {per_layer(ops.total):.1f} | " + " | ".join(
+                f"{per_layer(ops.by_part.get(part, 0)):.1f}" for part in [*PARTS, "other"]) + " |")
+    print()
+    print("| prefetch | torch ops per MoE layer per decode token | guess | routing read | expert loop | "
+          "expert matmuls | attention, norms, router, rest |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Memory plan for Mixtral-8x7B under each packaged config: what `experts_on_device: auto` picks, the device memory
-it takes, and the host RAM it needs (the offloaded experts page-locked at their exact size + the process).
+it takes, the host RAM it needs (experts page-locked at their exact size + the process), and whether evicted experts
+are written back (`offload.write_back: auto`: not when host RAM holds every expert).
 
     python scripts/plan_memory.py [--free-gib 14.5] [--host-gib 11.8] [--config t4-16gb]
 
 `--free-gib` is what `torch.cuda.mem_get_info()` reports free before loading (a Colab T4: ~14.5 GiB of 15).
 Without it, each GPU config is planned against a typical free amount for its GPU size. `--host-gib` checks the
-host side against that much available RAM (Colab: 12.7 GB = 11.8 GiB in all); without it, the t4-16gb config is
-checked against Colab's RAM and the others are not checked.
+host side against that much available RAM; without it, each config is planned for the machines it is meant for:
+t4-16gb on Colab (12.7 GB) and on Kaggle's T4 VMs (29 GB), the others on a 16 GB and a 32 GB desktop.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ MIXTRAL_8X7B = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_si
                              num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
                              num_experts_per_tok=2, max_position_embeddings=32768)
 TYPICAL_FREE_GIB = {"t4-16gb": 14.5, "12gb": 11.3, "8gb": 7.4, "24gb": 23.2}
-COLAB_RAM_GIB = 12.7e9 / GiB
+HOSTS_GB = {"t4-16gb": (12.7, 29.0), "12gb": (16.0, 32.0), "8gb": (16.0, 32.0), "24gb": (32.0,)}  # decimal GB
 
 
 @user_errors
@@ -40,24 +41,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print("command:", " ".join(["python", *sys.argv]))
     names = args.config or list(TYPICAL_FREE_GIB)
-    print("| config | free VRAM | experts/layer | expert | trunk | KV cache | spare slots | margin | total VRAM "
-          "| host: pinned experts | host: process | host total (checked against) |")
+    g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+    print("| config | free VRAM | host RAM | experts/layer | expert | trunk | KV cache | spare slots | margin "
+          "| total VRAM | write-backs | host RAM: pinned experts + process |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         free = (args.free_gib or TYPICAL_FREE_GIB.get(name, 14.5)) * GiB
         config = load_config(name)
-        host = args.host_gib or (COLAB_RAM_GIB if name == "t4-16gb" else None)
-        try:
-            plan = plan_memory(MIXTRAL_8X7B, config, int(free), host_free_bytes=int(host * GiB) if host else None)
-        except NotEnoughMemory as e:
-            print(f"| {name} | {free / GiB:.1f} GiB | does not fit: {e} |")
-            continue
-        g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
         bits = f"{config.quant.attention.bits}/{config.quant.experts.bits}"
-        print(f"| {name} ({bits} bits, {plan.context} ctx) | {free / GiB:.1f} GiB | {plan.experts_on_device} | "
-              f"{plan.expert_bytes / 2**20:.1f} MiB | {g(plan.trunk_bytes)} | {g(plan.kv_cache_bytes)} | "
-              f"{g(plan.spare_bytes)} | {g(plan.margin_bytes)} | {g(plan.total_bytes)} | {g(plan.host_pinned_bytes)} | "
-              f"{g(plan.host_margin_bytes)} | {g(plan.host_total_bytes)} ({f'{host:.1f} GiB' if host else 'not checked'}) |")
+        hosts = [args.host_gib * GiB] if args.host_gib else [gb * 1e9 for gb in HOSTS_GB.get(name, (None,))]
+        for host in hosts:
+            ram = "not checked" if host is None else f"{host / 1e9:.1f} GB"
+            try:
+                plan = plan_memory(MIXTRAL_8X7B, config, int(free), host_free_bytes=None if host is None else int(host))
+            except NotEnoughMemory as e:
+                print(f"| {name} | {free / GiB:.1f} GiB | {ram} | does not fit: {e} |")
+                continue
+            if plan.experts_on_device >= MIXTRAL_8X7B.num_local_experts:
+                write_backs = "none (all resident)"
+            else:
+                write_backs = "yes (swap)" if plan.write_back else "no (every expert in host RAM)"
+            pinned = f"{plan.host_pinned_bytes / GiB:.2f}" if plan.host_pinned_bytes else "0"
+            print(f"| {name} ({bits} bits, {plan.context} ctx) | {free / GiB:.1f} GiB | {ram} | "
+                  f"{plan.experts_on_device} | {plan.expert_bytes / 2**20:.1f} MiB | {g(plan.trunk_bytes)} | "
+                  f"{g(plan.kv_cache_bytes)} | {g(plan.spare_bytes)} | {g(plan.margin_bytes)} | {g(plan.total_bytes)} | "
+                  f"{write_backs} | {pinned} + {plan.host_margin_bytes / GiB:.2f} = {g(plan.host_total_bytes)} |")
     return 0
 
 

@@ -3,7 +3,12 @@
 
     python scripts/profile_cache.py MODEL|--demo [--config NAME|FILE] [--device cpu|cuda] [--cache-dir DIR] [--yes]
         [--prompts FILE] [--max-new-tokens N] [--experts-on-device K] [--prefetch N] [--policy NAME] [--threads N]
-        [--out report.json] [--plot F.png]
+        [--out report.json] [--trace routing.npz] [--guess-distances 1 2 3] [--plot F.png]
+
+The report's routing is a trace of your model: `python scripts/simulate_cache.py report.json` replays it through
+the cache policies and `python scripts/throughput_model.py report.json` through the engine's own cache with timed
+copies on a stated GPU (the report records what the model's copies and kernels move). `--trace` also writes it in
+the shared npz format.
 
 MODEL is named as for offload-chat: a local checkpoint directory (any family in the README's table, or one
 converted by scripts/quantize.py), `demo` or --demo (the demo's one set-up, as in offload-chat), or a hub repo id
@@ -22,6 +27,9 @@ the experts routed to and the experts guessed for that layer before it ran. Per 
   * compute: the rest of the forward pass (attention, router, experts, lm_head, cache bookkeeping); on CPU the expert
              share (dequantize + 3 matmuls) is also timed, by wrapping ``offload_engine.model.expert_forward``;
   * other:   decode wall time outside the forward pass (sampling, the generate loop).
+Host ms per MoE layer (what the throughput model's replay takes as input): the forward's time minus the time the
+host was blocked reading routing (CUDA), or minus the timed expert kernels and copies (CPU: there it still holds
+attention and the router, computed on the host), per decode step and MoE layer.
 
 JSON report (``--out``), schema_version 1; every counter is summed over the decode steps of all prompts:
   schema_version  1
@@ -42,13 +50,18 @@ JSON report (``--out``), schema_version 1; every counter is summed over the deco
   prefill         {prompt_tokens, seconds, overall}
   timing          {decode_steps, generated_tokens, decode_seconds, decode_tokens_per_s, total_seconds,
                   end_to_end_tokens_per_s, copy_timing, per_token_ms: {total, compute, copies, experts, other},
-                  step_forward_ms: [per step]}; ``experts`` (and on CUDA nothing else) may be null: not measurable
+                  host_ms_per_layer, host_timing, step_forward_ms: [per step]}; ``experts`` (and on CUDA nothing
+                  else) may be null: not measurable
+  costs           what a decode step of this model moves (replay.ModelCosts: expert_bytes, expert_kernel_bytes,
+                  expert_kernel_bytes_per_token, trunk_bytes_per_layer, kv_bytes_per_layer, head_bytes)
+  guess_distances with --guess-distances: {distance: {"1": {precision, recall, guesses}, "<top_k>": ...}}: guessing
+                  the MoE layer `distance` layers ahead from the residual after this layer's attention, with 1 and
+                  top_k guesses, teacher-forced on the generated tokens
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -57,14 +70,13 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-import offload_engine.model as model_module  # noqa: E402
 from offload_engine import load, load_config  # noqa: E402
 from offload_engine.model_args import add_model_arguments, parse_model_args, resolve_setup  # noqa: E402
 from offload_engine.config import ConfigLike  # noqa: E402
@@ -72,6 +84,9 @@ from offload_engine.engine import Engine  # noqa: E402
 from offload_engine.errors import UsageError, add_debug_flag, user_errors  # noqa: E402
 from offload_engine.expert_cache import LayerStats  # noqa: E402
 from offload_engine.generate import SamplingParams, check_token_ids, generate_tokens  # noqa: E402
+from offload_engine.profiling import Recorder, add_stats, guess_quality  # noqa: E402
+from offload_engine.simulate import routing_from_report  # noqa: E402
+from offload_engine.throughput import costs_of  # noqa: E402
 
 SCHEMA_VERSION = 1
 DEFAULT_PROMPTS = [
@@ -81,7 +96,6 @@ DEFAULT_PROMPTS = [
     "Explain in two sentences why the sky is blue.",
     "Translate into French: the weather is nice today, so we are going to the beach.",
 ]
-COUNTERS = [f.name for f in dataclasses.fields(LayerStats)]
 
 
 def with_rates(s: LayerStats) -> dict:
@@ -91,91 +105,6 @@ def with_rates(s: LayerStats) -> dict:
     d["prefetch_precision"] = s.guessed_correct / s.guessed if s.guessed else 0.0
     d["prefetch_recall"] = s.guessed_correct / s.needed_after_guess if s.needed_after_guess else 0.0
     return d
-
-
-def add_stats(total: list[LayerStats], engine: Engine) -> None:
-    """Add the engine's per-layer counters since its last reset into ``total``."""
-    for acc, layer in zip(total, engine.stats()["per_layer"]):
-        acc.add(LayerStats(**{name: layer[name] for name in COUNTERS}))
-
-
-class Recorder:
-    """Stands in for ``engine.model`` inside ``generate_tokens``: each call runs the real forward with ``on_routing``,
-    records the decode steps' routing and guesses, times them, and keeps decode counters apart from the prefill's."""
-
-    def __init__(self, engine: Engine):
-        self.engine, self.model, self.cache = engine, engine.model, engine.cache
-        self.cuda = engine.device.type == "cuda"
-        self.cache.timing = self.cuda  # CUDA: block on in-flight copies to measure the wait (counted as syncs)
-        n_layers = len(self.model.moe_layers)  # the expert cache numbers MoE layers only
-        self.prefill_stats = [LayerStats() for _ in range(n_layers)]
-        self.routing: list[list[list[int]]] = []
-        self.guesses: list[list[list[int]]] = []
-        self.forward_s: list[float] = []  # per decode step
-        self.copy_s = 0.0  # decode steps only (CPU)
-        self.expert_s = 0.0  # decode steps only (CPU)
-        self.prefill_s = 0.0
-        self._in_decode = False
-        self._next_is_prefill = False
-        self.prefill_end = 0.0
-
-    def start_prompt(self) -> None:
-        self.engine.reset_stats()
-        self._next_is_prefill = True
-
-    def __call__(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None) -> torch.Tensor:
-        prefill, self._next_is_prefill = self._next_is_prefill, False
-        n_layers = len(self.model.moe_layers)  # the expert cache numbers MoE layers only
-        rows: list[list[int]] = [[] for _ in range(n_layers)]
-        guesses: list[list[int]] = [[] for _ in range(n_layers)]
-
-        def on_routing(layer: int, experts_per_token: list[list[int]], guess: list[int]) -> None:
-            rows[layer] = list(experts_per_token[-1])
-            guesses[layer] = list(guess)  # the guess made for this layer before it ran
-
-        self._in_decode = not prefill
-        start = time.perf_counter()
-        logits = self.model(input_ids, kv_cache, on_routing=on_routing)
-        if self.cuda:
-            torch.cuda.synchronize(self.engine.device)
-        elapsed = time.perf_counter() - start
-        self._in_decode = False
-        if prefill:
-            self.prefill_s += elapsed
-            add_stats(self.prefill_stats, self.engine)
-            self.engine.reset_stats()  # from here on the counters cover decode steps only
-            self.prefill_end = time.perf_counter()
-        else:
-            self.routing.append(rows)
-            self.guesses.append(guesses)
-            self.forward_s.append(elapsed)
-        return logits
-
-    @contextlib.contextmanager
-    def instrumented(self) -> Iterator[bool]:
-        """On CPU, time the cache's copies and the expert computations (both synchronous there). Yields whether
-        the timers are in place. Nothing on disk changes: an instance attribute and a module global are swapped."""
-        if self.cuda or not hasattr(self.cache, "_copy") or not hasattr(model_module, "expert_forward"):
-            yield False
-            return
-        copy, expert_forward = self.cache._copy, model_module.expert_forward
-
-        def timed(fn: Callable, field: str) -> Callable:
-            def wrapper(*args, **kwargs):
-                start = time.perf_counter()
-                out = fn(*args, **kwargs)
-                if self._in_decode:
-                    setattr(self, field, getattr(self, field) + time.perf_counter() - start)
-                return out
-            return wrapper
-
-        self.cache._copy = timed(copy, "copy_s")
-        model_module.expert_forward = timed(expert_forward, "expert_s")
-        try:
-            yield True
-        finally:
-            del self.cache._copy  # back to the class's method
-            model_module.expert_forward = expert_forward
 
 
 def read_prompts(path: str | None, engine: Engine, n_random: int, length: int,
@@ -255,6 +184,14 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
     else:
         copies, copy_how = None, "not measurable: ExpertCache._copy not found to instrument"
     per_token = lambda x: None if x is None or not steps else 1e3 * x / steps  # noqa: E731
+    if engine.device.type == "cuda":
+        host_s, host_how = forward - rec.blocked_s, "cuda: forward time minus the host's blocked reads"
+    elif timed_on_cpu:
+        host_s, host_how = forward - rec.copy_s - rec.expert_s, ("cpu: forward time minus the timed expert kernels "
+                                                                  "and copies (attention and routers included)")
+    else:
+        host_s, host_how = None, "not measurable"
+    host_ms = None if host_s is None or not steps else 1e3 * host_s / steps / n_layers
     timing = {
         "decode_steps": steps, "generated_tokens": generated, "decode_seconds": decode_wall,
         "decode_tokens_per_s": steps / decode_wall if decode_wall > 0 else 0.0, "total_seconds": total_wall,
@@ -262,6 +199,7 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
         "per_token_ms": {"total": per_token(decode_wall), "compute": per_token(forward - (copies or 0.0)),
                          "copies": per_token(copies), "experts": per_token(rec.expert_s) if timed_on_cpu else None,
                          "other": per_token(decode_wall - forward)},
+        "host_ms_per_layer": host_ms, "host_timing": host_how,
         "step_forward_ms": [round(1e3 * s, 4) for s in rec.forward_s],
     }
     anatomy = engine.model.anatomy
@@ -273,7 +211,7 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
         "per_layer": [with_rates(s) for s in decode_stats], "overall": with_rates(total),
         "prefill": {"prompt_tokens": sum(len(ids) for _, ids in prompts), "seconds": rec.prefill_s,
                     "overall": with_rates(prefill_total)},
-        "timing": timing,
+        "timing": timing, "costs": dataclasses.asdict(costs_of(engine.model.config, engine.config)),
     }
 
 
@@ -317,7 +255,12 @@ def format_report(report: dict) -> str:
         "(dequantize + 3 matmuls" + (", timed)" if ms["experts"] is not None else ": not measurable here)"),
         f"  copies   {fmt(ms['copies'])}   {t['copy_timing']}",
         f"  other    {fmt(ms['other'])}   sampling and the generate loop (wall time outside the forward pass)",
+        f"host ms per MoE layer: {fmt(t['host_ms_per_layer']).strip()} ({t['host_timing']})",
     ]
+    for d, by_count in report.get("guess_distances", {}).items():
+        lines.append(f"guessing {d} MoE layer(s) ahead: " + "; ".join(
+            f"{c} guess(es) precision {100 * q['precision']:.1f} %, recall {100 * q['recall']:.1f} %"
+            for c, q in by_count.items()))
     return "\n".join(lines)
 
 
@@ -369,11 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     ap.add_argument("--out", help="write the JSON report here")
     ap.add_argument("--plot", help="write a PNG bar chart of the hit rate per layer (needs matplotlib)")
+    ap.add_argument("--trace", help="also write the decode routing as an npz trace (the shared format)")
+    ap.add_argument("--guess-distances", type=int, nargs="+", metavar="D",
+                    help="also measure guessing D MoE layers ahead (precision, recall), e.g. 1 2 3")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice). On a busy machine, 1 "
                     "avoids OpenMP barriers waiting for a descheduled thread on tiny ops")
     ap.add_argument("--quiet", action="store_true", help="no loading progress bar")
     add_debug_flag(ap)
     args = parse_model_args(ap, argv)
+    if any(d < 1 for d in args.guess_distances or []):
+        ap.error("--guess-distances takes distances >= 1")
     for option in ("max_new_tokens", "num_random_prompts", "prompt_tokens", "threads"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -402,11 +350,18 @@ def main(argv: list[str] | None = None) -> int:
     report = {"schema_version": SCHEMA_VERSION, "model": "demo" if args.demo else str(args.model),
               "command": "python scripts/profile_cache.py " + " ".join(shlex.quote(a) for a in argv_shown),
               "config": engine.config.to_dict(), **{k: v for k, v in body.items() if k != "schema_version"}}
+    if args.guess_distances:
+        report["guess_distances"] = guess_quality(engine, report["prompts"], sorted(set(args.guess_distances)))
     print(format_report(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         print(f"report: {args.out}")
+    if args.trace:
+        Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.trace, "wb") as f:  # np.savez would append .npz to another suffix
+            np.savez(f, **{f"{Path(args.trace).stem}_experts": routing_from_report(report)})
+        print(f"trace: {args.trace}")
     if args.plot:
         plot_hit_rates(report, args.plot)
         print(f"plot: {args.plot}")

@@ -3,8 +3,9 @@
 
     python scripts/simulate_cache.py [TRACE ...] [--k 1-8] [--policies lru lfu lrfu belady] [--markdown]
 
-TRACE: npz files in the shared format (``<set>_pN_experts`` arrays) or profiler JSON reports (``{"routing": ...}``);
-default: ../shared/data/routing/*.npz. Every problem starts with empty caches; rates are aggregated over all of them.
+TRACE: npz files in the shared format (``<set>_pN_experts`` arrays) or profiler JSON reports (``{"routing": ...}``:
+record your own model's with ``python scripts/profile_cache.py MODEL --out report.json``); default, beside a
+checkout: ../shared/data/routing/*.npz. Every problem starts with empty caches; rates are aggregated over all of them.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown policy {', '.join(bad)}; valid names: {', '.join(valid)}")
     paths = [Path(p) for p in args.traces] or default_trace_paths()
     if not paths:
-        ap.error("no TRACE given and no shared traces found in ../shared/data/routing")
+        raise UsageError("no TRACE given and no shared traces (../shared/data/routing/*.npz): record your model's "
+                         "routing with `python scripts/profile_cache.py MODEL --out report.json` and pass report.json")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UsageError(f"trace file(s) not found: {', '.join(missing)}; give npz traces or profiler JSON reports "

@@ -1,18 +1,21 @@
 #!/usr/bin/env python
-"""Estimate decode tokens/s of Mixtral-8x7B (4-bit attention, 2-bit experts) offloaded on a T4, 12 GB and 24 GB GPUs.
+"""Modelled decode tokens/s of offloaded MoE models: a timed replay of the engine's own expert cache over real
+routing traces (offload_engine/replay.py), on stated GPUs. Labelled "modelled (timed replay of the engine's cache)":
+no GPU runs here.
 
-    python scripts/throughput_model.py [--markdown] [--precision 0.8] [--guesses 1] [--context 512]
-        [--host-overhead-ms 0.5] [--calibrate-cpu]
+    python scripts/throughput_model.py [TRACE ...] [--markdown] [--precision 0.8] [--host-ms 0.5]
+        [--sensitivity] [--break-even] [--batch 1 2 4 8] [--gpu t4] [--experts-on-device K] [--tokens N]
 
-The model is offload_engine/throughput.py (formula in its docstring). Inputs: hit rates replayed by the simulator on
-the shared real Mixtral routing at the k that `auto` chooses (memory.plan_memory on each GPU's free memory), expert
-bytes from ExpertLayout, effective PCIe and memory bandwidths (stated per GPU), and per-token compute from the bytes
-the engine's kernels move (counted on meta tensors). Results: benchmarks/throughput_results.md.
+TRACE: routing traces in the shared npz format (Mixtral-8x7B; default: ../shared/data/routing/*.npz beside a
+checkout), or a profiler report of any model (`python scripts/profile_cache.py MODEL --out report.json`): its own
+model is then replayed, with the costs the report records, at the experts per layer it ran with (or
+--experts-on-device) on --gpu. Without TRACE and without the shared traces this says what to pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import sys
@@ -21,199 +24,260 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import MixtralConfig  # noqa: E402
 
-from offload_engine.config import EngineConfig, load_config  # noqa: E402
-from offload_engine.errors import add_debug_flag, user_errors  # noqa: E402
-from offload_engine.throughput import (GPUS, NO_PREFETCH, ORACLE, GPU, Estimate, Prefetch, auto_k,  # noqa: E402
-                                       cost_model, estimate, expert_traffic, simulated_hit_rate, solve,
-                                       with_bandwidth)
+from offload_engine.config import load_config  # noqa: E402
+from offload_engine.errors import UsageError, add_debug_flag, user_errors  # noqa: E402
+from offload_engine.replay import ModelCosts, Speeds  # noqa: E402
+from offload_engine.simulate import load_traces, routing_from_report  # noqa: E402
+from offload_engine.throughput import (GPUS, HOST_RAM, break_even_precision, costs_of, modelled,  # noqa: E402
+                                       plan_on, shared_traces, speeds_of, with_speeds)
 
-# The reference system's measured decode speed on a Colab T4 (Mixtral-8x7B, 4-bit attention / 2-bit experts, 4
-# experts per layer on the GPU): full algorithm (LRU + speculative prefetch), LRU only, naive offloading.
-REFERENCE = {"full": 2.09, "lru": 1.57, "naive": 0.66}
-REFERENCE_K = 4
-TARGET = 2 * REFERENCE["full"]
-EXPERT_BYTES = cost_model(GPUS["t4"], load_config("t4-16gb")).expert_bytes  # 2-bit g16 Mixtral expert
-# GPU -> packaged configs to model: 2-bit experts everywhere, plus the 24 GB config's 3-bit experts.
-SETUPS = [("t4", "t4-16gb"), ("rtx3060", "12gb"), ("rtx3090", "t4-16gb"), ("rtx3090", "24gb"),
-          ("rtx4090", "t4-16gb")]
-
-
-def scenarios(k: int, guess: Prefetch) -> list[tuple[str, float, bool, Prefetch]]:
-    """(label, hit rate, write-back, prefetch) rows for one GPU at k experts per layer."""
-    if k >= 8:
-        return [("all experts resident", 1.0, True, NO_PREFETCH)]
-    lru, lrfu = simulated_hit_rate(k, "lru"), simulated_hit_rate(k, "lrfu")
-    return [("naive offloading (every expert copied)", 0.0, False, NO_PREFETCH),
-            ("LRU, no prefetch", lru, True, NO_PREFETCH),
-            (f"LRU + {guess.label}", lru, True, guess),
-            ("LRU + oracle prefetch (bound)", lru, True, ORACLE),
-            (f"lrfu + {guess.label}", lrfu, True, guess)]
+REFERENCE = {"full": 2.09, "lru": 1.57, "naive": 0.66}  # the reference system on a Colab T4, measured
+# (GPU, packaged config, host RAM available) for Mixtral-8x7B at 4-bit attention / 2-bit experts
+SETUPS = [("t4", "t4-16gb", "Colab (12.7 GB)"), ("t4", "t4-16gb", "Kaggle T4 VM (29 GB)"),
+          ("rtx3060", "12gb", "desktop (32 GB)"), ("rtx3090", "24gb", "desktop (32 GB)")]
+SENSITIVITY = [("T4 inputs", {}), ("PCIe 9 GB/s each way", dict(h2d_gbps=9, d2h_gbps=9)),
+               ("PCIe 6 GB/s each way", dict(h2d_gbps=6, d2h_gbps=6)),
+               ("both directions share 11.5 GB/s", dict(duplex_gbps=11.5)),
+               ("kernels at 50 % of 320 GB/s", dict(kernel_gbps=160)),
+               ("host 1.0 ms/layer", dict(host_ms_per_layer=1.0)), ("host 1.5 ms/layer", dict(host_ms_per_layer=1.5)),
+               ("6 GB/s and host 1.5 ms/layer", dict(h2d_gbps=6, d2h_gbps=6, host_ms_per_layer=1.5))]
+PRECISIONS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 1.0)
 
 
-def compute_s(args: argparse.Namespace, gpu: GPU, cfg: EngineConfig, kernel: str) -> float:
-    return cost_model(gpu, cfg, kernel=kernel, context=args.context,
-                      host_overhead_per_layer_s=args.host_overhead_ms / 1e3).compute_s
+class Model:
+    """The traces, the model's costs and how it is set up (a profiler report's own model, or Mixtral-8x7B)."""
+
+    def __init__(self, paths: list[Path], args: argparse.Namespace):
+        self.report = None
+        if any(p.suffix.lower() == ".json" for p in paths):
+            if len(paths) != 1:
+                raise UsageError("give one profiler report (its model's costs are in it), or npz traces only")
+            self.report = read_report(paths[0])
+            self.traces = {paths[0].stem: routing_from_report(self.report)}
+            self.costs = ModelCosts(**self.report["costs"])
+            self.cfg = load_config(self.report["config"])
+            if args.experts_on_device is not None:
+                self.cfg = self.cfg.replace(experts_on_device=args.experts_on_device)
+            measured = self.report.get("timing", {}).get("host_ms_per_layer")
+            self.name = f"{self.report['model']} (profiler report {paths[0]}" + (
+                f"; host ms per layer measured there: {measured:.2f}, {self.report['timing']['host_timing']})"
+                if measured is not None else ")")
+        else:
+            self.traces = load_traces(*paths) if paths else shared_traces()
+            self.costs = costs_of(MixtralConfig(), load_config("t4-16gb"))
+            self.cfg = None
+            self.name = "Mixtral-8x7B, 4-bit attention / 2-bit g16 experts"
+        if args.tokens:
+            self.traces = cut(self.traces, args.tokens)
+        self.tokens = sum(len(t) for t in self.traces.values())
+
+    @property
+    def experts(self) -> int:
+        return self.report["num_experts"] if self.report is not None else 8
+
+    def setups(self, args) -> list[tuple[str, object, object, int, bool]]:
+        """(label, GPU, config, k, write-backs) per setup: the report's own, or Mixtral's as the engine plans it."""
+        if self.report is not None:
+            k = min(self.cfg.offload.experts_on_device, self.experts)
+            return [(GPUS[args.gpu].name, GPUS[args.gpu], self.cfg, k, args.write_back == "always" and k < self.experts)]
+        out = []
+        for gpu_key, cfg_name, ram in SETUPS:
+            cfg, gpu = load_config(cfg_name), GPUS[gpu_key]
+            plan = plan_on(gpu, cfg, host_bytes=HOST_RAM[ram])
+            out.append((f"{gpu.name}, {ram}", gpu, cfg, plan.experts_on_device, plan.write_back))
+        return out
+
+    def reference(self, args, write_back: bool):
+        """The sensitivity tables' setup: the report's own, or the T4 with t4-16gb at auto k; write-backs forced."""
+        label, gpu, cfg, k, _ = self.setups(args)[0]
+        return gpu, cfg, k, write_back and k < self.experts
 
 
-def run(c: float, gpu: GPU, hit: float, k: int, writeback: bool = True, prefetch: Prefetch = NO_PREFETCH,
-        nbytes: int = EXPERT_BYTES, duplex: bool = False) -> Estimate:
-    return estimate(c, nbytes, gpu.h2d, gpu.d2h, hit, k, writeback=writeback, prefetch=prefetch, duplex=duplex)
+def read_report(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        routing_from_report(report)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"cannot read profiler report {path} ({e}); record one with `python scripts/profile_cache.py "
+                         f"MODEL --out report.json`") from e
+    if "costs" not in report:
+        raise UsageError(f"{path} has no 'costs' (written by an older profile_cache.py): record it again with "
+                         f"`python scripts/profile_cache.py MODEL --out report.json`")
+    return report
 
 
-def reference_compute_s() -> float:
-    """The per-token compute that makes this model reproduce the reference's LRU-only T4 measurement."""
-    h = simulated_hit_rate(REFERENCE_K, "lru")
-    return float(solve(lambda c: run(c, GPUS["t4"], h, REFERENCE_K).token_s, 1.0 / REFERENCE["lru"], 0.0, 10.0))
-
-
-def table(args: argparse.Namespace, guess: Prefetch, c_ref: float) -> list[str]:
-    lines = ["| GPU | experts | k | scenario | hit % | copies/token | copy stream ms | tok/s, reference kernels | "
-             "tok/s, fused kernels | tok/s, reference-class compute |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for gpu_key, cfg_name in SETUPS:
-        gpu, cfg = GPUS[gpu_key], load_config(cfg_name)
-        k, q = auto_k(gpu, cfg), cfg.quant.experts
-        nbytes = cost_model(gpu, cfg).expert_bytes
-        engine_c, fused_c = compute_s(args, gpu, cfg, "engine"), compute_s(args, gpu, cfg, "fused")
-        for label, h, writeback, pf in scenarios(k, guess):
-            fused = run(fused_c, gpu, h, k, writeback, pf, nbytes)
-            engine = run(engine_c, gpu, h, k, writeback, pf, nbytes).tokens_per_s
-            ref = f"{run(c_ref, gpu, h, k, writeback, pf, nbytes).tokens_per_s:.2f}" if gpu_key == "t4" else "-"
-            lines.append(f"| {gpu.name} | {q.bits}-bit g{q.group_size} | {k} | {label} | {100 * h:.1f} | "
-                         f"{fused.misses + fused.wasted:.1f} | {1e3 * fused.copy_stream_s:.0f} | {engine:.2f} | "
-                         f"{fused.tokens_per_s:.2f} | {ref} |")
-    return lines
-
-
-def requirements(args: argparse.Namespace, guess: Prefetch, c_ref: float) -> list[str]:
-    """What the T4 at auto k needs for TARGET tokens/s: compute, hit rate, bandwidth (one lever at a time)."""
-    t4, cfg = GPUS["t4"], load_config("t4-16gb")
-    k = auto_k(t4, cfg)
-    h = simulated_hit_rate(k, "lru")
-    engine_c, fused_c = compute_s(args, t4, cfg, "engine"), compute_s(args, t4, cfg, "fused")
-
-    def rate(c: float, hit: float, gpu: GPU = t4, duplex: bool = False) -> float:
-        return run(c, gpu, hit, k, True, guess, duplex=duplex).tokens_per_s
-
-    neg_c = solve(lambda x: rate(-x, h), TARGET, -10.0, 0.0)  # rate rises as compute falls
-    lines = [f"Target {TARGET:.2f} tok/s (2x the reference's {REFERENCE['full']}) on the T4 at auto k={k}, LRU "
-             f"({100 * h:.1f} % hit), {guess.label}:"]
-    if neg_c is None:
-        lines.append("- compute: unreachable even with zero compute at this hit rate and bandwidth.")
-    else:
-        max_c = -neg_c
-        lines.append(f"- compute: at most {max_c * 1e3:.0f} ms per token, copies unchanged. With `kernels: "
-                     f"reference` {engine_c * 1e3:.0f} ms ({engine_c / max_c:.1f}x too slow); reference-class compute "
-                     f"{c_ref * 1e3:.0f} ms ({c_ref / max_c:.1f}x too slow); the engine's fused Triton kernels "
-                     f"(their traffic, memory-bound) "
-                     f"{fused_c * 1e3:.0f} ms.")
-    for name, c in (("fused kernels", fused_c), ("reference-class compute", c_ref)):
-        h_min = solve(lambda x: rate(c, x), TARGET, 0.0, 1.0)
-        bw = solve(lambda x: rate(c, h, with_bandwidth(t4, x * 1e9)), TARGET, 0.1, 1000.0)
-        lines.append(f"- with {name} ({c * 1e3:.0f} ms): now {rate(c, h):.2f} tok/s; needs hit rate >= "
-                     + (f"{100 * h_min:.1f} %" if h_min is not None else "(unreachable: compute alone is too slow)")
-                     + ", or host<->device bandwidth >= " + (f"{bw:.1f} GB/s" if bw is not None else "(unreachable)")
-                     + "; with write-backs on a second stream (PCIe is full duplex): "
-                     f"{rate(c, h, duplex=True):.2f} tok/s")
-    return lines
-
-
-def sanity(args: argparse.Namespace, guess: Prefetch, c_ref: float) -> list[str]:
-    t4, cfg, k = GPUS["t4"], load_config("t4-16gb"), REFERENCE_K
-    h = simulated_hit_rate(k, "lru")
-    out = []
-    for kernel in ("engine", "fused"):
-        c = compute_s(args, t4, cfg, kernel)
-        r = [run(c, t4, 0.0, k, False), run(c, t4, h, k), run(c, t4, h, k, True, guess),
-             run(c, t4, h, k, True, ORACLE)]
-        out.append(f"- {kernel} kernels (compute {c * 1e3:.0f} ms): naive {r[0].tokens_per_s:.2f}, LRU "
-                   f"{r[1].tokens_per_s:.2f}, LRU + {guess.label} {r[2].tokens_per_s:.2f}, LRU + oracle "
-                   f"{r[3].tokens_per_s:.2f} tok/s")
-    full, oracle = run(c_ref, t4, h, k, True, guess), run(c_ref, t4, h, k, True, ORACLE)
-    naive = run(c_ref, t4, 0.0, k, False)
-    naive_bw = solve(lambda x: -run(c_ref, with_bandwidth(t4, x * 1e9), 0.0, k, False).token_s,
-                     -1.0 / REFERENCE["naive"], 0.1, 100.0)
-    out.append(f"- reference-class compute: the compute that reproduces the reference's LRU-only {REFERENCE['lru']} "
-               f"tok/s is {c_ref * 1e3:.0f} ms per token; with it the model predicts LRU + {guess.label} "
-               f"{full.tokens_per_s:.2f} and LRU + oracle {oracle.tokens_per_s:.2f} tok/s (reference full algorithm: "
-               f"{REFERENCE['full']}), naive {naive.tokens_per_s:.2f} (reference: {REFERENCE['naive']}; matching it "
-               "needs copies at " + (f"{naive_bw:.1f} GB/s" if naive_bw else "?") + ")")
+def cut(traces: dict, tokens: int) -> dict:
+    """The first `tokens` tokens of the traces, taken in turn from each problem."""
+    out, left = {}, tokens
+    for name, trace in traces.items():
+        if left <= 0:
+            break
+        out[name], left = trace[:left], left - len(trace[:left])
     return out
 
 
-def calibrate_cpu() -> list[str]:
-    """Time one Mixtral-size 2-bit expert on this CPU against its counted traffic and this CPU's memcpy bandwidth."""
-    from offload_engine.config import QuantSpec
-    from offload_engine.experts import ExpertLayout, expert_forward
+def ms(result, seconds: float) -> str:
+    return f"{result.per_token_ms(seconds):.1f}"
 
-    dtype, spec = torch.bfloat16, QuantSpec(2, 16)
-    layout = ExpertLayout.build(4096, 14336, spec, dtype)
-    buffer = torch.randint(0, 256, (layout.nbytes,), dtype=torch.uint8)  # random codes: timing only
-    x = torch.randn(1, 4096).to(dtype)
-    expert_forward(layout, buffer, x)
-    runs = []
-    for _ in range(3):
-        start = time.perf_counter()
-        expert_forward(layout, buffer, x)
-        runs.append(time.perf_counter() - start)
-    a = torch.empty(256 * 2**20, dtype=torch.uint8)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    copies = []
-    for _ in range(5):
-        start = time.perf_counter()
-        b.copy_(a)
-        copies.append(time.perf_counter() - start)
-    traffic = expert_traffic(4096, 14336, spec, dtype)
-    memcpy = 2 * a.numel() / min(copies)
-    best = min(runs)
-    return [f"- CPU check ({torch.get_num_threads()} threads): one Mixtral 2-bit expert (bfloat16) takes "
-            f"{best * 1e3:.0f} ms, i.e. {traffic / best / 1e9:.2f} GB/s of its {traffic / 1e9:.2f} GB counted "
-            f"traffic, against {memcpy / 1e9:.1f} GB/s memcpy (read + write): {memcpy * best / traffic:.1f}x "
-            "slower than memory-bound"]
+
+def main_table(model: Model, args, bar) -> list[str]:
+    lines = ["| setup | k | write-backs | prefetch | hit % | copies / token | write-backs / token | busy ms/token: "
+             "H2D, D2H, both at once, kernels, host | critical path ms/token: H2D, D2H, kernels, host | tok/s |",
+             "|---|---:|---|---|---:|---:|---:|---|---|---:|"]
+    for label, gpu, cfg, k, write_back in model.setups(args):
+        speeds = speeds_of(gpu, host_ms_per_layer=args.host_ms, precision=args.precision)
+        gate = cfg.offload.prefetch_min_precision
+        rows = [("none", dict(prefetch=0))]
+        if cfg.offload.prefetch and k < model.experts:
+            rows += [(f"{cfg.offload.prefetch}/layer, p={args.precision:g}, gate {gate:g}", {}),
+                     (f"{cfg.offload.prefetch}/layer, p={args.precision:g}, every guess copied", dict(min_precision=0))]
+        for name, options in rows:
+            r = modelled(model.traces, model.costs, speeds, cfg, k, write_back, **options)
+            bar.update()
+            s, b, c = r.stats, r.busy_s, r.critical_s
+            lines.append(f"| {label} | {k} | {'yes' if write_back else 'no'} | {name} | "
+                         f"{100 * s['hits'] / s['lookups']:.1f} | {r.copies_per_token:.2f} | "
+                         f"{r.write_backs_per_token:.2f} | {ms(r, b['h2d'])}, {ms(r, b['d2h'])}, "
+                         f"{ms(r, r.both_copying_s)}, {ms(r, b['compute'])}, {ms(r, b['host'])} | {ms(r, c['h2d'])}, "
+                         f"{ms(r, c['d2h'])}, {ms(r, c['compute'])}, {ms(r, c['host'])} | **{r.tokens_per_s:.2f}** |")
+    return lines
+
+
+def sensitivity_table(model: Model, args, bar) -> list[str]:
+    gpu, cfg, k, _ = model.reference(args, True)
+    gate = cfg.offload.prefetch_min_precision
+    lines = [f"| inputs (the rest as the T4 row) | swap, no prefetch | swap, prefetch gate {gate:g} | no write-backs, "
+             f"no prefetch | no write-backs, prefetch gate {gate:g} | break-even precision (every guess copied) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, changes in SENSITIVITY:
+        speeds = with_speeds(speeds_of(gpu, host_ms_per_layer=args.host_ms, precision=args.precision), **changes)
+        rates = []
+        for write_back in (True, False):
+            for options in (dict(prefetch=0), {}):
+                rates.append(modelled(model.traces, model.costs, speeds, cfg, k, write_back and k < model.experts,
+                                      **options).tokens_per_s)
+                bar.update()
+        even = "-"
+        if args.break_even:
+            value = break_even_precision(lambda p: modelled(model.traces, model.costs, with_speeds(speeds, precision=p),
+                                                            cfg, k, True, min_precision=0).tokens_per_s, rates[0])
+            bar.update(8)
+            even = "never" if value is None else f"{value:.2f}"
+        lines.append(f"| {label} | " + " | ".join(f"{x:.2f}" for x in rates) + f" | {even} |")
+    return lines
+
+
+def precision_table(model: Model, args, bar) -> list[str]:
+    gpu, cfg, k, write_back = model.reference(args, True)
+    gate = cfg.offload.prefetch_min_precision
+    speeds = speeds_of(gpu, host_ms_per_layer=args.host_ms)
+    off = modelled(model.traces, model.costs, speeds, cfg, k, write_back, prefetch=0).tokens_per_s
+    bar.update()
+    lines = [f"| guess precision | no prefetch | prefetch, gate {gate:g} | prefetch, every guess copied |",
+             "|---:|---:|---:|---:|"]
+    for p in PRECISIONS:
+        rates = [modelled(model.traces, model.costs, with_speeds(speeds, precision=p), cfg, k, write_back,
+                          **options).tokens_per_s for options in ({}, dict(min_precision=0))]
+        bar.update(2)
+        lines.append(f"| {p:g} | {off:.2f} | {rates[0]:.2f} | {rates[1]:.2f} |")
+    return lines
+
+
+def batch_table(model: Model, args, bar) -> list[str]:
+    lines = ["| write-backs | B (sequences per step) | steps | copies / generated token | write-backs / token | "
+             "ms per step | aggregate tok/s | tok/s per sequence |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode in (True, False):
+        gpu, cfg, k, write_back = model.reference(args, mode)
+        speeds = speeds_of(gpu, host_ms_per_layer=args.host_ms, precision=args.precision)
+        for b in args.batch:
+            r = modelled(model.traces, model.costs, speeds, cfg, k, write_back, batch=b, prefetch=0)
+            bar.update()
+            lines.append(f"| {'yes' if write_back else 'no'} | {b} | {r.steps} | {r.copies_per_token:.2f} | "
+                         f"{r.write_backs_per_token:.2f} | {1e3 * r.seconds / r.steps:.1f} | "
+                         f"**{r.tokens_per_s:.2f}** | {r.tokens_per_s / b:.2f} |")
+    return lines
 
 
 @user_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--precision", type=float, default=0.8, help="assumed precision of the engine's guesses")
-    ap.add_argument("--guesses", type=int, default=1, help="experts guessed per layer (the packaged configs: 1)")
-    ap.add_argument("--context", type=int, default=512, help="average KV-cache length while decoding")
-    ap.add_argument("--host-overhead-ms", type=float, default=0.5, help="host time per layer per token (assumed)")
-    ap.add_argument("--calibrate-cpu", action="store_true", help="also time one Mixtral-size expert on this CPU")
-    ap.add_argument("--markdown", action="store_true", help="markdown bullets around the table")
+    ap.add_argument("traces", nargs="*", metavar="TRACE", help="npz traces or one profiler JSON report "
+                    "(default: ../shared/data/routing/*.npz)")
+    ap.add_argument("--precision", type=float, default=0.8, help="share of guesses that are right (default 0.8)")
+    ap.add_argument("--host-ms", type=float, default=0.5, help="host time per MoE layer per step (default 0.5)")
+    ap.add_argument("--gpu", choices=sorted(GPUS), default="t4", help="GPU for a profiler report's model, and of "
+                    "the sensitivity, precision and batch tables (default t4)")
+    ap.add_argument("--experts-on-device", type=int, help="k for a profiler report's model (default: as it ran)")
+    ap.add_argument("--write-back", choices=("always", "never"), default="always",
+                    help="write-back mode for a profiler report's model (default always)")
+    ap.add_argument("--sensitivity", action="store_true", help="also the tables over link, kernel and host inputs "
+                    "and over guess precision")
+    ap.add_argument("--break-even", action="store_true", help="with --sensitivity: the precision at which copying "
+                    "every guess stops losing (8 more replays per row)")
+    ap.add_argument("--batch", type=int, nargs="+", metavar="B", help="also model batches of B sequences per step")
+    ap.add_argument("--tokens", type=int, help="replay only the first N traced tokens (quicker, less exact)")
+    ap.add_argument("--markdown", action="store_true", help="markdown bullets around the tables")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
-    guess = Prefetch(args.guesses, args.precision)
+    if not 0 <= args.precision <= 1:
+        ap.error(f"--precision must be between 0 and 1, got {args.precision}")
+    for name in ("host_ms",):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0")
+    if any(b < 1 for b in args.batch or []) or (args.tokens is not None and args.tokens < 1):
+        ap.error("--batch and --tokens take positive integers")
+    paths = [Path(p) for p in args.traces]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UsageError(f"trace file(s) not found: {', '.join(missing)}; give npz traces or a profiler report "
+                         "(python scripts/profile_cache.py MODEL --out report.json)")
+    try:
+        model = Model(paths, args)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    except (KeyError, ValueError, OSError) as e:
+        raise UsageError(f"cannot read the traces ({type(e).__name__}: {e}); give npz traces in the shared format "
+                         "or a profiler report") from e
+    if args.batch and max(args.batch) > model.tokens:
+        ap.error(f"--batch {max(args.batch)} is more than the {model.tokens} traced tokens")
+
     start = time.perf_counter()
-    c_ref = reference_compute_s()
-    argv_shown = sys.argv[1:] if argv is None else argv
-    t4_cfg = load_config("t4-16gb")
-    eng = expert_traffic(4096, 14336, t4_cfg.quant.experts, t4_cfg.torch_dtype, "engine")
-    fused = expert_traffic(4096, 14336, t4_cfg.quant.experts, t4_cfg.torch_dtype, "fused")
-    nbytes = EXPERT_BYTES
+    shown = sys.argv[1:] if argv is None else argv
+    n_setups = len(model.setups(args))
+    work = 3 * n_setups + (len(SENSITIVITY) * (4 + 8 * args.break_even) + 1 + 2 * len(PRECISIONS)) * args.sensitivity
+    work += 2 * len(args.batch or [])
+    with tqdm(total=work, desc="replays", file=sys.stderr, disable=None) as bar:
+        body = ["Per setup: modelled (timed replay of the engine's cache); a GPU's inputs are in its line above.",
+                "", *main_table(model, args, bar)]
+        if args.sensitivity:
+            body += ["", f"Sensitivity ({GPUS[args.gpu].name if model.report else 'T4, t4-16gb, auto k'}; guesses "
+                     f"right {args.precision:g} of the time):", "", *sensitivity_table(model, args, bar),
+                     "", "Guess precision (same setup, swap):", "", *precision_table(model, args, bar)]
+        if args.batch:
+            body += ["", "Batches of B sequences on the real routing (the traces cut into B runs, stepped together; "
+                     "no prefetch):", "", *batch_table(model, args, bar)]
+    c = model.costs
     header = [
-        f"$ python scripts/throughput_model.py {' '.join(shlex.quote(a) for a in argv_shown)}".rstrip(),
-        f"machine: {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__} "
-        "(the model needs no GPU)",
-        f"expert: {nbytes / 1e6:.1f} MB packed (2-bit g16, 8-bit scales/zeros); the reference kernels move "
-        f"{eng / 1e9:.2f} GB per expert per token (dequantize to a full fp16 matrix, then matmul), the fused Triton "
-        f"kernels {fused / 1e6:.1f} MB (packed bytes, activations, split-K partial sums)",
-        f"assumptions: {args.guesses} guess(es)/layer at precision {args.precision}; KV context {args.context}; "
-        f"host overhead {args.host_overhead_ms} ms/layer; hit rates: simulator on the shared real Mixtral routing, "
-        "engine semantics",
+        f"$ python scripts/throughput_model.py {' '.join(shlex.quote(a) for a in shown)}".rstrip(),
+        f"machine: {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__} (no GPU needed: "
+        "every figure is modelled by a timed replay of the engine's cache)",
+        f"model: {model.name}; traces: {', '.join(model.traces)} ({model.tokens} decode tokens, batch 1 unless said)",
+        f"costs: expert {c.expert_bytes / 1e6:.1f} MB per copy, its fused kernels {c.expert_kernel_bytes / 1e6:.1f} MB "
+        f"per token; trunk {c.trunk_bytes_per_layer / 1e6:.1f} MB + KV {c.kv_bytes_per_layer / 1e6:.1f} MB per layer; "
+        f"lm_head {c.head_bytes / 1e6:.0f} MB per step",
+        f"inputs: host {args.host_ms:g} ms per MoE layer (before each routing read); guesses right {args.precision:g} "
+        "of the time (one guess per layer, next layer); full-duplex PCIe unless said",
     ] + [f"{g.name}: {g.link}, {g.free_bytes / 2**30:.1f} GiB free; {g.why}" for g in GPUS.values()]
-    body = table(args, Prefetch(args.guesses, args.precision), c_ref)
-    tail = ["", "Sanity check, reference settings (T4, k=4, LRU):"] + sanity(args, guess, c_ref)
-    tail += ["", *requirements(args, guess, c_ref)]
-    if args.calibrate_cpu:
-        tail += ["", *calibrate_cpu()]
     if args.markdown:
         header = [f"`{header[0][2:]}`", ""] + [f"- {line}" for line in header[1:]]
-    print("\n".join(header + [""] + body + tail))
-    print(f"\n(modelled in {time.perf_counter() - start:.1f} s)")
+    print("\n".join(header + [""] + body))
+    print(f"\n(modelled in {time.perf_counter() - start:.0f} s; the reference system measured {REFERENCE['full']} "
+          f"tok/s on a Colab T4 with LRU + prefetch, {REFERENCE['lru']} LRU only, {REFERENCE['naive']} naive)")
     return 0
 
 

@@ -28,8 +28,9 @@ from conftest import exact_config
 
 ENGINE_DIR = Path(offload_engine.__file__).resolve().parent
 TRACED = {str(ENGINE_DIR / f) for f in ("model.py", "expert_cache.py", "streams.py", "generate.py", "engine.py",
-                                         "prefetch.py", "policy.py", "experts.py")}
-CONFIGS = [(k, p) for k in (1, 2, 4) for p in (0, 1, 2)] + [(8, 0)]
+                                         "prefetch.py", "policy.py", "experts.py", "schedule.py")}
+CONFIGS = [(k, p, "always") for k in (1, 2, 4) for p in (0, 1, 2)] + [(8, 0, "always")] + [
+    (1, 2, "never"), (2, 1, "never")]  # no write-backs: the host keeps every expert
 FAULTS_PER_CONFIG = 24
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 
@@ -182,11 +183,12 @@ def test_invariant_check_catches_a_broken_cache(tiny_dir):
         cache.check_invariant()
 
 
-@pytest.mark.parametrize("k,prefetch", CONFIGS)
-def test_faults_leave_the_engine_exact(tiny_dir, monkeypatch, k, prefetch):
-    engine = offload_engine.load(tiny_dir, config=exact_config(experts_on_device=k, prefetch=prefetch), progress=False)
-    fresh = offload_engine.load(tiny_dir, config=exact_config(experts_on_device=k, prefetch=prefetch), progress=False)
-    rng = random.Random(1000 * k + prefetch)
+@pytest.mark.parametrize("k,prefetch,write_back", CONFIGS)
+def test_faults_leave_the_engine_exact(tiny_dir, monkeypatch, k, prefetch, write_back):
+    config = exact_config(experts_on_device=k, prefetch=prefetch, write_back=write_back)
+    engine = offload_engine.load(tiny_dir, config=config, progress=False)
+    fresh = offload_engine.load(tiny_dir, config=config, progress=False)
+    rng = random.Random(1000 * k + prefetch + (7 if write_back == "never" else 0))
     expected = fresh.generate_ids(PROMPT, max_new_tokens=10)
     kinds = ["line"] * 10 + ["compute"] * 4 + ["bad_tensor"] * 2 + ["copy"] * 4 + ["sample"] * 2 + ["timer", "thread_timer"]
     assert len(kinds) == FAULTS_PER_CONFIG

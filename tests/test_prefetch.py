@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import offload_engine
+from offload_engine.prefetch import PrefetchGate
 
 from conftest import exact_config, make_checkpoint
 
@@ -185,3 +186,47 @@ def test_cuda_forward_makes_no_hidden_sync(tiny_dir):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= engine.stats()["host_syncs"] == 8 * (3 + 1), syncs
+
+
+@pytest.mark.parametrize("k,prefetch", [(1, 2), (2, 1)])
+def test_prefetch_without_write_backs_is_exact(tiny_dir, tiny_ref, k, prefetch):
+    engine = offload_engine.load(tiny_dir, progress=False,
+                                 config=exact_config(experts_on_device=k, prefetch=prefetch, write_back="never"))
+    ids = torch.randint(0, 160, (1, 12), generator=torch.Generator().manual_seed(7))
+    assert (engine.logits(ids) - tiny_ref(ids).logits).abs().max().item() < 1e-4
+    expected = tiny_ref.generate(ids[:, :4], max_new_tokens=16, do_sample=False)[0, 4:].tolist()
+    assert engine.generate_ids(ids[0, :4].tolist(), max_new_tokens=16) == expected
+    assert engine.stats()["overall"]["prefetch_issued"] > 0 and engine.stats()["overall"]["bytes_d2h"] == 0
+
+
+def test_gate_opens_on_measured_precision_only():
+    gate = PrefetchGate(2, min_precision=0.9, warmup=4, half_life=8)
+    assert not gate.open(0), "closed until its guesses are scored: an unproven layer copies nothing"
+    for _ in range(4):
+        gate.score(0, 1, 1)
+        gate.score(1, 1, 0)
+    assert gate.open(0) and not gate.open(1)
+    for _ in range(40):  # layer 0's guesses go wrong, layer 1's right: the gate follows (old guesses fade)
+        gate.score(0, 1, 0)
+        gate.score(1, 1, 1)
+    assert not gate.open(0) and gate.open(1)
+    assert PrefetchGate(1).open(0), "min_precision 0: every guess is copied"
+
+
+def test_engine_copies_guesses_only_for_layers_whose_precision_pays(tmp_path, tiny_dir):
+    """A layer whose guesses are right keeps prefetch; a random model's guesses (well below 0.99) are scored but
+    never copied."""
+    model_dir = make_checkpoint(tmp_path / "predictable", edit=_predictable)
+    tokens = torch.randint(0, 160, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    good = offload_engine.load(model_dir, progress=False,
+                               config=exact_config(experts_on_device=1, prefetch=2, prefetch_min_precision=0.99))
+    _decode(good, tokens)
+    stats = good.stats()["overall"]
+    assert stats["prefetch_precision"] == 1.0 and stats["prefetch_used"] > 0
+    assert stats["misses"] <= 3 * 32, "only the warm-up's guesses (32 per layer) are not copied"
+    bad = offload_engine.load(tiny_dir, progress=False,
+                              config=exact_config(experts_on_device=1, prefetch=2, prefetch_min_precision=0.99))
+    _decode(bad, tokens)
+    stats = bad.stats()["overall"]
+    assert stats["guessed"] > 0 and stats["prefetch_precision"] < 0.99
+    assert stats["prefetch_issued"] == 0

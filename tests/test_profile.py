@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,6 @@ from transformers import DynamicCache
 
 import offload_engine
 from offload_engine.simulate import replay, routing_from_report
-from offload_engine.throughput import NO_PREFETCH, ORACLE, Prefetch, estimate
 
 from conftest import exact_config
 
@@ -81,7 +81,7 @@ def test_profiler_end_to_end_report_follows_schema(tmp_path, tiny_dir):
     cmd = [sys.executable, str(REPO / "scripts/profile_cache.py"), str(tiny_dir), "--config", "cpu",
            "--experts-on-device", "2", "--prefetch", "1",
            "--max-new-tokens", "6", "--num-random-prompts", "2", "--prompt-tokens", "5", "--threads", "1",
-           "--out", str(out), "--quiet"]
+           "--out", str(out), "--trace", str(tmp_path / "routing.npz"), "--guess-distances", "1", "2", "--quiet"]
     plot = None
     try:
         import matplotlib  # noqa: F401
@@ -124,44 +124,65 @@ def test_profiler_end_to_end_report_follows_schema(tmp_path, tiny_dir):
     assert routing_from_report(report).shape == (n, 3, 2)
     if plot is not None:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert timing["host_ms_per_layer"] > 0 and "cpu" in timing["host_timing"]
+    assert set(report["costs"]) == {"expert_bytes", "expert_kernel_bytes", "expert_kernel_bytes_per_token",
+                                    "trunk_bytes_per_layer", "kv_bytes_per_layer", "head_bytes"}
+    assert report["costs"]["expert_bytes"] > 0
+    quality = report["guess_distances"]
+    assert set(quality) == {"1", "2"} and all(0 <= q["precision"] <= 1 for d in quality.values() for q in d.values())
+    assert quality["1"]["1"]["guesses"] == 2 * 5 * 2 and quality["2"]["1"]["guesses"] == 2 * 5 * 1  # 3 layers
+    assert f"report: {out}" in done.stdout, "the path as given"
+    with np.load(tmp_path / "routing.npz") as npz:
+        assert np.array_equal(npz["routing_experts"], routing_from_report(report))
+
+    # The report is a trace a user replays in a plain clone (no ../shared): through the policies and the engine.
+    clone = plain_clone(tmp_path)
+    simulated = run_script(clone, "simulate_cache.py", str(out), "--k", "1-2")
+    assert simulated.returncode == 0 and "lru" in simulated.stdout, simulated.stderr[-2000:]
+    modelled = run_script(clone, "throughput_model.py", str(out), "--batch", "1", "2")
+    assert modelled.returncode == 0, modelled.stderr[-2000:]
+    assert "profiler report" in modelled.stdout and "aggregate tok/s" in modelled.stdout
+    assert "| Tesla T4 16 GB (Colab) | 2 | yes | none |" in modelled.stdout
 
 
-# ---- throughput model ----
-EXPERT = 66_404_400  # bytes, Mixtral 2-bit g16
-T4 = dict(h2d=11.5e9, d2h=11.5e9)
+# ---- the scripts in a plain clone (issue 19 item 9): a user's own traces, no ../shared ----
+def plain_clone(tmp_path: Path) -> Path:
+    """The package and scripts copied where no ../shared exists (the demo model left out: not needed)."""
+    clone = tmp_path / "work" / "offload_engine_clone"
+    ignore = shutil.ignore_patterns("__pycache__", "demo", "*.so")
+    shutil.copytree(REPO / "offload_engine", clone / "offload_engine", ignore=ignore)
+    shutil.copytree(REPO / "scripts", clone / "scripts", ignore=ignore)
+    assert not (clone.parent / "shared").exists()
+    return clone
 
 
-def _rate(compute_s=0.5, hit=0.6, k=4, bandwidth=11.5e9, writeback=True, prefetch=NO_PREFETCH) -> float:
-    return estimate(compute_s, EXPERT, bandwidth, bandwidth, hit, k, writeback=writeback,
-                    prefetch=prefetch).tokens_per_s
+def run_script(clone: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(clone)}
+    return subprocess.run([sys.executable, str(clone / "scripts" / name), *args], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=clone)
 
 
-@pytest.mark.parametrize("compute_s", [0.02, 0.2, 0.5, 1.0])
-@pytest.mark.parametrize("prefetch", [NO_PREFETCH, Prefetch(1, 0.8), Prefetch(2, 0.5), ORACLE])
-def test_throughput_is_monotonic_in_bandwidth_and_hit_rate(compute_s, prefetch):
-    hits = np.linspace(0.0, 1.0, 21)
-    by_hit = [_rate(compute_s, h, prefetch=prefetch) for h in hits]
-    assert all(b >= a - 1e-12 for a, b in zip(by_hit, by_hit[1:]))
-    by_bw = [_rate(compute_s, 0.6, bandwidth=bw * 1e9, prefetch=prefetch) for bw in (2, 4, 8, 11.5, 16, 24, 64)]
-    assert all(b >= a - 1e-12 for a, b in zip(by_bw, by_bw[1:]))
-    # Write-backs on a second stream (the other PCIe direction) never slow a token down.
-    duplex = estimate(compute_s, EXPERT, hit_rate=0.6, k=4, prefetch=prefetch, duplex=True, **T4).token_s
-    assert duplex <= estimate(compute_s, EXPERT, hit_rate=0.6, k=4, prefetch=prefetch, **T4).token_s
-    # All 8 experts resident: compute-bound (with k < 8 wrong guesses still copy, even at a 100 % hit rate).
-    assert _rate(compute_s, 1.0, k=8, prefetch=prefetch) == pytest.approx(1.0 / compute_s)
+def test_scripts_in_a_plain_clone_say_what_to_pass(tmp_path):
+    clone = plain_clone(tmp_path)
+    for name in ("simulate_cache.py", "throughput_model.py"):
+        done = run_script(clone, name)
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "profile_cache.py MODEL --out report.json" in lines[0]
 
 
-def test_naive_below_lru_below_lru_with_prefetch():
-    # Reference-like settings: a T4, k=4 at ~60 % LRU hits, compute that copies can hide behind, good guesses.
-    naive = _rate(0.5, 0.0, writeback=False)
-    lru = _rate(0.5, 0.6)
-    guessed = _rate(0.5, 0.6, prefetch=Prefetch(1, 0.8))
-    oracle = _rate(0.5, 0.6, prefetch=ORACLE)
-    assert naive < lru < guessed < oracle <= 1 / 0.5
-    # Perfect guesses never hurt; imperfect ones can when the copy stream, not compute, is the bottleneck.
-    for c in (0.02, 0.2, 1.0):
-        assert _rate(c, 0.6, prefetch=Prefetch(1, 1.0)) >= _rate(c, 0.6)
-    assert _rate(0.02, 0.6, prefetch=Prefetch(1, 0.5)) < _rate(0.02, 0.6)
-    # Naive copies every expert once per token and overlaps nothing.
-    e = estimate(0.5, EXPERT, hit_rate=0.0, k=4, writeback=False, **T4)
-    assert e.misses == 64 and e.token_s == pytest.approx(0.5 + 64 * EXPERT / 11.5e9)
+def test_throughput_model_replays_npz_traces_in_a_plain_clone(tmp_path):
+    clone = plain_clone(tmp_path)
+    rng = np.random.default_rng(0)
+    trace = np.stack([[rng.choice(8, 2, replace=False) for _ in range(32)] for _ in range(12)])  # [12, 32, 2]
+    np.savez(tmp_path / "mine.npz", mine_p0_experts=trace)
+    done = run_script(clone, "throughput_model.py", str(tmp_path / "mine.npz"), "--sensitivity", "--batch", "1", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for fragment in ("modelled (timed replay of the engine's cache)", "Tesla T4 16 GB", "Kaggle T4 VM (29 GB)",
+                     "PCIe 6 GB/s each way", "host 1.5 ms/layer", "Guess precision", "aggregate tok/s", "12 decode"):
+        assert fragment in out, fragment
+    t4_rows = [line for line in out.splitlines() if line.startswith("| Tesla T4 16 GB (Colab), Colab")]
+    assert len(t4_rows) == 3 and all("| 5 | yes |" in row for row in t4_rows)
+    kaggle = [line for line in out.splitlines() if line.startswith("| Tesla T4 16 GB (Colab), Kaggle")]
+    assert kaggle and all("| 5 | no |" in row and "| 0.00 |" in row for row in kaggle)

@@ -1,5 +1,6 @@
 """The CUDA stream protocol, replayed on CPU (issue 15): stand-in streams log every copy and compute read, a
-happens-before check finds any conflicting pair not ordered by events, on the real cache and model."""
+happens-before check finds any conflicting pair not ordered by events, on the real cache and model: in both
+write-back modes, with the slot choice of issue 20 (the free slot freed longest ago) and the prefetch gate."""
 
 from __future__ import annotations
 
@@ -39,13 +40,18 @@ def random_configs(checkpoints, n: int, seed: int = 0):
         prefetch = rng.randint(0, min(2, experts - k))
         policy = rng.choice(["lru", "lru", "lfu", "lrfu"])
         prompts = [rng.randint(1, 20) for _ in range(rng.randint(1, 2))]
-        yield dict(shape=(experts, top_k), k=k, prefetch=prefetch, policy=policy, prompts=prompts, seed=rng.randint(0, 999))
+        write_back = rng.choice(["always", "always", "never"])
+        gate = rng.choice([0.0, 0.0, 0.5])
+        yield dict(shape=(experts, top_k), k=k, prefetch=prefetch, policy=policy, prompts=prompts,
+                   seed=rng.randint(0, 999), write_back=write_back, gate=gate)
 
 
 def run_recorded(checkpoints, config, new_tokens: int = 6):
     engine = offload_engine.load(checkpoints[config["shape"]], progress=False,
                                  config=exact_config(experts_on_device=config["k"], prefetch=config["prefetch"],
-                                                     policy=config["policy"]))
+                                                     policy=config["policy"],
+                                                     write_back=config.get("write_back", "always"),
+                                                     prefetch_min_precision=config.get("gate", 0.0)))
     recorder = attach(engine.cache)
     gen = torch.Generator().manual_seed(config["seed"])
     tokens = [engine.generate_ids(torch.randint(0, 160, (n,), generator=gen).tolist(), max_new_tokens=new_tokens)
@@ -55,16 +61,49 @@ def run_recorded(checkpoints, config, new_tokens: int = 6):
 
 
 def test_protocol_has_no_race_on_random_configurations(checkpoints):
-    copies = 0
+    copies, modes = 0, set()
     for config in random_configs(checkpoints, N_CONFIGS):
-        _, recorder, _ = run_recorded(checkpoints, config)
+        engine, recorder, _ = run_recorded(checkpoints, config)
         assert not recorder.races, f"{config}: {recorder.report()}"
         copies += sum(entry[0] == "copy" for entry in recorder.log)
+        write_backs = sum(entry[0] == "copy" and entry[1] == "d2h" for entry in recorder.log)
+        assert (write_backs > 0) == (config["write_back"] == "always" and engine.stats()["overall"]["evictions"] > 0)
+        modes.add(config["write_back"])
     assert copies > 500, "the configurations should move experts a lot"
+    assert modes == {"always", "never"}
 
 
-@pytest.mark.parametrize("step", ORDERING_STEPS)
-def test_removing_any_ordering_step_is_caught(checkpoints, monkeypatch, step):
+@pytest.mark.parametrize("write_back", ["always", "never"])
+def test_new_slot_choice_never_reuses_a_slot_with_a_queued_write_back_first(checkpoints, write_back):
+    """A copy-in takes the free slot freed longest ago: never the victim slot of the miss just before it while an
+    older free slot exists (that slot's write-back would hold the copy-in up: issue 20)."""
+    engine = offload_engine.load(checkpoints[8, 2], progress=False,
+                                 config=exact_config(experts_on_device=2, prefetch=1, write_back=write_back))
+    cache, taken = engine.cache, []
+    original = type(cache)._take_free_slot
+
+    def take(self):
+        free = list(self.free_slots)
+        slot = original(self)
+        taken.append((slot, free))
+        return slot
+    type(cache)._take_free_slot, saved = take, original
+    try:
+        engine.generate_ids([3, 1, 4, 1, 5], max_new_tokens=12)
+    finally:
+        type(cache)._take_free_slot = saved
+    assert len(taken) > 20 and all(slot == free[0] for slot, free in taken)
+    assert engine.cache.allocation.spare_slots == (4 if write_back == "always" else 3)
+
+
+# Without write-backs, host slots are never written: only the slot's reuse after compute and compute after the
+# copy-in are left to order.
+MUTATIONS = [(step, "always") for step in ORDERING_STEPS] + [
+    ("copy_in_after_compute", "never"), ("compute_after_copy_in", "never")]
+
+
+@pytest.mark.parametrize("step,write_back", MUTATIONS)
+def test_removing_any_ordering_step_is_caught(checkpoints, monkeypatch, step, write_back):
     used = set()
     original = ExpertCache._after
 
@@ -76,11 +115,13 @@ def test_removing_any_ordering_step_is_caught(checkpoints, monkeypatch, step):
     monkeypatch.setattr(ExpertCache, "_after", mutated)
     races = 0
     for config in random_configs(checkpoints, N_CONFIGS):
-        races += len(run_recorded(checkpoints, config)[1].races)
+        races += len(run_recorded(checkpoints, {**config, "write_back": write_back})[1].races)
         if races:
             break
-    assert used == set(ORDERING_STEPS), "every named step should be exercised"
-    assert races, f"without '{step}' the checker should find a race"
+    if write_back == "always":
+        assert used == set(ORDERING_STEPS), "every named step should be exercised"
+    assert step in used
+    assert races, f"without '{step}' ({write_back} write-backs) the checker should find a race"
 
 
 def test_demand_copies_go_before_speculation_and_before_compute(checkpoints):
