@@ -30,6 +30,27 @@ MANIFEST = "offload_manifest.json"  # marks a pre-quantized checkpoint (see preq
 ConfigLike = Union[None, str, os.PathLike, dict, EngineConfig]
 
 
+class EngineClosedError(RuntimeError):
+    """The engine was used after `close()`."""
+
+
+class ClosedLock:
+    """The lock of a closed engine. Every use of an engine (logits, generation, chat turns, a server's worker) takes
+    its lock first, so every use after close() fails here, saying why, instead of deep inside the freed cache."""
+
+    locked = False
+
+    def acquire(self) -> None:
+        raise EngineClosedError("the engine is closed: close() freed its expert cache; load the model again "
+                                "(offload_engine.load) to use it")
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -157,10 +178,17 @@ class Engine:
             self.cache.reset_stats()
             self.model.host_syncs = 0
 
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.lock, ClosedLock)
+
     def close(self) -> None:
         """Wait for the cache's copies, then free its device slots and unlock its host memory (also done when the
-        engine is garbage-collected). The engine cannot run afterwards."""
-        self.cache.close()
+        engine is garbage-collected). Using the engine afterwards raises EngineClosedError; closing again does
+        nothing."""
+        if not self.closed:
+            self.lock = ClosedLock()
+            self.cache.close()
 
 
 def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torch.device | None = None,
