@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -13,11 +12,12 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .anatomy import Anatomy
+from .cache_stats import total, with_rates
 from .chat import ChatSession
 from .concurrency import EngineLock, locked_iter
 from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
 from .config import ConfigError, EngineConfig, load_config
-from .expert_cache import ExpertCache, LayerStats
+from .expert_cache import ExpertCache
 from .expert_tensors import read_expert_tensor
 from .experts import ExpertLayout
 from .generate import SamplingParams, check_token_ids, generate_tokens, stream_text
@@ -148,20 +148,10 @@ class Engine:
 
     # ---- statistics ----
     def stats(self) -> dict:
-        """Cache counters overall and per layer (see LayerStats), plus derived rates and the host syncs."""
-        total = LayerStats()
-        for layer_stats in self.cache.stats:
-            total.add(layer_stats)
-
-        def with_rates(s: LayerStats) -> dict:
-            d = asdict(s)
-            d["hit_rate"] = s.hits / s.lookups if s.lookups else 0.0
-            d["prefetch_precision"] = s.guessed_correct / s.guessed if s.guessed else 0.0
-            d["prefetch_recall"] = s.guessed_correct / s.needed_after_guess if s.needed_after_guess else 0.0
-            return d
-
+        """Cache counters overall and per layer (see LayerStats), plus their rates (defined in cache_stats.py)
+        and the host syncs."""
         return {
-            "overall": with_rates(total),
+            "overall": with_rates(total(self.cache.stats)),
             "per_layer": [with_rates(s) for s in self.cache.stats],
             "host_syncs": self.model.host_syncs + self.cache.host_waits,  # routing reads + cache waits (profiling)
             "experts_on_device": self.cache.k,

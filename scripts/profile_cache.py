@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -62,7 +61,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import offload_engine.model as model_module  # noqa: E402
-from offload_engine import load, load_config  # noqa: E402
+from offload_engine import cache_stats, load, load_config  # noqa: E402
 from offload_engine.checkpoint import read_config, resolve_model_dir  # noqa: E402
 from offload_engine.cli import parse_device  # noqa: E402
 from offload_engine.engine import Engine  # noqa: E402
@@ -78,22 +77,13 @@ DEFAULT_PROMPTS = [
     "Explain in two sentences why the sky is blue.",
     "Translate into French: the weather is nice today, so we are going to the beach.",
 ]
-COUNTERS = [f.name for f in dataclasses.fields(LayerStats)]
-
-
-def with_rates(s: LayerStats) -> dict:
-    """Counters plus the rates ``Engine.stats()`` derives (same definitions)."""
-    d = dataclasses.asdict(s)
-    d["hit_rate"] = s.hits / s.lookups if s.lookups else 0.0
-    d["prefetch_precision"] = s.guessed_correct / s.guessed if s.guessed else 0.0
-    d["prefetch_recall"] = s.guessed_correct / s.needed_after_guess if s.needed_after_guess else 0.0
-    return d
+with_rates = cache_stats.with_rates  # counters plus the rates Engine.stats() derives (one definition)
 
 
 def add_stats(total: list[LayerStats], engine: Engine) -> None:
     """Add the engine's per-layer counters since its last reset into ``total``."""
     for acc, layer in zip(total, engine.stats()["per_layer"]):
-        acc.add(LayerStats(**{name: layer[name] for name in COUNTERS}))
+        acc.add(cache_stats.counters(layer))
 
 
 class Recorder:
@@ -236,12 +226,7 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
             prompt_info.append({"text": text, "prompt_ids": ids, "generated_ids": out,
                                 "decode_steps": len(rec.routing) - first_step, "first_step": first_step})
     engine.reset_stats()
-    total = LayerStats()
-    for s in decode_stats:
-        total.add(s)
-    prefill_total = LayerStats()
-    for s in rec.prefill_stats:
-        prefill_total.add(s)
+    total, prefill_total = cache_stats.total(decode_stats), cache_stats.total(rec.prefill_stats)
 
     steps = len(rec.routing)
     forward = sum(rec.forward_s)
@@ -301,6 +286,10 @@ def format_report(report: dict) -> str:
     o = report["overall"]
     if not o["guessed"]:
         lines.append("(prefetch off or no guesses made: precision and recall are 0 by definition)")
+    else:
+        overall = cache_stats.counters(o)
+        lines.append(f"all layers: {cache_stats.precision_text(overall)}, {cache_stats.recall_text(overall)}; "
+                     f"{o['prefetch_issued']} experts copied ahead of need, {o['prefetch_used']} of them used")
     ms = t["per_token_ms"]
     fmt = lambda x: "   n/a" if x is None else f"{x:6.2f}"  # noqa: E731
     lines += [

@@ -24,7 +24,7 @@ import offload_engine  # noqa: E402
 from offload_engine.generate import SamplingParams  # noqa: E402
 from offload_engine.server import BackgroundServer, create_app  # noqa: E402
 
-from test_server import DEMO_CONFIG, HELLO, REPO, TIMEOUT, Gate, error_of, wait_until  # noqa: E402
+from test_server import DEMO_CONFIG, HELLO, REPO, TIMEOUT, Gate, error_of, metric, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,23 @@ def test_an_unknown_model_is_404_model_not_found(server, stream):
     assert client.completions.create(model="demo", prompt="Hi", max_tokens=1).usage.completion_tokens == 1
     assert httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
                       timeout=TIMEOUT).status_code == 200
+
+
+# ---- /metrics ----
+def test_metrics_prefetch_precision_is_its_parts(engine, server):
+    """The gauge is guesses used / guesses, both exported, and agrees with Engine.stats() (one definition)."""
+    httpx.post(server.url + "/v1/completions", json={"prompt": "The history of", "max_tokens": 8},
+               timeout=TIMEOUT).raise_for_status()
+    precision, guesses = metric(server, "offload_prefetch_precision"), metric(server, "offload_prefetch_guesses_total")
+    used = metric(server, "offload_prefetch_guesses_used_total")
+    overall = engine.stats()["overall"]
+    assert guesses > 0 and (used, guesses) == (overall["guessed_correct"], overall["guessed"])
+    assert precision == pytest.approx(used / guesses) == overall["prefetch_precision"]
+    copies = {outcome: metric(server, "offload_prefetch_copies_total", f'{{outcome="{outcome}"}}')
+              for outcome in ("issued", "used", "wasted")}
+    assert copies == {o: overall[f"prefetch_{o}"] for o in copies} and copies["issued"] > 0
+    assert metric(server, "offload_expert_cache_hit_rate") == pytest.approx(
+        metric(server, "offload_expert_cache_hits_total") / metric(server, "offload_expert_cache_lookups_total"))
 
 
 # ---- shutdown ----
