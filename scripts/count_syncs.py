@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from transformers import DynamicCache, MixtralConfig, MixtralForCausalLM  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 import offload_engine  # noqa: E402
 from offload_engine.stream_check import SyncCounter  # noqa: E402
@@ -39,10 +40,11 @@ def main() -> None:
                            eos_token_id=None)
     print(f"model: 32 layers, top-2 of 8 experts, hidden 64, fp32; batch 1, prompt 8, {args.steps} decode steps, "
           f"{args.experts_on_device} experts/layer on the device")
-    print("| prefetch | syncs per decode token (counted) | engine reports | cache host waits |")
-    print("|---|---|---|---|")
+    transformers_logging.disable_progress_bar()  # nothing but the table's rows may appear between its lines
     with tempfile.TemporaryDirectory() as tmp:
         MixtralForCausalLM(config).save_pretrained(tmp)
+        print("| prefetch | syncs per decode token (counted) | engine reports | cache host waits |")
+        print("|---|---|---|---|", flush=True)
         for prefetch in (0, 1, 2):
             engine = offload_engine.load(tmp, progress=False, device="cpu", config={
                 "dtype": "float32", "quant": {"attention": {"bits": None}, "experts": {"bits": None}},
@@ -55,7 +57,7 @@ def main() -> None:
                     engine.model(torch.tensor([[step + 10]]), kv_cache)
             stats = engine.stats()
             print(f"| {prefetch} | {counter.count / args.steps:.1f} | {stats['host_syncs'] / args.steps:.1f} | "
-                  f"{engine.cache.host_waits} |")
+                  f"{engine.cache.host_waits} |", flush=True)
 
 
 if __name__ == "__main__":
