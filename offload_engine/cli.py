@@ -17,14 +17,16 @@ and /help print), so `offload-chat MODEL --prompt "..." > answer.txt` captures t
 everything about the run: loading progress and the one-line model summary, notices (e.g. old turns dropped),
 errors, and after each reply one stats line (unless --no-stats):
 
-    [12 tokens in 3.5 s, 3.4 tok/s, expert cache hit rate 61.2% (this reply), prefetch precision 48.0%]
+    [12 tokens in 3.5 s, 3.4 tok/s, expert cache hit rate 61.2% (this reply), prefetch precision 48.0% (12 of 25
+     guesses used)]
 
   * tokens: the tokens generated for the reply (ChatSession.last_reply_ids; EOS not counted).
   * tok/s: tokens / wall time from sending the message to the end of the reply (prefill of the turn included).
   * hit rate: expert-cache hits / lookups during this reply (the turn's prefill and the decode steps). When every
     expert is resident (e.g. the cpu config) the clause reads "all experts on device" instead: 100% by construction.
-  * prefetch precision: of the experts that speculation named, the share the layer then really used (this
-    reply); "prefetch off" when the config disables prefetch or every expert is resident.
+  * prefetch precision: of the experts that speculation named (guesses), the share the layer then really used
+    (this reply), with its parts; "prefetch off" when the config disables prefetch or every expert is resident.
+    The rates are defined once, in cache_stats.py (also for /stats, the server's /metrics and profile_cache.py).
 An interrupted reply prints `(stopped ...)` on stderr before its stats line.
 
 Exit codes: 0 on /exit, EOF (Ctrl-D) or Ctrl-C twice in a row at the prompt (one press only asks, so a Ctrl-C
@@ -43,6 +45,7 @@ import time
 import warnings
 from typing import TextIO
 
+from .cache_stats import counters, difference, hit_rate, precision_text, recall_text
 from .chat import ChatSession
 from .config import QuantSpec
 from .engine import Engine
@@ -153,18 +156,13 @@ def size_text(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def pct(part: float, whole: float) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "n/a"
-
-
 def reply_stats(engine: Engine, before: dict, after: dict, tokens: int, seconds: float) -> str:
     """The per-reply line; `before`/`after` are engine.stats()["overall"] around the reply."""
-    delta = {key: after[key] - before[key] for key in ("lookups", "hits", "guessed", "guessed_correct")}
+    delta = difference(after, before)
     all_resident = engine.cache.k >= engine.cache.num_experts
     hit = ("all experts on device" if all_resident
-           else f"expert cache hit rate {pct(delta['hits'], delta['lookups'])} (this reply)")
-    prefetch = ("prefetch off" if not engine.cache.prefetch_count
-                else f"prefetch precision {pct(delta['guessed_correct'], delta['guessed'])}")
+           else f"expert cache hit rate {hit_rate(delta).percent()} (this reply)")
+    prefetch = "prefetch off" if not engine.cache.prefetch_count else precision_text(delta)
     rate = tokens / seconds if seconds > 0 else 0.0
     return f"[{tokens} tokens in {seconds:.1f} s, {rate:.1f} tok/s, {hit}, {prefetch}]"
 
@@ -172,9 +170,9 @@ def reply_stats(engine: Engine, before: dict, after: dict, tokens: int, seconds:
 def stats_report(engine: Engine) -> str:
     """What /stats prints: the counters since loading, then the hit rate of every layer, 8 layers a row."""
     stats = engine.stats()
-    o = stats["overall"]
+    o, overall = stats["overall"], counters(stats["overall"])
     lines = [
-        (f"expert cache since loading: {o['lookups']} lookups, hit rate {pct(o['hits'], o['lookups'])}, "
+        (f"expert cache since loading: {o['lookups']} lookups, hit rate {hit_rate(overall).percent()}, "
          f"{o['misses']} misses, {o['evictions']} evictions"),
         (f"  {stats['experts_on_device']}/{engine.cache.num_experts} experts/layer on device "
          f"({size_text(stats['device_bytes'])}), {size_text(stats['host_bytes'])} on host"),
@@ -182,15 +180,16 @@ def stats_report(engine: Engine) -> str:
          f"waited {o['wait_s']:.2f} s for copies; {stats['host_syncs']} host syncs"),
     ]
     if stats["prefetch"]:
-        lines.append(f"  prefetch {stats['prefetch']}/layer: {o['prefetch_issued']} issued, {o['prefetch_used']} "
-                     f"used, {o['prefetch_wasted']} wasted; precision {pct(o['guessed_correct'], o['guessed'])}, "
-                     f"recall {pct(o['guessed_correct'], o['needed_after_guess'])}")
+        lines.append(f"  {precision_text(overall)}, {recall_text(overall)}")
+        lines.append(f"  prefetch {stats['prefetch']}/layer: {o['prefetch_issued']} experts copied ahead of need, "
+                     f"{o['prefetch_used']} of them used, {o['prefetch_wasted']} wasted (a guess of an expert "
+                     f"already on the device copies nothing)")
     else:
         lines.append("  prefetch off")
     per_layer = stats["per_layer"]
     lines.append("hit rate by layer:")
     for start in range(0, len(per_layer), 8):
-        rates = [pct(s["hits"], s["lookups"]).rjust(6) for s in per_layer[start:start + 8]]
+        rates = [hit_rate(counters(s)).percent().rjust(6) for s in per_layer[start:start + 8]]
         end = min(start + 8, len(per_layer)) - 1
         lines.append(f"  {f'{start}-{end}':>7}: " + " ".join(rates))
     return "\n".join(lines)

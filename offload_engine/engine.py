@@ -3,21 +3,42 @@ loader.py, builds one)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from transformers import DynamicCache
 
+from .cache_stats import total, with_rates
 from .chat import ChatSession
 from .concurrency import EngineLock, locked_iter
 from .config import EngineConfig
-from .expert_cache import ExpertCache, LayerStats
+from .expert_cache import ExpertCache
 from .generate import SamplingParams, check_token_ids, generate_tokens, stream_text
 from .kernels import Kernels
 from .model import OffloadedModel
 from .tokenization import encode_text
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was used after `close()`."""
+
+
+class ClosedLock:
+    """The lock of a closed engine. Every use of an engine (logits, generation, chat turns, a server's worker) takes
+    its lock first, so every use after close() fails here, saying why, instead of deep inside the freed cache."""
+
+    locked = False
+
+    def acquire(self) -> None:
+        raise EngineClosedError("the engine is closed: close() freed its expert cache; load the model again "
+                                "(offload_engine.load) to use it")
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 class Engine:
@@ -114,20 +135,10 @@ class Engine:
 
     # ---- statistics ----
     def stats(self) -> dict:
-        """Cache counters overall and per layer (see LayerStats), plus derived rates and the host syncs."""
-        total = LayerStats()
-        for layer_stats in self.cache.stats:
-            total.add(layer_stats)
-
-        def with_rates(s: LayerStats) -> dict:
-            d = asdict(s)
-            d["hit_rate"] = s.hits / s.lookups if s.lookups else 0.0
-            d["prefetch_precision"] = s.guessed_correct / s.guessed if s.guessed else 0.0
-            d["prefetch_recall"] = s.guessed_correct / s.needed_after_guess if s.needed_after_guess else 0.0
-            return d
-
+        """Cache counters overall and per layer (see LayerStats), plus their rates (defined in cache_stats.py)
+        and the host syncs."""
         return {
-            "overall": with_rates(total),
+            "overall": with_rates(total(self.cache.stats)),
             "per_layer": [with_rates(s) for s in self.cache.stats],
             "host_syncs": self.model.host_syncs + self.cache.host_waits,  # routing reads + cache waits (profiling)
             "experts_on_device": self.cache.k,
@@ -144,7 +155,15 @@ class Engine:
             self.cache.reset_stats()
             self.model.host_syncs = 0
 
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.lock, ClosedLock)
+
     def close(self) -> None:
         """Wait for the cache's copies, then free its device slots and unlock its host memory (also done when the
-        engine is garbage-collected). The engine cannot run afterwards."""
-        self.cache.close()
+        engine is garbage-collected). Using the engine afterwards raises EngineClosedError; closing again does
+        nothing."""
+        if not self.closed:
+            self.lock = ClosedLock()
+            self.cache.close()
+

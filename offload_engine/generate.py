@@ -42,12 +42,15 @@ def check_float(name: str, value, allowed: str, ok) -> float:
 
 
 SEED_RANGE = (-(2**63), 2**64 - 1, "an integer from -2**63 to 2**64-1")  # what torch's manual_seed accepts
+# Temperatures below this sample greedily (as vLLM does): dividing the logits by less (a subnormal 5e-324 most of all)
+# overflows them to inf, and even where it does not, the softmax is one-hot on the top token.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy; so is anything below GREEDY_BELOW (stored as 0.0)
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (CTRL-style)
@@ -58,7 +61,8 @@ class SamplingParams:
         """Types, ranges and NaN checked here, at the boundary: errors name the parameter and what is allowed."""
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         put("max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1))
-        put("temperature", check_float("temperature", self.temperature, ">= 0 (0 = greedy)", lambda t: t >= 0))
+        temperature = check_float("temperature", self.temperature, ">= 0 (0 = greedy)", lambda t: t >= 0)
+        put("temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
         put("top_p", check_float("top_p", self.top_p, "in (0, 1]", lambda p: 0 < p <= 1))
         put("top_k", check_int("top_k", self.top_k, 0))
         put("repetition_penalty", check_float("repetition_penalty", self.repetition_penalty, "> 0 (1 = off)",

@@ -34,7 +34,8 @@ from .checkpoint import MANIFEST, read_config
 from .config import CONFIG_DIR, ConfigError, ConfigLike, EngineConfig, load_config, read_yaml
 from .experts import ExpertLayout
 from .model import OffloadedModel
-from .prequantized_io import ST_DTYPES, PrequantizedError, TensorSpec, read_header, read_into
+from .prequantized_io import (ST_DTYPES, PrequantizedError, TensorSpec, check_manifest_entries, read_header,
+                              read_into)
 from .quantize import MatrixLayout
 
 FORMAT = "offload_engine.prequantized"
@@ -77,6 +78,11 @@ def layout_key(name: str) -> str:
     'model.layers.3.self_attn.q_proj', `trunk.mlp.shared_experts.up_proj` for the others."""
     within = name.split(".", 3)[3]
     return f"attention.{within.removeprefix('self_attn.')}" if within.startswith("self_attn.") else f"trunk.{within}"
+
+
+def tensor_layout(name: str) -> str:
+    """A packed tensor's `layout` entry in the manifest: `expert`, or its key under `layouts`."""
+    return "expert" if ".experts." in name else layout_key(name)
 
 
 def _layouts(hf, cfg: EngineConfig) -> dict:
@@ -232,11 +238,13 @@ def validate(model_dir: Path, manifest: dict, hf, cfg: EngineConfig) -> dict[str
         raise PrequantizedError(
             f"the packed layouts in {model_dir / MANIFEST} differ from the ones this offload_engine computes for "
             f"{_describe_quant(cfg)} (written by {manifest.get('created_by')}); quantize the original checkpoint again")
+    plan = plan_files(hf, cfg)
+    check_manifest_entries(model_dir, MANIFEST, manifest, plan, AUX_FILES, tensor_layout)
     for name in manifest.get("aux_files", []):
         if not (model_dir / name).exists():
             raise PrequantizedError(f"{name}, listed in {MANIFEST}, is missing from {model_dir}; re-download it")
     headers = {}
-    for name, specs in plan_files(hf, cfg).items():
+    for name, specs in plan.items():
         path, entry = model_dir / name, manifest["files"].get(name)
         if entry is None:
             raise PrequantizedError(f"{model_dir / MANIFEST} does not list {name}, which this model needs; re-download it")

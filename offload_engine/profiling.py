@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import DynamicCache
 
+from . import cache_stats
 from . import model as model_module
 from .engine import Engine
 from .expert_cache import LayerStats
@@ -18,9 +19,8 @@ from .prefetch import guess_experts
 
 def add_stats(total: list[LayerStats], engine: Engine) -> None:
     """Add the engine's per-layer counters since its last reset into ``total``."""
-    names = [f for f in LayerStats.__dataclass_fields__]
     for acc, layer in zip(total, engine.stats()["per_layer"]):
-        acc.add(LayerStats(**{name: layer[name] for name in names}))
+        acc.add(cache_stats.counters(layer))
 
 
 class Recorder:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from transformers import DynamicCache, MixtralConfig, MixtralForCausalLM  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 import offload_engine  # noqa: E402
 from offload_engine.stream_check import OpCounter, SyncCounter  # noqa: E402
@@ -49,10 +50,11 @@ def main() -> None:
     print(f"model: 32 layers, top-2 of 8 experts, hidden 64, fp32; batch 1, prompt 8, {args.steps} decode steps, "
           f"{args.experts_on_device} experts/layer on the device")
     rows = []
-    print("| prefetch | syncs per decode token (counted) | engine reports | cache host waits |")
-    print("|---|---|---|---|")
+    transformers_logging.disable_progress_bar()  # nothing but the table's rows may appear between its lines
     with tempfile.TemporaryDirectory() as tmp:
         MixtralForCausalLM(config).save_pretrained(tmp)
+        print("| prefetch | syncs per decode token (counted) | engine reports | cache host waits |")
+        print("|---|---|---|---|", flush=True)
         for prefetch in (0, 1, 2):
             engine = offload_engine.load(tmp, progress=False, device="cpu", config={
                 "dtype": "float32", "quant": {"attention": {"bits": None}, "experts": {"bits": None}},
@@ -65,7 +67,7 @@ def main() -> None:
                     engine.model(torch.tensor([[step + 10]]), kv_cache)
             stats = engine.stats()
             print(f"| {prefetch} | {counter.count / args.steps:.1f} | {stats['host_syncs'] / args.steps:.1f} | "
-                  f"{engine.cache.host_waits} |")
+                  f"{engine.cache.host_waits} |", flush=True)
             ops = OpCounter(PARTS)
             with ops:
                 for step in range(args.steps):

@@ -77,7 +77,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from offload_engine import load, load_config  # noqa: E402
+from offload_engine import cache_stats, load, load_config  # noqa: E402
 from offload_engine.model_args import add_model_arguments, parse_model_args, resolve_setup  # noqa: E402
 from offload_engine.config import ConfigLike  # noqa: E402
 from offload_engine.engine import Engine  # noqa: E402
@@ -96,15 +96,7 @@ DEFAULT_PROMPTS = [
     "Explain in two sentences why the sky is blue.",
     "Translate into French: the weather is nice today, so we are going to the beach.",
 ]
-
-
-def with_rates(s: LayerStats) -> dict:
-    """Counters plus the rates ``Engine.stats()`` derives (same definitions)."""
-    d = dataclasses.asdict(s)
-    d["hit_rate"] = s.hits / s.lookups if s.lookups else 0.0
-    d["prefetch_precision"] = s.guessed_correct / s.guessed if s.guessed else 0.0
-    d["prefetch_recall"] = s.guessed_correct / s.needed_after_guess if s.needed_after_guess else 0.0
-    return d
+with_rates = cache_stats.with_rates  # counters plus the rates Engine.stats() derives (one definition)
 
 
 def read_prompts(path: str | None, engine: Engine, n_random: int, length: int,
@@ -168,12 +160,7 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
             prompt_info.append({"text": text, "prompt_ids": ids, "generated_ids": out,
                                 "decode_steps": len(rec.routing) - first_step, "first_step": first_step})
     engine.reset_stats()
-    total = LayerStats()
-    for s in decode_stats:
-        total.add(s)
-    prefill_total = LayerStats()
-    for s in rec.prefill_stats:
-        prefill_total.add(s)
+    total, prefill_total = cache_stats.total(decode_stats), cache_stats.total(rec.prefill_stats)
 
     steps = len(rec.routing)
     forward = sum(rec.forward_s)
@@ -242,6 +229,10 @@ def format_report(report: dict) -> str:
     o = report["overall"]
     if not o["guessed"]:
         lines.append("(prefetch off or no guesses made: precision and recall are 0 by definition)")
+    else:
+        overall = cache_stats.counters(o)
+        lines.append(f"all layers: {cache_stats.precision_text(overall)}, {cache_stats.recall_text(overall)}; "
+                     f"{o['prefetch_issued']} experts copied ahead of need, {o['prefetch_used']} of them used")
     ms = t["per_token_ms"]
     fmt = lambda x: "   n/a" if x is None else f"{x:6.2f}"  # noqa: E731
     lines += [

@@ -1,10 +1,14 @@
 """Load-time checks of pre-quantized checkpoints: config.json fields that change outputs, a missing or malformed
-manifest, named as such."""
+manifest, manifest entries that disagree with the layout (issue 19, item 7), named as such."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +115,68 @@ def test_config_json_cross_field_rules(tiny_dir, tmp_path, field, value, message
     edit_json(bad / "config.json", lambda c: c.update({field: value}))
     with pytest.raises(offload_engine.CheckpointError, match=rf"config.json.*{message}"):
         offload_engine.load(bad, progress=False)
+
+
+# ---- manifest entries against the layout the config implies (issue 19, item 7) ----
+EXPERT = "model.layers.0.experts.0"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plain_tensor(manifest: dict) -> str:
+    """The first tensor stored in the model dtype (not a packed uint8 buffer)."""
+    return next(name for name, entry in manifest["tensors"].items() if entry["dtype"] != "uint8")
+
+
+def set_entry(key: str, value, name=lambda m: EXPERT):
+    return lambda m: m["tensors"][name(m)].update({key: value})
+
+
+MANIFEST_EDITS = {
+    # edit, what the error must say
+    "expert shape": (set_entry("shape", [123]), rf"tensor {EXPERT} in layer-000.safetensors is recorded with shape "
+                                                rf"\[123\] \(expected \[\d+\]\)"),
+    "plain shape": (set_entry("shape", [2, 3], plain_tensor), r"tensor \S+ in \S+.safetensors is recorded with shape "
+                                                              r"\[2, 3\]"),
+    "plain dtype": (set_entry("dtype", "float16", plain_tensor), r"tensor \S+ in \S+.safetensors is recorded with "
+                                                                 r"dtype \"float16\" \(expected \"float32\"\)"),
+    "expert dtype": (set_entry("dtype", "int8"), rf"tensor {EXPERT} in layer-000.safetensors is recorded with dtype"),
+    "tensor's file": (set_entry("file", "layer-001.safetensors"), rf"tensor {EXPERT} in layer-000.safetensors is "
+                                                                  rf"recorded with file \"layer-001.safetensors\""),
+    "tensor's layout": (set_entry("layout", "attention.q_proj"), rf"tensor {EXPERT} .* layout \"attention.q_proj\""),
+    "unknown tensor": (lambda m: m["tensors"].update({"model.layers.0.experts.99": m["tensors"][EXPERT]}),
+                       r"'tensors' lists model.layers.0.experts.99, which this model does not have"),
+    "unknown file": (lambda m: m["files"].update({"extra.safetensors": {"nbytes": 8}}),
+                     r"'files' lists 'extra.safetensors', which is not a file of this checkpoint"),
+    "file up a level": (lambda m: m["files"].update({"../trunk.safetensors": m["files"]["trunk.safetensors"]}),
+                        r"'files' lists '../trunk.safetensors', a path outside"),
+    "file absolute": (lambda m: m["files"].update({"/etc/passwd": {"nbytes": 8}}),
+                      r"'files' lists '/etc/passwd', a path outside"),
+    "aux up a level": (lambda m: m["aux_files"].append("../secret.json"), r"'aux_files' lists '../secret.json', a path "
+                                                                          r"outside"),
+    "aux absolute": (lambda m: m["aux_files"].append("/etc/passwd"), r"'aux_files' lists '/etc/passwd', a path outside"),
+    "aux in a subfolder": (lambda m: m["aux_files"].append("sub/config.json"), r"'aux_files' lists 'sub/config.json', "
+                                                                               r"a path outside"),
+    "aux unknown": (lambda m: m["aux_files"].append("notes.txt"), r"'aux_files' lists 'notes.txt', which is not a file"),
+    "file's tensor list": (lambda m: m["files"]["layer-000.safetensors"]["tensors"].reverse(),
+                           r"the tensors listed for file layer-000.safetensors differ"),
+}
+
+
+@pytest.mark.parametrize("case", MANIFEST_EDITS)
+def test_manifest_entries_that_disagree_with_the_layout_are_refused(copy, case):
+    edit, message = MANIFEST_EDITS[case]
+    edit_json(copy / MANIFEST, edit)
+    with pytest.raises(PrequantizedError, match=rf"{MANIFEST}: {message}"):
+        offload_engine.load(copy, progress=False)
+
+
+@pytest.mark.parametrize("case", ["expert shape", "aux up a level"])
+def test_offload_chat_refuses_an_edited_manifest_in_one_line(copy, case):
+    edit, message = MANIFEST_EDITS[case]
+    edit_json(copy / MANIFEST, edit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "offload_engine.cli", str(copy), "--prompt", "Hi",
+                           "--max-new-tokens", "1"], capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(message, errors[0]), errors[0]

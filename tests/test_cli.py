@@ -27,7 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = ">>> "
 # The per-reply line the CLI prints on stderr (format documented in offload_engine/cli.py).
 STATS = re.compile(r"^\[(\d+) tokens in ([\d.]+) s, ([\d.]+) tok/s, expert cache hit rate ([\d.]+)% \(this reply\), "
-                   r"prefetch precision ([\d.]+)%\]$", re.MULTILINE)
+                   r"prefetch precision ([\d.]+)% \((\d+) of (\d+) guesses used\)\]$", re.MULTILINE)
+# /stats's prefetch line: the precision and recall with their parts.
+STATS_PREFETCH = re.compile(r"^  prefetch precision ([\d.]+)% \((\d+) of (\d+) guesses used\), recall ([\d.]+)% "
+                            r"\((\d+) of (\d+) experts used were guessed\)$", re.MULTILINE)
 NUM_LAYERS = 3  # tiny_config's
 
 # Mixtral-Instruct's format: "<s>[INST] user [/INST] reply</s>[INST] ..."; a system message joins the first turn.
@@ -134,11 +137,16 @@ def test_two_turn_chat_with_commands(runs):
 
     lines = STATS.findall(result.stderr)
     assert len(lines) == 3, result.stderr
-    for tokens, seconds, rate, hit_rate, precision in lines:
+    for tokens, seconds, rate, hit_rate, precision, used, guesses in lines:
         assert 1 <= int(tokens) <= 8
-        assert float(rate) > 0 and 0 <= float(hit_rate) <= 100 and 0 <= float(precision) <= 100
-    # /stats: overall counters and one hit rate per layer.
+        assert float(rate) > 0 and 0 <= float(hit_rate) <= 100
+        assert 0 < int(guesses) and float(precision) == round(100 * int(used) / int(guesses), 1)  # what it says it is
+    # /stats: overall counters and one hit rate per layer; the precision with its parts, as in the stats lines.
     assert "expert cache since loading:" in stats and "prefetch 1/layer" in stats
+    (precision, used, guesses, recall, right, needed), = STATS_PREFETCH.findall(stats)
+    assert float(precision) == round(100 * int(used) / int(guesses), 1) and right == used
+    assert float(recall) == round(100 * int(right) / int(needed), 1)
+    assert int(guesses) == sum(int(g) for *_, g in lines[:2])  # /stats came after the first two replies
     per_layer = stats.split("hit rate by layer:")[1]
     assert len(re.findall(r"\d+\.\d%", per_layer)) == NUM_LAYERS
     # Loading: progress bar and the one-line summary.

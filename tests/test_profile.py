@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,12 @@ def test_profiler_end_to_end_report_follows_schema(tmp_path, tiny_dir):
         assert fragment in done.stdout, fragment
 
     report = json.loads(out.read_text())
+    # The precision is printed with its parts, the report's counters (one definition: offload_engine/cache_stats.py).
+    overall = report["overall"]
+    printed = re.search(r"all layers: prefetch precision ([\d.]+)% \((\d+) of (\d+) guesses used\)", done.stdout)
+    assert printed, done.stdout
+    assert (int(printed[2]), int(printed[3])) == (overall["guessed_correct"], overall["guessed"])
+    assert float(printed[1]) == round(100 * overall["prefetch_precision"], 1)
     for key in ("schema_version", "model", "command", "config", "machine", "prompts", "tokens", "routing", "guesses",
                 "per_layer", "overall", "prefill", "timing", "num_layers", "num_experts", "top_k"):
         assert key in report, key

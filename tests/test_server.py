@@ -194,7 +194,7 @@ def test_queue_overflow_gives_429(engine):
     with BackgroundServer(create_app(engine, max_queue=1)) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
         worker, results = s.app.state.worker, []
-        ask = lambda: results.append(client.completions.create(model="m", prompt="Hi", max_tokens=2))  # noqa: E731
+        ask = lambda: results.append(client.completions.create(model="demo", prompt="Hi", max_tokens=2))  # noqa: E731
         with Gate(worker) as gate:
             running = threading.Thread(target=ask)
             running.start()
@@ -203,7 +203,7 @@ def test_queue_overflow_gives_429(engine):
             waiting.start()
             wait_until(lambda: worker.depth() == 1, what="the second request to wait")
             with pytest.raises(openai.RateLimitError) as e:
-                client.completions.create(model="m", prompt="Hi", max_tokens=2)
+                client.completions.create(model="demo", prompt="Hi", max_tokens=2)
             assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
             assert "retry later" in e.value.body["message"]
             gate.open.set()
@@ -290,7 +290,7 @@ def test_api_key(engine):
                        timeout=TIMEOUT)
         assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
         right = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0, timeout=TIMEOUT)
-        assert right.completions.create(model="m", prompt="Hi", max_tokens=1).usage.completion_tokens == 1
+        assert right.completions.create(model="demo", prompt="Hi", max_tokens=1).usage.completion_tokens == 1
         assert httpx.get(s.url + "/health", timeout=TIMEOUT).status_code == 200
 
 

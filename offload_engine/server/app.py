@@ -3,13 +3,16 @@
     app = create_app(engine, model_name="mixtral-8x7b", api_key=None, max_queue=32)
 
 Handlers validate and tokenize on the event loop, then hand a Job to the single Worker and relay its events:
-as server-sent events for `stream: true` (`data: {chunk}` ... `data: [DONE]`), else as one JSON body. Every error
-is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`; no request can take the server down.
+as server-sent events for `stream: true` (`data: {chunk}` ... `data: [DONE]`), else as one JSON body. A stream's
+response starts when the worker starts its job, so a request still waiting when the server shuts down gets a
+plain 503 whether it streams or not. Every error is an OpenAI-style body `{"error": {"message", "type", "param",
+"code"}}`; no request can take the server down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -27,10 +30,13 @@ from starlette.exceptions import HTTPException
 from ..chat import encode_chat
 from . import protocol as p
 from .metrics import Metrics
-from .worker import Done, Failed, Job, Piece, QueueFull, Worker
+from .worker import Done, Event, Failed, Job, Piece, QueueFull, ShuttingDown, Started, Unavailable, Worker
 
 DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
 ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
+
+
+SHUTTING_DOWN = "server_shutting_down"  # the error code of a request the server stops serving at shutdown
 
 
 class APIError(Exception):
@@ -136,7 +142,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                and x not in ("str", "int", "float", "bool", "list", "dict")]
         param = ".".join(loc) or None
         if param:
-            message = f"{param}: {error['msg']}"
+            message = f"{param}: {error['msg'].removeprefix('Value error, ')}"
         elif error["type"] == "missing":
             message = "the request has no body: send a JSON object (Content-Type: application/json)"
         else:
@@ -177,8 +183,14 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                            "not_found_error", "model", "model_not_found")
         return model_card()
 
+    def check_model(body: p.SamplingRequest) -> None:
+        if body.model is not None and body.model != name:
+            raise APIError(404, f"the model {body.model!r} does not exist: this server serves {name!r} (GET "
+                                f"/v1/models lists it)", "invalid_request_error", "model", "model_not_found")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: p.ChatRequest, request: Request):
+        check_model(body)
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions with a prompt")
         try:
@@ -195,6 +207,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
 
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
+        check_model(body)
         try:
             ids = engine.encode(body.prompt_input())
         except ValueError as e:  # UnsupportedParameter (a batch) or an empty prompt
@@ -230,38 +243,72 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
             worker.submit(job)
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        except ShuttingDown as e:
+            raise APIError(503, str(e), "server_error", code=SHUTTING_DOWN)
         id_ = p.new_id("chatcmpl" if chat else "cmpl")
-        if body.stream:
-            return EventStream(stream_events(events, job, id_, chat, body.include_usage()), job.cancel)
+        if not body.stream:
+            try:
+                return await collect(watched(events, job, request), id_, chat)
+            finally:
+                job.cancel()  # a no-op once finished; stops a job whose handler was cancelled
         try:
-            return await collect(events, job, request, id_, chat)
-        finally:
-            job.cancel()  # a no-op once finished; stops a job whose handler was cancelled
+            started = await wait_for_start(watched(events, job, request))
+        except BaseException:
+            job.cancel()
+            raise
+        if not started:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        return EventStream(stream_events(events, job, id_, chat, body.include_usage()), job.cancel)
 
-    async def collect(events: asyncio.Queue, job: Job, request: Request, id_: str, chat: bool):
-        """The whole answer as one body; polls for the client going away meanwhile (then cancels the job)."""
-        text = []
-        getter, checked = asyncio.ensure_future(events.get()), time.monotonic()
+    def refuse(event: Event) -> None:
+        """An event that ends a request before its response has started, as the HTTP error it is."""
+        if isinstance(event, Failed):
+            raise APIError(500, event.message, "server_error")
+        if isinstance(event, Unavailable):
+            raise APIError(503, event.message, "server_error", code=SHUTTING_DOWN)
+
+    async def watched(events: asyncio.Queue, job: Job, request: Request) -> AsyncIterator[Event]:
+        """The job's events as they arrive; ends early, cancelling the job, if the client goes away meanwhile."""
+        getter, checked = None, time.monotonic()
         try:
             while True:
+                getter = getter or asyncio.ensure_future(events.get())
                 done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
                 if time.monotonic() - checked >= DISCONNECT_POLL_S:  # pieces may arrive faster than that: check anyway
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         job.cancel()
-                        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-                if not done:
-                    continue
-                event, getter = getter.result(), asyncio.ensure_future(events.get())
+                        return
+                if done:
+                    event, getter = getter.result(), None  # none pending while the caller holds an event
+                    yield event
+        finally:
+            if getter is not None:
+                getter.cancel()
+
+    async def wait_for_start(job_events: AsyncIterator[Event]) -> bool:
+        """Whether the worker started the job (False: the client went away first). A stream's response starts
+        only then, so that a job ended before it ran (shutdown, a failure) is answered with a plain HTTP error."""
+        async with contextlib.aclosing(job_events):
+            async for event in job_events:
+                if isinstance(event, Started):
+                    return True
+                refuse(event)
+        return False
+
+    async def collect(job_events: AsyncIterator[Event], id_: str, chat: bool):
+        """The whole answer as one body."""
+        text = []
+        async with contextlib.aclosing(job_events):
+            async for event in job_events:
                 if isinstance(event, Piece):
                     text.append(event.text)
-                elif isinstance(event, Failed):
-                    raise APIError(500, event.message, "server_error")
                 elif isinstance(event, Done):
                     build = p.chat_response if chat else p.completion_response
                     return build(id_, name, "".join(text), event.finish_reason, event.usage())
-        finally:
-            getter.cancel()
+                else:
+                    refuse(event)
+        return Response(status_code=499)  # the client went away: nobody reads it
 
     async def stream_events(events: asyncio.Queue, job: Job, id_: str, chat: bool, include_usage: bool):
         object_ = "chat.completion.chunk" if chat else "text_completion"
@@ -274,6 +321,9 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                           else p.completion_response(id_, name, event.text, None))
             elif isinstance(event, Failed):
                 yield sse(p.error_body(event.message, "server_error"))
+                break
+            elif isinstance(event, Unavailable):  # stopped at the end of the shutdown grace period
+                yield sse(p.error_body(event.message, "server_error", code=SHUTTING_DOWN))
                 break
             elif isinstance(event, Done):
                 yield sse(p.chat_chunk(id_, name, {}, event.finish_reason) if chat

@@ -11,6 +11,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..cache_stats import hit_rate, prefetch_precision, total
 from ..expert_cache import LayerStats
 
 # Time to first token on a CPU demo model is milliseconds; on Mixtral with experts offloaded, seconds.
@@ -19,7 +20,8 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 
 
 class CacheCollector:
-    """Expert-cache hit rate, prefetch precision and bytes copied, summed over layers at scrape time.
+    """Expert-cache hit rate, prefetch precision (with their parts) and bytes copied, summed over layers at scrape
+    time; the rates as cache_stats.py defines them.
 
     Reads the counters directly rather than through Engine.stats(): a scrape must not wait for a generation."""
 
@@ -27,19 +29,27 @@ class CacheCollector:
         self.layer_stats = layer_stats
 
     def collect(self):
-        total = LayerStats()
-        for stats in self.layer_stats():
-            total.add(stats)
+        stats = total(self.layer_stats())
         yield GaugeMetricFamily("offload_expert_cache_hit_rate", "Expert-cache hits / lookups since loading",
-                                value=total.hits / total.lookups if total.lookups else 0.0)
-        yield CounterMetricFamily("offload_expert_cache_lookups", "Expert-cache lookups", value=total.lookups)
-        yield GaugeMetricFamily("offload_prefetch_precision",
-                                "Prefetched experts that the layer then used / experts prefetched (guessed)",
-                                value=total.guessed_correct / total.guessed if total.guessed else 0.0)
+                                value=hit_rate(stats).value)
+        yield CounterMetricFamily("offload_expert_cache_lookups", "Expert-cache lookups", value=stats.lookups)
+        yield CounterMetricFamily("offload_expert_cache_hits", "Expert-cache hits", value=stats.hits)
+        yield GaugeMetricFamily("offload_prefetch_precision", "Speculation's guesses that the layer then used / "
+                                "guesses (offload_prefetch_guesses_used_total / offload_prefetch_guesses_total)",
+                                value=prefetch_precision(stats).value)
+        yield CounterMetricFamily("offload_prefetch_guesses", "Experts named by speculation (resident or not)",
+                                  value=stats.guessed)
+        yield CounterMetricFamily("offload_prefetch_guesses_used", "Guessed experts that the layer then used",
+                                  value=stats.guessed_correct)
+        copies = CounterMetricFamily("offload_prefetch_copies", "Experts copied ahead of need, by outcome "
+                                     "(issued = used + wasted + still staged)", labels=["outcome"])
+        for outcome in ("issued", "used", "wasted"):
+            copies.add_metric([outcome], getattr(stats, f"prefetch_{outcome}"))
+        yield copies
         copied = CounterMetricFamily("offload_bytes_copied", "Expert bytes copied between host and device",
                                      labels=["direction"])
-        copied.add_metric(["host_to_device"], total.bytes_h2d)
-        copied.add_metric(["device_to_host"], total.bytes_d2h)
+        copied.add_metric(["host_to_device"], stats.bytes_h2d)
+        copied.add_metric(["device_to_host"], stats.bytes_d2h)
         yield copied
 
 

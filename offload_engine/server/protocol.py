@@ -23,6 +23,25 @@ Penalty = Annotated[float, Field(strict=True, ge=-2, le=2)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
 
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+
+def check_text(value):
+    """`value` (a string, a list of strings or of content parts, or None) if all its text is valid Unicode. JSON can
+    spell a lone UTF-16 surrogate (\\ud800), which Python keeps in a str but no tokenizer or UTF-8 encoder takes."""
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for text in (getattr(item, "text", item) for item in items):
+        if not isinstance(text, str):
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text holds a lone UTF-16 surrogate ({ascii(text[e.start])} at character "
+                             f"{e.start}), which is not valid Unicode: send UTF-8 text (a \\u escape in JSON must "
+                             f"pair a high surrogate with a low one)") from None
+    return value
+
+
 class UnsupportedParameter(ValueError):
     """A valid OpenAI parameter whose value the engine cannot honour; `param` names it."""
 
@@ -42,6 +61,8 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[ContentPart], None] = None
 
+    _content_is_unicode = field_validator("content")(check_text)
+
     def text(self) -> str:
         if isinstance(self.content, list):
             if any(part.type != "text" or part.text is None for part in self.content):
@@ -59,12 +80,12 @@ class SamplingRequest(BaseModel):
     """The fields both endpoints share."""
 
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr | None = None  # required by OpenAI; one model is served whatever it names
+    model: StrictStr | None = None  # required by OpenAI; here it may be left out, but must not name another model
     max_tokens: PositiveInt | None = None
     temperature: Temperature = 1.0
     top_p: Probability = 1.0
     n: PositiveInt = 1
-    stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=4)], None] = None
+    stop: Union[StrictStr, list[StrictStr], None] = None
     seed: StrictInt | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -75,12 +96,16 @@ class SamplingRequest(BaseModel):
     top_k: Annotated[StrictInt, Field(ge=0)] = 0  # extension
     repetition_penalty: Annotated[float, Field(strict=True, gt=0)] = 1.0  # extension
 
+    _text_is_unicode = field_validator("model", "user")(check_text)
+
     @field_validator("stop")
     @classmethod
-    def _stop_not_empty(cls, stop):
+    def _check_stop(cls, stop):
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(stop)}")
         if stop == "" or (isinstance(stop, list) and "" in stop):
             raise ValueError("stop strings must be non-empty")
-        return stop
+        return check_text(stop)
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
@@ -141,6 +166,8 @@ class CompletionRequest(SamplingRequest):
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
 
+    _prompt_is_unicode = field_validator("prompt", "suffix")(check_text)
+
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         if self.logprobs:
             raise UnsupportedParameter("logprobs", "logprobs are not supported: leave logprobs out")
@@ -162,6 +189,8 @@ class CompletionRequest(SamplingRequest):
 # ---- responses ----
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
+    # Escape what UTF-8 cannot encode (a lone surrogate quoted from a request), or the error could not be sent.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 

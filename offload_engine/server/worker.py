@@ -6,6 +6,10 @@ itself does about locking. The worker reports each job's text pieces and its end
 which the HTTP side turns into a response. A job's `cancel()` (its client went away) stops generation before
 the next token.
 
+Shutdown: `drain()` answers every waiting job `Unavailable` (HTTP 503) at once and refuses new ones, so that no
+job starts during the grace period; the running job goes on, and `interrupt()` stops it with `Unavailable` too
+if the grace period runs out.
+
 Prefix reuse: the KV cache of the previous request is kept; when a request's prompt extends the previous prompt
 (the next turn of the same conversation, whose messages repeat the previous prompt and reply), the cache is
 cropped to the longest shared prefix and only the rest is prefilled. Any other prompt starts from an empty cache,
@@ -24,6 +28,11 @@ from ..chat import PrefixCache
 from ..generate import SamplingParams, generate_tokens, stream_text
 from .metrics import Metrics
 from .protocol import usage
+
+
+@dataclass
+class Started:
+    """The worker took the job: a streamed response may begin."""
 
 
 @dataclass
@@ -47,7 +56,13 @@ class Failed:
     message: str
 
 
-Event = Union[Piece, Done, Failed]
+@dataclass
+class Unavailable:
+    """The server is shutting down: the job was not run (or was stopped at the end of the grace period)."""
+    message: str
+
+
+Event = Union[Started, Piece, Done, Failed, Unavailable]
 
 
 @dataclass
@@ -57,12 +72,17 @@ class Job:
     emit: Callable[[Event], None]  # called from the worker thread
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    interrupted: str | None = None  # why the server stopped it (shutdown), if it did; else its client left
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
 class QueueFull(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
     pass
 
 
@@ -76,15 +96,15 @@ class Worker:
         self.waiting: deque[Job] = deque()
         self.running: Job | None = None
         self.condition = threading.Condition()
-        self.closed = False
+        self.closed = self.draining = False
         self.thread = threading.Thread(target=self._loop, name="offload-serve-worker", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         """Queue `job` behind the others; QueueFull when `max_queue` already wait."""
         with self.condition:
-            if self.closed:
-                raise QueueFull("the server is shutting down")
+            if self.closed or self.draining:
+                raise ShuttingDown("the server is shutting down: retry on another server or once it is back")
             # Counting the running job too makes the rule exact even before the worker has taken the first job.
             if len(self.waiting) + (self.running is not None) > self.max_queue:
                 raise QueueFull(f"the server is busy: one request is running and {len(self.waiting)} are waiting "
@@ -94,6 +114,21 @@ class Worker:
 
     def depth(self) -> int:
         return len(self.waiting)
+
+    def drain(self, message: str) -> None:
+        """Answer every waiting job `Unavailable(message)` and refuse new ones; the running job goes on."""
+        with self.condition:
+            self.draining = True
+            waiting, self.waiting = list(self.waiting), deque()
+        for job in waiting:
+            job.emit(Unavailable(message))
+
+    def interrupt(self, message: str) -> None:
+        """Stop the running job before its next token; it is answered `Unavailable(message)`."""
+        with self.condition:
+            if self.running is not None:
+                self.running.interrupted = message
+                self.running.cancel()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop after the running job (which is cancelled), dropping those that wait."""
@@ -115,6 +150,7 @@ class Worker:
                 job = self.running = self.waiting.popleft()
             try:
                 if not job.cancelled.is_set():
+                    job.emit(Started())
                     with self.engine.lock:  # other users of this engine (a notebook beside the server) wait too
                         self._run(job)
                 elif self.metrics is not None:  # its client left while it waited
@@ -167,6 +203,9 @@ class Worker:
         if metrics is not None:
             metrics.prompt_tokens.inc(len(ids))
             metrics.reused_tokens.inc(keep)
+        if job.interrupted is not None:
+            job.emit(Unavailable(job.interrupted))
+            return
         if job.cancelled.is_set():
             if metrics is not None:
                 metrics.disconnects.inc()
