@@ -23,6 +23,9 @@ BASE_MARGIN = int(0.75 * GiB)
 # Pageable host memory besides the pinned expert slots: Python, torch and the CUDA runtime's host side, the
 # tokenizer, and the loader's transient buffers (one tensor at a time; source shards are unmapped per expert).
 HOST_MARGIN = 2 * GiB
+# The generate loop (batch.py) prefills at most this many prompt tokens per forward, so that a prefill's
+# activations, and its pause of the sequences decoding beside it, stay bounded whatever the prompt's length.
+PREFILL_CHUNK = 512
 
 
 class NotEnoughMemory(MemoryError):

@@ -14,6 +14,7 @@ statistics. Which layers are MoE, and where the router sits, come from the adapt
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .expert_cache import ExpertCache
 from .experts import ExpertLayout, expert_forward
 from .kernels import REFERENCE, Kernels
 from .prefetch import guess_experts
+from .ragged import RAGGED, RaggedCache, RaggedMask, Segment, concat_position_embeddings
 from .quantize import MatrixLayout, QuantLinear
 
 RoutingObserver = Callable[[int, list[list[int]], list[int]], None]
@@ -74,6 +76,13 @@ class OffloadedModel(nn.Module):
             self.layers[l].mlp.experts = OffloadedExperts(m, self._experts)
             self.routers.append(getattr(self.layers[l].mlp, family.router))
         self.moe_layers = moe_layers
+        # The attention modules call ragged.py's attention function, which runs the family's own per sequence;
+        # the masks are still built for the family's implementation (self.config).
+        attention_config = copy.copy(config)
+        attention_config._attn_implementation = RAGGED
+        for layer in self.layers:
+            layer.self_attn.config = attention_config
+        self.transforms_kv = bool(getattr(config, "kv_lora_rank", None))  # MLA expands its cached latents
         self.prefetch = cache.prefetch_count
         self.host_syncs = 0  # device->host reads of routing decisions (one per MoE layer, plus one with prefetch)
         self._pass: _Pass | None = None
@@ -118,19 +127,33 @@ class OffloadedModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None,
                 on_routing: RoutingObserver | None = None) -> torch.Tensor:
-        """input_ids [B, S] -> logits [B, S, V] (float32). `kv_cache` is extended in place when given.
+        """input_ids [B, S] -> logits [B, S, V] (float32). `kv_cache` (B = 1) is extended in place when given.
         `on_routing(moe_layer, experts per token, guess)` observes each MoE layer's decisions (profiling, tests):
         the experts each token was routed to, and the experts speculatively guessed for this layer before it
-        ran (empty with prefetch off). MoE layers are numbered 0, 1, ... as the expert cache numbers them.
+        ran (empty with prefetch off). MoE layers are numbered 0, 1, ... as the expert cache numbers them."""
+        rows = torch.as_tensor(input_ids).tolist()
+        if kv_cache is not None and len(rows) != 1:
+            raise ValueError(f"a kv_cache holds one sequence; got {len(rows)} rows: use step() with a cache each")
+        caches = [kv_cache] if kv_cache is not None else [DynamicCache(config=self.config) for _ in rows]
+        return torch.stack(self.step([Segment(row, cache, "all") for row, cache in zip(rows, caches)], on_routing))
+
+    @torch.inference_mode()
+    def step(self, segments: list[Segment], on_routing: RoutingObserver | None = None) -> list[torch.Tensor | None]:
+        """One forward for the new tokens of several sequences, each extending its own KV cache (ragged.py): the
+        trunk, routers, experts and lm_head run once for all tokens, attention per sequence. Returns per segment
+        its float32 logits as it asked: [V] ("last"), [n, V] ("all") or None ("none").
 
         Whatever this raises (KeyboardInterrupt included), the expert cache is back in its idle state before the
-        exception leaves (`ExpertCache.recover`); `kv_cache` may then hold part of this call and should be dropped."""
+        exception leaves (`ExpertCache.recover`); the segments' caches may then hold part of this call and should
+        be dropped."""
+        if not segments or any(not s.ids for s in segments):
+            raise ValueError("every segment needs at least one token")
         cache = self.cache
         if cache.busy:  # an earlier forward was interrupted and never recovered: finish that first
             cache.recover()
         try:
             cache.busy = True
-            logits = self._forward(input_ids, kv_cache, on_routing)
+            logits = self._forward(segments, on_routing)
             cache.busy = False
             return logits
         except BaseException:
@@ -144,10 +167,11 @@ class OffloadedModel(nn.Module):
         finally:
             self._pass = None
 
-    def _masks(self, hidden: torch.Tensor, kv_cache: DynamicCache | None, position_ids: torch.Tensor) -> list:
-        """Each layer's attention mask, built the way the family's own model builds it."""
+    def _masks(self, hidden: torch.Tensor, kv_cache: DynamicCache, position_ids: torch.Tensor) -> list:
+        """One sequence's attention mask per layer, built the way the family's own model builds it. A chunk of
+        several tokens always gets its mask materialised (see ragged.py: it keeps SDPA off `enable_gqa`)."""
         kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=kv_cache,
-                      position_ids=position_ids)
+                      position_ids=position_ids, allow_is_causal_skip=hidden.shape[1] == 1)
         builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         if self.family.masks == "layer_types":
             kinds = list(self.config.layer_types)
@@ -158,14 +182,22 @@ class OffloadedModel(nn.Module):
         masks = {kind: builders[kind](**kwargs) for kind in set(kinds)}
         return [masks[kind] for kind in kinds]
 
-    def _forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None, on_routing) -> torch.Tensor:
-        batch, seq = input_ids.shape
-        past = kv_cache.get_seq_length() if kv_cache is not None else 0
-        position_ids = torch.arange(past, past + seq, device=self.device)[None]  # [1, S]
+    def _forward(self, segments: list[Segment], on_routing) -> list[torch.Tensor | None]:
+        lengths = [len(s.ids) for s in segments]
+        ids = torch.tensor([[t for s in segments for t in s.ids]])  # [1, T]: every sequence's tokens, no padding
         # non_blocking: a pageable host->device copy is staged before it returns, so it needs no stream sync.
-        hidden = self.model.embed_tokens(input_ids.to(self.device, non_blocking=True))  # [B, S, H]
-        masks = self._masks(hidden, kv_cache, position_ids)
-        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        hidden = self.model.embed_tokens(ids.to(self.device, non_blocking=True))  # [1, T, H]
+        positions, masks, rotary = [], [], []
+        for segment, part in zip(segments, hidden.split(lengths, dim=1)):
+            past = segment.kv_cache.get_seq_length()
+            position_ids = torch.arange(past, past + part.shape[1], device=self.device)[None]  # [1, n]
+            masks.append(self._masks(part, segment.kv_cache, position_ids))
+            # Per sequence: a rotary scaling that depends on the longest position (longrope) sees only its own.
+            rotary.append(self.model.rotary_emb(part, position_ids=position_ids))
+            positions.append(position_ids)
+        position_ids = torch.cat(positions, dim=1)  # [1, T]
+        position_embeddings = rotary[0] if len(rotary) == 1 else concat_position_embeddings(rotary)
+        kv = RaggedCache([s.kv_cache for s in segments], lengths, self.transforms_kv)
         self._pass = step = _Pass(hidden.view(-1, hidden.shape[-1]), on_routing)
         guess = self._speculate(0, step.residual)
         if guess is not None:
@@ -173,16 +205,36 @@ class OffloadedModel(nn.Module):
             self.host_syncs += 1
             self.cache.prefetch(0, step.guessed)
         for l, layer in enumerate(self.layers):
-            attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=masks[l],
+            attention_mask = RaggedMask([m[l] for m in masks], kv, self.config._attn_implementation)
+            attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=attention_mask,
                                           position_embeddings=position_embeddings, position_ids=position_ids,
-                                          cache=kv_cache)
-            hidden = hidden + attn_out  # [B, S, H]
+                                          cache=kv)
+            hidden = hidden + attn_out  # [1, T, H]
             step.residual = hidden.view(-1, hidden.shape[-1])  # [T, H]
             # The family's MLP: an MoE block (router, our experts, its shared experts) or a dense MLP.
             out = layer.mlp(layer.post_attention_layernorm(hidden))
             hidden = hidden + (out[0] if self.family.block_returns_tuple else out)
-        hidden = self.model.norm(hidden)
-        return self.lm_head(hidden).float()
+        return self._logits(hidden[0], segments, lengths)
+
+    def _logits(self, hidden: torch.Tensor, segments: list[Segment], lengths: list[int]) -> list[torch.Tensor | None]:
+        """hidden [T, H] -> each segment's logits: only the rows asked for go through the norm and the lm_head
+        (a prefill needs one row, not [S, V] in float32)."""
+        rows, ends = [], []
+        start = 0
+        for segment, n in zip(segments, lengths):
+            wanted = {"all": range(start, start + n), "last": [start + n - 1], "none": []}[segment.logits]
+            rows.extend(wanted)
+            ends.append(len(rows))
+            start += n
+        if not rows:
+            return [None] * len(segments)
+        logits = self.lm_head(self.model.norm(hidden[torch.tensor(rows, device=hidden.device)])).float()  # [R, V]
+        out, begin = [], 0
+        for segment, end in zip(segments, ends):
+            out.append(None if segment.logits == "none" else logits[begin] if segment.logits == "last"
+                       else logits[begin:end])
+            begin = end
+        return out
 
     def _experts(self, moe_layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed experts of MoE layer `moe_layer`, called from inside the family's block.
