@@ -91,6 +91,8 @@ class OffloadedModel(nn.Module):
     def set_tensor(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """Materialise one trunk parameter (e.g. 'model.norm.weight') on the device in the model dtype (or `dtype`)."""
         # dtype= is needed: without it accelerate casts to the meta parameter's dtype (float32), not ours.
+        if value.data_ptr() % 64:  # BLAS rounds differently on a misaligned operand (safetensors' buffers): the
+            value = value.clone()  # same weights must give the same logits however they were loaded
         set_module_tensor_to_device(self, name, self.device, value=value, dtype=dtype or self.dtype)
 
     def set_linear(self, name: str, layout: MatrixLayout, buffer: torch.Tensor) -> None:

@@ -97,7 +97,7 @@ def add_stats(total: list[LayerStats], engine: Engine) -> None:
 
 
 class Recorder:
-    """Stands in for ``engine.model`` inside ``generate_tokens``: each call runs the real forward with ``on_routing``,
+    """Stands in for ``engine.model`` inside ``generate_tokens``: each step runs the real forward with ``on_routing``,
     records the decode steps' routing and guesses, times them, and keeps decode counters apart from the prefill's."""
 
     def __init__(self, engine: Engine):
@@ -113,15 +113,16 @@ class Recorder:
         self.expert_s = 0.0  # decode steps only (CPU)
         self.prefill_s = 0.0
         self._in_decode = False
-        self._next_is_prefill = False
+        self._prefill_left = 0  # prompt tokens not yet prefilled (a long prompt is prefilled in chunks)
         self.prefill_end = 0.0
 
-    def start_prompt(self) -> None:
+    def start_prompt(self, prompt_tokens: int) -> None:
         self.engine.reset_stats()
-        self._next_is_prefill = True
+        self._prefill_left = prompt_tokens
 
-    def __call__(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None) -> torch.Tensor:
-        prefill, self._next_is_prefill = self._next_is_prefill, False
+    def step(self, segments: list, on_routing=None) -> list:
+        prefill = self._prefill_left > 0
+        self._prefill_left -= len(segments[0].ids) if prefill else 0
         n_layers = len(self.model.moe_layers)  # the expert cache numbers MoE layers only
         rows: list[list[int]] = [[] for _ in range(n_layers)]
         guesses: list[list[int]] = [[] for _ in range(n_layers)]
@@ -132,16 +133,17 @@ class Recorder:
 
         self._in_decode = not prefill
         start = time.perf_counter()
-        logits = self.model(input_ids, kv_cache, on_routing=on_routing)
+        logits = self.model.step(segments, on_routing=on_routing)
         if self.cuda:
             torch.cuda.synchronize(self.engine.device)
         elapsed = time.perf_counter() - start
         self._in_decode = False
         if prefill:
             self.prefill_s += elapsed
-            add_stats(self.prefill_stats, self.engine)
-            self.engine.reset_stats()  # from here on the counters cover decode steps only
-            self.prefill_end = time.perf_counter()
+            if not self._prefill_left:
+                add_stats(self.prefill_stats, self.engine)
+                self.engine.reset_stats()  # from here on the counters cover decode steps only
+                self.prefill_end = time.perf_counter()
         else:
             self.routing.append(rows)
             self.guesses.append(guesses)
@@ -224,7 +226,7 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
                 raise UsageError(f"a prompt of {len(ids)} tokens + --max-new-tokens {max_new_tokens} exceeds the "
                                  f"context window ({engine.context_window}); lower --max-new-tokens")
             first_step = len(rec.routing)
-            rec.start_prompt()
+            rec.start_prompt(len(ids))
             kv_cache = DynamicCache(config=engine.model.config)
             start = time.perf_counter()
             out = list(generate_tokens(rec, ids, params, kv_cache, eos))
