@@ -185,3 +185,49 @@ def test_prefill_attention_is_eligible_for_the_memory_efficient_sdpa_backend(fam
     heads = model.config.num_attention_heads
     assert len(calls) == 3 * model.config.num_hidden_layers and all(
         q[1] == k[1] == heads and q[2] <= 8 and masked and not gqa for q, k, masked, gqa in calls)
+
+
+@pytest.fixture(scope="module")
+def chat_engine(chat_dir):
+    return offload_engine.load(chat_dir, config=exact_config(experts_on_device=2, prefetch=1), device="cpu",
+                               progress=False)
+
+
+def test_the_list_forms_of_generate_stream_and_generate_ids(chat_engine):
+    engine = chat_engine
+    texts = ["The fox", "A café in Zürich serves", "Mixture", "Offloading keeps most experts"]
+    options = dict(max_new_tokens=[12, 20, 8, 16], temperature=[0.0, 1.0, 0.0, 1.2], seed=[None, 4, None, 9])
+    alone = [engine.generate(t, max_new_tokens=n, temperature=temp, seed=s)
+             for t, n, temp, s in zip(texts, *options.values())]
+    assert engine.generate(texts, **options) == alone
+    pieces: dict[int, list[str]] = {}
+    for i, piece in engine.stream(texts, max_batch=2, **options):
+        pieces.setdefault(i, []).append(piece)
+    assert ["".join(pieces[i]) for i in range(4)] == alone
+    assert engine.generate_ids([engine.encode(t) for t in texts], max_new_tokens=5) == \
+        [engine.generate_ids(t, max_new_tokens=5) for t in texts]
+    assert engine.generate([texts[0]], max_new_tokens=4) == [engine.generate(texts[0], max_new_tokens=4)]
+
+
+def test_stop_strings_per_prompt_end_only_their_sequence(chat_engine):
+    engine = chat_engine
+    texts = ["The fox", "A café"]
+    full = [engine.generate(t, max_new_tokens=30) for t in texts]
+    stop = full[0][6:9]
+    expected = [engine.generate(texts[0], max_new_tokens=30, stop=[stop]), full[1]]
+    assert expected[0] == full[0][: full[0].index(stop)]
+    assert engine.generate(texts, max_new_tokens=30, stop=[[stop], []]) == expected
+    shared = engine.generate(texts, max_new_tokens=30, stop=[stop, "zzzz"])  # a list of strings: every prompt's
+    assert shared == [engine.generate(t, max_new_tokens=30, stop=[stop, "zzzz"]) for t in texts]
+
+
+def test_bad_batched_calls_are_refused_naming_the_prompt(chat_engine):
+    engine = chat_engine
+    with pytest.raises(ValueError, match="max_new_tokens has 3 values for 2 prompts"):
+        engine.generate(["a", "b"], max_new_tokens=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"prompts\[1\]: the prompt is empty"):
+        engine.generate(["a", " "])
+    with pytest.raises(ValueError, match=r"prompts\[0\]: .*context window"):
+        engine.generate_ids([[1] * 10, [2]], max_new_tokens=[10**6, 1])
+    with pytest.raises(ValueError, match="max_batch"):
+        engine.generate(["a", "b"], max_batch=0)
