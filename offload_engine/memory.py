@@ -37,11 +37,13 @@ class MemoryPlan:
     experts_on_device: int  # per layer
     expert_bytes: int  # one packed expert
     trunk_bytes: int  # embeddings, lm_head, norms, routers, attention
-    kv_cache_bytes: int  # for `context` tokens
+    kv_cache_bytes: int  # for `context` tokens, times `sequences`
     spare_bytes: int  # the cache's shared spare slots
     margin_bytes: int
     total_bytes: int  # everything above with `experts_on_device` experts per layer
     context: int
+    prefill_bytes: int = 0  # a forward's working memory: a prefill chunk beside `sequences` - 1 decoding
+    sequences: int = 1  # sequences generated at once (offload-serve --max-batch), each with its KV cache
     host_pinned_bytes: int = 0  # the offloaded experts, page-locked at their exact size
     host_margin_bytes: int = HOST_MARGIN  # pageable: the process itself
 
@@ -52,7 +54,8 @@ class MemoryPlan:
     def summary(self) -> str:
         g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
         return (f"{self.experts_on_device} experts/layer x {self.expert_bytes / 2**20:.1f} MiB; trunk {g(self.trunk_bytes)}, "
-                f"KV cache ({self.context} tokens) {g(self.kv_cache_bytes)}, spare slots {g(self.spare_bytes)}, "
+                f"KV cache ({self.sequences} x {self.context} tokens) {g(self.kv_cache_bytes)}, prefill "
+                f"{g(self.prefill_bytes)}, spare slots {g(self.spare_bytes)}, "
                 f"margin {g(self.margin_bytes)}; total {g(self.total_bytes)}; host RAM {g(self.host_pinned_bytes)} "
                 f"pinned + {g(self.host_margin_bytes)} process = {g(self.host_total_bytes)}")
 
@@ -77,8 +80,50 @@ def kv_cache_bytes(hf, cfg: EngineConfig, context: int) -> int:
     return per_token * tokens * cfg.torch_dtype.itemsize
 
 
+def _attention_dims(hf) -> tuple[int, int, int, int]:
+    """(query heads, key/value heads as cached, key head dim, value head dim); MLA expands its latents per head."""
+    if getattr(hf, "kv_lora_rank", None):
+        heads = hf.num_attention_heads
+        return heads, heads, hf.qk_nope_head_dim + hf.qk_rope_head_dim, hf.v_head_dim
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return hf.num_attention_heads, hf.num_key_value_heads, head_dim, head_dim
+
+
+def prefill_bytes(hf, cfg: EngineConfig, context: int | None = None, sequences: int = 1,
+                  chunk: int = PREFILL_CHUNK) -> int:
+    """Peak working memory of one forward at `context` tokens (beside the weights and the KV cache): a prefill
+    chunk of `chunk` tokens plus one token each of `sequences` - 1 decoding sequences (batch.py's largest step).
+
+    Only the chunk's activations and one layer's transients live at once: the [T, H] residual stream and its norms,
+    the q/k/v projections, the keys/values of one sequence expanded to every head (repeat_kv, MLA's expansion), the
+    new cache tensor built while the old one is alive, the mask; for families on eager attention the [heads, T, S]
+    scores (scores, masked, with sinks, and the softmax's float32; SDPA's memory-efficient kernel needs no such matrix: the
+    chunk's mask makes it eligible, see ragged.py); the MoE layer's largest expert call (every token on one expert)
+    and its router scores; and the logits of the rows sampled (one per sequence, float32), never [T, V]."""
+    context = context or cfg.max_context
+    anatomy = Anatomy.of(hf, cfg.torch_dtype)
+    b, f32 = cfg.torch_dtype.itemsize, 4
+    tokens, kv_len = min(chunk, context) + sequences - 1, context
+    H, V, E = hf.hidden_size, hf.vocab_size, anatomy.num_experts
+    heads, kv_heads, dk, dv = _attention_dims(hf)
+    shared = max((getattr(hf, k, None) or 0 for k in ("n_shared_experts", "moe_num_shared_experts")), default=0)
+    inter = max(anatomy.expert_intermediate * max(shared, 1), getattr(hf, "intermediate_size", 0) or 0,
+                getattr(hf, "shared_expert_intermediate_size", 0) or 0)
+    eager = not anatomy.family.model_class()._supports_sdpa
+    residual = 6 * tokens * H * b
+    attention = (2 * tokens * heads * (2 * dk + dv) * b  # q, k, v and their rotated / joined copies
+                 + heads * (dk + dv) * kv_len * b  # one sequence's keys and values expanded per head
+                 + kv_heads * (dk + dv) * kv_len * b  # the old cache of one layer while the new one is built
+                 + tokens * kv_len * (b if eager else 1)  # the chunk's mask
+                 + (heads * tokens * (kv_len + 1) * (3 * b + f32) if eager else heads * tokens * f32)
+                 + 2 * tokens * heads * dv * b)  # the attention's output and its o_proj input
+    moe = 2 * tokens * E * f32 + tokens * (3 * H + 3 * inter) * b + 3 * tokens * anatomy.top_k * 8
+    logits = sequences * V * (b + f32)
+    return residual + max(attention, moe) + logits
+
+
 def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = None,
-                host_free_bytes: int | None = None) -> MemoryPlan:
+                host_free_bytes: int | None = None, sequences: int = 1) -> MemoryPlan:
     """The largest experts-per-layer count that fits `free_bytes` of device memory (or the configured count,
     checked), and, given `host_free_bytes`, whose offloaded experts fit the host's RAM. Raises NotEnoughMemory with
     the numbers when even the requested/minimal configuration does not fit."""
@@ -89,7 +134,8 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
     dequantized = 3 * anatomy.hidden_size * anatomy.expert_intermediate * cfg.torch_dtype.itemsize  # one, unpacked
     margin = BASE_MARGIN + dequantized
     trunk = anatomy.trunk_bytes(cfg)
-    fixed = trunk + kv_cache_bytes(hf, cfg, context) + margin
+    kv, working = sequences * kv_cache_bytes(hf, cfg, context), prefill_bytes(hf, cfg, context, sequences)
+    fixed = trunk + kv + working + margin
 
     def spares(k: int) -> int:
         return 0 if k >= E else (1 + 2 * cfg.offload.prefetch) * expert
@@ -113,8 +159,7 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
                 f"{free_bytes / GiB:.2f} GiB is free; " + (f"at most {fits} fit(s): set offload.experts_on_device "
                 f"to {fits} or 'auto'" if fits else "not even 1 fits: use fewer bits or a larger GPU"))
     pinned = CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, cuda=True).locked_host_bytes
-    plan = MemoryPlan(k, expert, trunk, kv_cache_bytes(hf, cfg, context), spares(k), margin,
-                      total(k), context, pinned)
+    plan = MemoryPlan(k, expert, trunk, kv, spares(k), margin, total(k), context, working, sequences, pinned)
     if host_free_bytes is not None and plan.host_total_bytes > host_free_bytes:
         raise NotEnoughMemory(
             f"host RAM: {E - k} offloaded experts per layer need {pinned / GiB:.2f} GiB page-locked + "

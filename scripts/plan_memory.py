@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print("command:", " ".join(["python", *sys.argv]))
     names = args.config or list(TYPICAL_FREE_GIB)
-    print("| config | free VRAM | experts/layer | expert | trunk | KV cache | spare slots | margin | total VRAM "
-          "| host: pinned experts | host: process | host total (checked against) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | free VRAM | experts/layer | expert | trunk | KV cache | prefill | spare slots | margin "
+          "| total VRAM | host: pinned experts | host: process | host total (checked against) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         free = (args.free_gib or TYPICAL_FREE_GIB.get(name, 14.5)) * GiB
         config = load_config(name)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         bits = f"{config.quant.attention.bits}/{config.quant.experts.bits}"
         print(f"| {name} ({bits} bits, {plan.context} ctx) | {free / GiB:.1f} GiB | {plan.experts_on_device} | "
               f"{plan.expert_bytes / 2**20:.1f} MiB | {g(plan.trunk_bytes)} | {g(plan.kv_cache_bytes)} | "
-              f"{g(plan.spare_bytes)} | {g(plan.margin_bytes)} | {g(plan.total_bytes)} | {g(plan.host_pinned_bytes)} | "
+              f"{g(plan.prefill_bytes)} | {g(plan.spare_bytes)} | {g(plan.margin_bytes)} | {g(plan.total_bytes)} | {g(plan.host_pinned_bytes)} | "
               f"{g(plan.host_margin_bytes)} | {g(plan.host_total_bytes)} ({f'{host:.1f} GiB' if host else 'not checked'}) |")
     return 0
 
