@@ -23,11 +23,9 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from .memory import PREFILL_CHUNK
+from .memory import MAX_BATCH, PREFILL_CHUNK
 from .model import OffloadedModel
 from .ragged import Segment
-
-MAX_BATCH = 8  # sequences generated at once by default (Engine.generate with a list, offload-serve --max-batch)
 
 
 @dataclass(eq=False)
@@ -58,7 +56,7 @@ class Generation:
 
 
 class Batch:
-    def __init__(self, model: OffloadedModel, max_batch: int = 8, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model: OffloadedModel, max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk

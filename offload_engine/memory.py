@@ -26,6 +26,8 @@ HOST_MARGIN = 2 * GiB
 # The generate loop (batch.py) prefills at most this many prompt tokens per forward, so that a prefill's
 # activations, and its pause of the sequences decoding beside it, stay bounded whatever the prompt's length.
 PREFILL_CHUNK = 512
+# Sequences generated at once by default (Engine.generate with a list; offload-serve --max-batch, memory permitting).
+MAX_BATCH = 8
 
 
 class NotEnoughMemory(MemoryError):
@@ -167,6 +169,41 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
             f"{host_free_bytes / GiB:.2f} GiB is available and at most {k} experts per layer fit on the GPU; "
             f"use a machine with more RAM, a GPU with more memory, or fewer bits for the experts")
     return plan
+
+
+def sequences_that_fit(hf, cfg: EngineConfig, free_bytes: int, reserve: int = 0) -> int:
+    """How many sequences at `max_context` (each its KV cache, and the forward's working memory for all of them)
+    fit in `free_bytes` once the model is loaded, beside `reserve` bytes kept free."""
+    def need(n: int) -> int:
+        return n * kv_cache_bytes(hf, cfg, cfg.max_context) + prefill_bytes(hf, cfg, sequences=n) + reserve
+
+    n = 0
+    while need(n + 1) <= free_bytes and n < 4096:
+        n += 1
+    return n
+
+
+def resolve_max_batch(hf, cfg: EngineConfig, device: torch.device, requested: int | None) -> tuple[int, str]:
+    """The number of sequences to generate at once (offload-serve --max-batch), checked against the memory left
+    after loading: device memory on CUDA (beside the working margin), host RAM on CPU. `requested` None: up to
+    MAX_BATCH, as many as fit. Returns it and a line saying why; NotEnoughMemory when `requested` does not fit."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        anatomy = Anatomy.of(hf, cfg.torch_dtype)
+        reserve = BASE_MARGIN + 3 * anatomy.hidden_size * anatomy.expert_intermediate * cfg.torch_dtype.itemsize
+        where = "GPU memory"
+    else:
+        free, reserve, where = available_host_bytes(), 0, "host RAM"
+    fits = sequences_that_fit(hf, cfg, free, reserve)
+    per_sequence = kv_cache_bytes(hf, cfg, cfg.max_context) / GiB
+    if requested is not None and requested > fits:
+        raise NotEnoughMemory(
+            f"--max-batch {requested}: {requested} sequences at max_context {cfg.max_context} need "
+            f"{per_sequence:.2f} GiB of KV cache each, but only {fits} fit in the {free / GiB:.2f} GiB of {where} "
+            f"left after loading; use --max-batch {max(fits, 1)}, a shorter max_context, or fewer experts on device")
+    n = requested if requested is not None else max(1, min(MAX_BATCH, fits))
+    return n, (f"{n} sequences at once ({per_sequence:.2f} GiB of KV cache each at {cfg.max_context} tokens; "
+               f"{fits} would fit in the {where} left)")
 
 
 def available_host_bytes() -> int:

@@ -7,7 +7,9 @@ batches of 1, 2, 4 and 8 prompts (Engine.generate with a list; the same schedule
 
 Without --demo it builds the random Mixtral-architecture model of scripts/bench_generate.py (hidden 1024,
 intermediate 3584, 4 layers, 8 experts top-2, vocab 32000) and quantizes it (4-bit attention, 2-bit experts; HQQ's
-optimiser takes minutes on 2 cores) into --model-dir, which a later run reuses. Each batch size runs `--repeats`
+optimiser takes minutes on 2 cores) into --model-dir, which a later run reuses; Mixtral's tokenizer (from
+mistral-common, when installed) goes with it, so that `offload-serve --model-dir` and scripts/load_test.py can
+serve the same model. Each batch size runs `--repeats`
 times (sizes taking turns, so a burst of load from another process hits one repeat of each) and the best repeat
 is reported. Prompts are 8-24 random tokens (different lengths), generation greedy and exactly --new-tokens long.
 Per sequence: TTFT = start -> its first token, inter-token latency = the gaps between its tokens; p50/p95 over all
@@ -35,9 +37,38 @@ from offload_engine.generate import generate_batch  # noqa: E402
 from bench_generate import machine, set_up  # noqa: E402
 
 
+# Mixtral-8x7B-Instruct's chat template (as tests/conftest.py holds it), so that offload-serve can chat with it.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content']"
+    " + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
+def add_tokenizer(model_dir: Path) -> None:
+    """Mixtral's own tokenizer (32000 tokens, as the bench model's vocabulary), from mistral-common's copy of
+    tokenizer.model, so that offload-serve and scripts/load_test.py can serve the bench model; skipped (with a
+    note) without mistral-common."""
+    if (model_dir / "tokenizer_config.json").exists():
+        return
+    try:
+        import mistral_common
+        from transformers import LlamaTokenizer
+    except ImportError:
+        print("note: no mistral-common, so the bench model has no tokenizer (the API benchmark needs none; "
+              "offload-serve does)")
+        return
+    source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(source.read_bytes())
+        tokenizer = LlamaTokenizer.from_pretrained(tmp)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+
+
 def build_model(args: argparse.Namespace, model_dir: Path) -> Path:
-    """The bench model, quantized once into `model_dir` (reused when it is already there)."""
+    """The bench model, quantized once into `model_dir` (reused when it is already there), with a tokenizer."""
     if (model_dir / "offload_manifest.json").exists():
+        add_tokenizer(model_dir)
         return model_dir
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -51,6 +82,7 @@ def build_model(args: argparse.Namespace, model_dir: Path) -> Path:
         MixtralForCausalLM(config).save_pretrained(tmp)
         print(f"quantizing the bench model into {model_dir} (once) ...", flush=True)
         offload_engine.quantize_checkpoint(tmp, model_dir, {"dtype": args.dtype, "quant": quant}, progress=False)
+    add_tokenizer(model_dir)
     return model_dir
 
 
