@@ -64,13 +64,15 @@ class Batch:
         self.last_size = 0  # sequences in the latest step (metrics)
 
     def __len__(self) -> int:
-        return len(self.active)
+        return sum(not s.finished for s in self.active)
 
     @property
     def room(self) -> int:
-        return self.max_batch - len(self.active)
+        """Free places: a sequence cancelled between steps has left already."""
+        return self.max_batch - len(self)
 
     def add(self, sequence: Generation) -> None:
+        self.active = [s for s in self.active if not s.finished]
         if not self.room:
             raise RuntimeError(f"the batch is full ({self.max_batch} sequences): wait for one to finish")
         if not sequence.prompt and sequence.next_input is None:

@@ -1,0 +1,142 @@
+"""offload-serve's continuous batching (issue 22): concurrent clients share each step and each gets the reply it
+would get alone; a disconnect frees its slot at the next step; a failing step fails only its own requests."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import offload_engine  # noqa: E402
+import offload_engine.model as model_module  # noqa: E402
+from offload_engine.server import BackgroundServer, create_app  # noqa: E402
+
+from test_server import DEMO_CONFIG, TIMEOUT, Gate, expected, metric, wait_until  # noqa: E402
+
+PROMPTS = [f"Story number {i} is about" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return offload_engine.load("demo", config=DEMO_CONFIG, progress=False)
+
+
+def client_of(server: BackgroundServer):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+
+def stream_chat(client, prompt: str, max_tokens: int, out: dict, key) -> None:
+    try:
+        stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, temperature=0, stream=True)
+        out[key] = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    except openai.APIError as e:
+        out[key] = e
+
+
+def chat_ids(engine, prompt: str) -> list[int]:
+    from offload_engine.chat import encode_chat
+
+    return encode_chat(engine.tokenizer, [{"role": "user", "content": prompt}])
+
+
+def test_eight_concurrent_streaming_clients_get_their_own_replies_in_one_batch(engine):
+    answers = {p: expected(engine, chat_ids(engine, p), max_new_tokens=12, temperature=0.0)[0] for p in PROMPTS}
+    with BackgroundServer(create_app(engine, model_name="demo", max_batch=8)) as server:
+        client, results = client_of(server), {}
+        worker = server.app.state.worker
+        with Gate(worker) as gate:  # the first request is held until all eight have arrived, then all join at once
+            threads = [threading.Thread(target=stream_chat, args=(client, p, 12, results, p)) for p in PROMPTS]
+            for t in threads:
+                t.start()
+            wait_until(lambda: worker.depth() + worker.batch_size() == 8, what="all eight requests to arrive")
+            gate.open.set()
+            for t in threads:
+                t.join(TIMEOUT)
+        assert results == answers
+        steps = metric(server, "offload_batch_size_count")
+        assert steps and metric(server, "offload_batch_size_sum") / steps > 4, "the requests must share steps"
+        assert metric(server, "offload_batch_size_bucket", '{le="8.0"}') == steps
+
+
+def test_a_disconnect_frees_its_slot_at_the_next_step(engine):
+    # A request that runs to max_tokens (no EOS): it occupies its slot throughout.
+    ids = chat_ids(engine, PROMPTS[1])
+    seed = next(s for s in range(50) if len(engine.generate_ids(ids, max_new_tokens=120, temperature=1.0, seed=s))
+                == 120)
+    with BackgroundServer(create_app(engine, model_name="demo", max_batch=2)) as server:
+        client, results = client_of(server), {}
+        worker = server.app.state.worker
+
+        def open_stream(prompt: str, **options):
+            stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": prompt}],
+                                                    stream=True, temperature=1.0, **options)
+            return stream, [chunk for chunk, _ in zip(stream, range(3))]
+
+        leaving, _ = open_stream(PROMPTS[0], max_tokens=400, seed=1)
+        staying, _ = open_stream(PROMPTS[1], max_tokens=120, seed=seed)
+        waiting = threading.Thread(target=stream_chat, args=(client, PROMPTS[2], 6, results, "waiting"))
+        waiting.start()
+        wait_until(lambda: worker.depth() == 1, what="the third request to wait for a slot")
+        leaving.close()  # its slot goes to the waiting request at the next step
+        waiting.join(TIMEOUT)
+        assert results["waiting"] == expected(engine, chat_ids(engine, PROMPTS[2]), max_new_tokens=6,
+                                              temperature=0.0)[0]
+        assert worker.batch_size() == 1, "the other request is still running: it was the disconnect that made room"
+        staying.close()
+        wait_until(lambda: metric(server, "offload_generations_stopped_by_disconnect_total") == 2,
+                   what="both disconnects to be counted")
+        wait_until(lambda: worker.batch_size() == 0, what="the batch to empty")
+
+
+@pytest.mark.parametrize("fault", [RuntimeError("CUDA out of memory (injected)"), KeyboardInterrupt()])
+def test_a_failing_step_fails_only_its_requests_and_the_server_stays_exact(engine, monkeypatch, fault):
+    """Two requests run (max_batch 2) when an expert fails mid-step: both get an error, the one waiting behind them
+    and every later request get exactly the replies they get alone."""
+    answers = {p: expected(engine, chat_ids(engine, p), max_new_tokens=10, temperature=0.0) for p in PROMPTS}
+    prompts = [p for p in PROMPTS if answers[p][1] == 10][:4]  # replies that run to max_tokens (no early EOS)
+    assert len(prompts) == 4
+    answers = {p: answers[p][0] for p in prompts}
+    fired, original = [], model_module.expert_forward
+    worker = None
+
+    def failing(*args, **kwargs):
+        running = list(worker.running)
+        if not fired and len(running) == 2 and all(len(r.sequence.tokens) >= 3 for r in running):
+            fired.append(True)  # mid-step, both running requests decoding
+            raise fault
+        return original(*args, **kwargs)
+
+    with BackgroundServer(create_app(engine, model_name="demo", max_batch=2)) as server:
+        client, results = client_of(server), {}
+        worker = server.app.state.worker
+        with Gate(worker) as gate:
+            threads = [threading.Thread(target=stream_chat, args=(client, p, 10, results, p)) for p in prompts[:3]]
+            for t in threads:
+                t.start()
+            wait_until(lambda: worker.depth() + worker.batch_size() == 3, what="three requests to arrive")
+            monkeypatch.setattr(model_module, "expert_forward", failing)
+            gate.open.set()
+            for t in threads:
+                t.join(TIMEOUT)
+        monkeypatch.setattr(model_module, "expert_forward", original)
+        assert fired
+        failed = [p for p in prompts[:3] if isinstance(results[p], openai.APIError)]
+        assert len(failed) == 2 and all("generation failed" in str(results[p]) for p in failed)  # the step's two
+        waited = next(p for p in prompts[:3] if p not in failed)
+        assert results[waited] == answers[waited]  # the third waited for a slot: exact
+        engine.cache.check_invariant()
+        later = {}
+        threads = [threading.Thread(target=stream_chat, args=(client, p, 10, later, p)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert later == answers
+        reply = client.completions.create(model="demo", prompt=PROMPTS[5], max_tokens=5, temperature=0)
+        assert reply.choices[0].text == expected(engine, engine.encode(PROMPTS[5]), max_new_tokens=5,
+                                                 temperature=0.0)[0]
