@@ -177,10 +177,11 @@ def sequences_that_fit(hf, cfg: EngineConfig, free_bytes: int, reserve: int = 0)
     def need(n: int) -> int:
         return n * kv_cache_bytes(hf, cfg, cfg.max_context) + prefill_bytes(hf, cfg, sequences=n) + reserve
 
-    n = 0
-    while need(n + 1) <= free_bytes and n < 4096:
-        n += 1
-    return n
+    low, high = 0, 4096  # need(n) grows with n: the largest n with need(n) <= free_bytes, by bisection
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if need(mid) <= free_bytes else (low, mid - 1)
+    return low
 
 
 def resolve_max_batch(hf, cfg: EngineConfig, device: torch.device, requested: int | None) -> tuple[int, str]:

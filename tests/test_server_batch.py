@@ -140,3 +140,31 @@ def test_a_failing_step_fails_only_its_requests_and_the_server_stays_exact(engin
         reply = client.completions.create(model="demo", prompt=PROMPTS[5], max_tokens=5, temperature=0)
         assert reply.choices[0].text == expected(engine, engine.encode(PROMPTS[5]), max_new_tokens=5,
                                                  temperature=0.0)[0]
+
+
+def test_offload_serve_max_batch_is_planned_against_memory(tmp_path, monkeypatch, capsys):
+    """`offload-serve --max-batch N` reaches the worker; a batch whose KV caches do not fit the memory left is
+    refused in one line naming what fits; the default is 8 when 8 fit."""
+    import json
+
+    from offload_engine.memory import kv_cache_bytes, prefill_bytes
+    from offload_engine.server import cli, runner
+
+    config = tmp_path / "exact.yaml"
+    config.write_text(json.dumps(DEMO_CONFIG))
+    seen = []
+    monkeypatch.setattr(runner, "serve", lambda engine, host, port, **options: seen.append(options["max_batch"]))
+    assert cli.main(["--demo", "--config", str(config), "--max-batch", "3"]) == 0
+    assert cli.main(["--demo", "--config", str(config)]) == 0
+    assert seen == [3, 8]
+    assert "batching: 8 sequences at once" in capsys.readouterr().err
+    # Host RAM for exactly two sequences' KV caches at max_context and a forward's working memory: 2 fit.
+    engine = offload_engine.load("demo", config=DEMO_CONFIG, progress=False)
+    hf, cfg = engine.model.config, engine.config
+    two = 2 * kv_cache_bytes(hf, cfg, 512) + prefill_bytes(hf, cfg, 512, sequences=2)
+    monkeypatch.setattr("offload_engine.memory.available_host_bytes", lambda: two)
+    assert cli.main(["--demo", "--config", str(config), "--max-batch", "3"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: --max-batch 3: ") and "use --max-batch 2," in last
+    assert cli.main(["--demo", "--config", str(config), "--max-batch", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-batch must be >= 1, got 0\n"
