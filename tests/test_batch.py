@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import offload_engine
+import offload_engine.model as model_module
 from offload_engine.batch import Batch
 from offload_engine.generate import SamplingParams, new_sequence
 from offload_engine.ragged import Segment
@@ -231,3 +232,29 @@ def test_bad_batched_calls_are_refused_naming_the_prompt(chat_engine):
         engine.generate_ids([[1] * 10, [2]], max_new_tokens=[10**6, 1])
     with pytest.raises(ValueError, match="max_batch"):
         engine.generate(["a", "b"], max_batch=0)
+
+
+def test_a_failing_step_ends_only_the_sequences_in_it(family_paths, monkeypatch):
+    engine = load(family_paths["mixtral"], 2, 1)
+    model = engine.model
+    alone = engine.generate_ids(list(range(40, 52)), max_new_tokens=5)
+    running = Batch(model, max_batch=3, prefill_chunk=4)
+    new = lambda ids: new_sequence(ids, SamplingParams(max_new_tokens=5), DynamicCache(config=model.config))  # noqa: E731
+    a = new([1, 2, 3])
+    running.add(a)
+    running.step()  # a is decoding from here on
+    b, c = new(list(range(20, 32))), new(list(range(40, 52)))
+    running.add(b)
+    running.add(c)  # its first chunk waits: b's fills this step's prefill budget
+    def failing(*args, **kwargs):
+        raise KeyboardInterrupt  # mid-forward: in an expert of the first MoE layer
+
+    monkeypatch.setattr(model_module, "expert_forward", failing)
+    with pytest.raises(KeyboardInterrupt):
+        running.step()
+    monkeypatch.undo()
+    engine.cache.check_invariant()
+    assert (a.finish_reason, b.finish_reason, c.finish_reason) == ("error", "error", None) and len(running) == 1
+    while running:
+        running.step()
+    assert c.tokens == alone

@@ -28,7 +28,7 @@ from conftest import exact_config
 
 ENGINE_DIR = Path(offload_engine.__file__).resolve().parent
 TRACED = {str(ENGINE_DIR / f) for f in ("model.py", "expert_cache.py", "streams.py", "generate.py", "engine.py",
-                                         "prefetch.py", "policy.py", "experts.py")}
+                                         "prefetch.py", "policy.py", "experts.py", "batch.py", "ragged.py")}
 CONFIGS = [(k, p) for k in (1, 2, 4) for p in (0, 1, 2)] + [(8, 0)]
 FAULTS_PER_CONFIG = 24
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
