@@ -183,7 +183,8 @@ def main() -> int:
         from offload_engine.server import BackgroundServer, create_app
 
         engine = load_engine(resolve_setup(argparse.Namespace(demo=args.demo, model=args.model, config=args.config,
-                                                              device=args.device)), log=sys.stdout)
+                                                              device=args.device, cache_dir=None, yes=False)),
+                             log=sys.stdout)
         for reuse in ([True, False] if args.compare_prefix_reuse else [True]):
             app = create_app(engine, model_name="m", max_queue=max(32, *args.clients), prefix_reuse=reuse,
                              max_batch=args.max_batch)

@@ -142,7 +142,7 @@ def test_a_failing_step_fails_only_its_requests_and_the_server_stays_exact(engin
                                                  temperature=0.0)[0]
 
 
-def test_offload_serve_max_batch_is_planned_against_memory(tmp_path, monkeypatch, capsys):
+def test_offload_serve_max_batch_is_planned_against_memory(tmp_path, chat_dir, monkeypatch, capsys):
     """`offload-serve --max-batch N` reaches the worker; a batch whose KV caches do not fit the memory left is
     refused in one line naming what fits; the default is 8 when 8 fit."""
     import json
@@ -156,7 +156,8 @@ def test_offload_serve_max_batch_is_planned_against_memory(tmp_path, monkeypatch
     monkeypatch.setattr(runner, "serve", lambda engine, host, port, **options: seen.append(options["max_batch"]))
     assert cli.main(["--demo", "--config", str(config), "--max-batch", "3"]) == 0
     assert cli.main(["--demo", "--config", str(config)]) == 0
-    assert seen == [3, 8]
+    assert cli.main([str(chat_dir), "--config", str(config), "--max-batch", "2"]) == 0  # a MODEL directory
+    assert seen == [3, 8, 2]
     assert "batching: 8 sequences at once" in capsys.readouterr().err
     # Host RAM for exactly two sequences' KV caches at max_context and a forward's working memory: 2 fit.
     engine = offload_engine.load("demo", config=DEMO_CONFIG, progress=False)

@@ -2,6 +2,7 @@
 
     offload-serve MODEL [--config NAME_OR_PATH] [--device cpu|cuda|cuda:N] [--host 127.0.0.1] [--port 8000]
                   [--api-key KEY] [--max-batch N] [--max-queue N] [--served-model-name NAME] [--no-prefix-reuse]
+                  [--cache-dir DIR] [--yes]
     offload-serve --demo            # the small demo model shipped in the package
 
 Ctrl-C / SIGTERM shut it down: running requests get 5 s to finish, then their generation is stopped (uvicorn
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait while --max-batch are generated; more get HTTP 429 (default 32)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the model id in /v1/models and responses (default: the MODEL argument, or 'demo')")
+    p.add_argument("--cache-dir", metavar="DIR", help="where a hub source repo is converted once (default: "
+                   "$HF_HUB_CACHE/offload_engine); later runs load the converted copy directly")
+    p.add_argument("--yes", action="store_true", help="convert a hub source repo without asking, however large")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="always prefill the whole prompt (default: reuse the previous request's KV cache when the "
                         "new prompt extends it, as the next turn of a conversation does)")
