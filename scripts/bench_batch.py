@@ -111,7 +111,8 @@ def pct(values: list[float], q: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", action="store_true", help="the packaged demo model (as offload-serve --demo)")
+    parser.add_argument("--demo", action="store_true", help="the packaged demo model, configured as offload-serve "
+                                                            "--demo (--experts-on-device, --prefetch ignored)")
     parser.add_argument("--model-dir", type=Path, help="where the quantized bench model is kept (default: a "
                                                        "temporary directory)")
     parser.add_argument("--hidden", type=int, default=1024)
@@ -130,14 +131,15 @@ def main() -> None:
     set_up(args)
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.demo:
-            from offload_engine.cli import demo_dir
+        if args.demo:  # configured as offload-chat / offload-serve --demo configure it
+            from offload_engine.cli import resolve_setup
 
-            source, config = demo_dir(), {}
+            setup = resolve_setup(argparse.Namespace(demo=True, model=None, config=None, device="cpu"))
+            source, config = setup.model_dir, setup.config
         else:
             source = build_model(args, args.model_dir or Path(tmp) / "bench")
             config = {"offload": {"experts_on_device": args.experts_on_device, "prefetch": args.prefetch}}
-        engine = offload_engine.load(source, config=config or None, device="cpu", progress=False)
+        engine = offload_engine.load(source, config=config, device="cpu", progress=False)
         hf = engine.model.config
         print(f"model: {source.name if args.demo else 'bench'}: hidden {hf.hidden_size}, {hf.num_hidden_layers} "
               f"layers, vocab {hf.vocab_size}; {engine.config.dtype}, attention/experts bits "
