@@ -105,6 +105,25 @@ def run(engine, prompts: list[list[int]], new_tokens: int) -> dict:
             "itl_per_seq": [statistics.median([b - a for a, b in zip(s, s[1:])]) for s in stamps]}
 
 
+def profile(engine, prompts: list[list[int]], new_tokens: int) -> None:
+    """Milliseconds per step of the functions that take the time (cProfile's own time, and cumulative for the
+    experts), for one batch of `prompts`."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(run, engine, prompts, new_tokens)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, ...)}
+    print(f"\nbatch {len(prompts)}: ms per step ({new_tokens} steps), top functions by own time")
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
+    expert = next((v for k, v in stats.items() if k[2] == "expert_forward"), None)
+    for (file, line, name), (calls, _, own, cumulative, _) in rows:
+        print(f"  {own / new_tokens * 1e3:7.2f} ms  {calls / new_tokens:6.1f} calls  {Path(file).name}:{line} {name}")
+    if expert is not None:
+        print(f"  experts (expert_forward, cumulative): {expert[3] / new_tokens * 1e3:.2f} ms per step, "
+              f"{expert[0] / new_tokens:.1f} calls")
+
+
 def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -127,6 +146,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--profile", type=int, metavar="B", help="instead: one batch of B under cProfile, and where "
+                                                                    "its time per step goes")
     args = parser.parse_args()
     set_up(args)
     print(f"load average before: {os.getloadavg()[0]:.2f}")
@@ -150,6 +171,9 @@ def main() -> None:
         prompts = [torch.randint(3, hf.vocab_size, (8 + (5 * i) % 17,), generator=gen).tolist()
                    for i in range(max(args.batches))]
         run(engine, prompts[:1], 4)  # warm-up
+        if args.profile:
+            profile(engine, prompts[: args.profile], args.new_tokens)
+            return
         best: dict[int, dict] = {}
         for _ in range(args.repeats):
             for b in args.batches:
