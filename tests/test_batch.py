@@ -156,7 +156,8 @@ def test_no_padding_reaches_the_experts_and_lookups_count_distinct_experts(famil
 def test_a_prefill_computes_only_the_logits_it_samples(family_paths):
     engine = load(family_paths["mixtral"], 8, 0)
     shapes = []
-    handle = engine.model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    # What reaches the final norm is what the lm_head multiplies (model.py's _logits).
+    handle = engine.model.model.norm.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     try:
         engine.generate_ids(list(range(40)), max_new_tokens=3)
         engine.generate_ids(prompts(3), max_new_tokens=2)
