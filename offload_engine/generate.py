@@ -185,7 +185,7 @@ def new_sequence(prompt: Sequence[int], params: SamplingParams, kv_cache: Dynami
                  context: Sequence[int] = (), feed_eos: bool = False) -> Generation:
     """A sequence that prefills `prompt` on top of `kv_cache` (which holds `context`) and samples with `params`."""
     return Generation(list(prompt), kv_cache, Sampler(params, [*context, *prompt]), params.max_new_tokens,
-                         frozenset(eos_ids), feed_eos)
+                      frozenset(eos_ids), feed_eos)
 
 
 def generate_tokens(model: OffloadedModel, new_ids: Sequence[int], params: SamplingParams, kv_cache: DynamicCache,
@@ -202,10 +202,11 @@ def generate_tokens(model: OffloadedModel, new_ids: Sequence[int], params: Sampl
                 yield token
 
 
-def generate_batch(model: OffloadedModel, sequences: list[Generation], max_batch: int) -> Iterator[tuple[int, int | None]]:
+def generate_batch(model: OffloadedModel, sequences: list[Generation],
+                   max_batch: int) -> Iterator[tuple[int, int | None]]:
     """Run `sequences` with at most `max_batch` at a time, each joining as soon as there is room: (index, token)
     as tokens are generated, and (index, None) when a sequence ends without one. A sequence cancelled meanwhile
-    (`Sequence.cancel`) leaves at the next step; one cancelled before its turn never starts."""
+    (`Generation.cancel`) leaves at the next step; one cancelled before its turn never starts."""
     batch = Batch(model, max_batch)
     waiting = deque(range(len(sequences)))
     index = {id(seq): i for i, seq in enumerate(sequences)}

@@ -99,9 +99,10 @@ def prefill_bytes(hf, cfg: EngineConfig, context: int | None = None, sequences: 
     Only the chunk's activations and one layer's transients live at once: the [T, H] residual stream and its norms,
     the q/k/v projections, the keys/values of one sequence expanded to every head (repeat_kv, MLA's expansion), the
     new cache tensor built while the old one is alive, the mask; for families on eager attention the [heads, T, S]
-    scores (scores, masked, with sinks, and the softmax's float32; SDPA's memory-efficient kernel needs no such matrix: the
-    chunk's mask makes it eligible, see ragged.py); the MoE layer's largest expert call (every token on one expert)
-    and its router scores; and the logits of the rows sampled (one per sequence, float32), never [T, V]."""
+    scores (scores, masked, with sinks, and the softmax's float32; SDPA's memory-efficient kernel needs no such
+    matrix: the chunk's mask makes it eligible, see ragged.py); the MoE layer's largest expert call (every token on
+    one expert) and its router scores; and the logits of the rows sampled (one per sequence, float32), never
+    [T, V]."""
     context = context or cfg.max_context
     anatomy = Anatomy.of(hf, cfg.torch_dtype)
     b, f32 = cfg.torch_dtype.itemsize, 4

@@ -129,7 +129,8 @@ def table(rows: list[dict]) -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {pct(r['ttft'], 50):.2f} / {pct(r['ttft'], 95):.2f} s | "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+              f"{pct(r['ttft'], 50):.2f} / {pct(r['ttft'], 95):.2f} s | "
               f"{pct(r['gaps'], 50) * 1e3:.0f} / {pct(r['gaps'], 95) * 1e3:.0f} ms | "
               f"{r['worst_client_itl'] / base['worst_client_itl']:.2f}x |")
 

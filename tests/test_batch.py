@@ -240,7 +240,10 @@ def test_a_failing_step_ends_only_the_sequences_in_it(family_paths, monkeypatch)
     model = engine.model
     alone = engine.generate_ids(list(range(40, 52)), max_new_tokens=5)
     running = Batch(model, max_batch=3, prefill_chunk=4)
-    new = lambda ids: new_sequence(ids, SamplingParams(max_new_tokens=5), DynamicCache(config=model.config))  # noqa: E731
+
+    def new(ids: list[int]):
+        return new_sequence(ids, SamplingParams(max_new_tokens=5), DynamicCache(config=model.config))
+
     a = new([1, 2, 3])
     running.add(a)
     running.step()  # a is decoding from here on
