@@ -8,10 +8,11 @@ an error. The worker reports each job's text pieces and its end through the job'
 into a response. A step that raises (an expert failing, an interrupt) fails the jobs that were in it, with an error,
 and the worker carries on with the others; each job has its own KV cache, so nothing else changes.
 
-Prefix reuse, per sequence: the KV caches of recently finished requests are kept (at most `max_batch`); a request
-whose prompt extends one of their prompts (the next turn of the same conversation, whose messages repeat the
-previous prompt and reply) takes that cache, cropped to the longest shared prefix, and only the rest is prefilled.
-Any other prompt starts from an empty cache, so a repeated request computes exactly what it computed the first time.
+Prefix reuse, per sequence: the KV caches of recently finished requests are kept (with the running ones, at most
+`max_batch`, the KV caches the memory plan allows for); a request whose prompt extends one of their prompts (the
+next turn of the same conversation, whose messages repeat the previous prompt and reply) takes that cache, cropped
+to the longest shared prefix, and only the rest is prefilled. Any other prompt starts from an empty cache, so a
+repeated request computes exactly what it computed the first time.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ class Worker:
         with self.condition:
             self.running.append(Running(job, sequence, prefix, keep, TextStream(self.engine.tokenizer,
                                                                                   job.params.stop), job.arrived))
+            self._trim_finished()
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(job.ids))
             self.metrics.reused_tokens.inc(keep)
@@ -234,5 +236,9 @@ class Worker:
         prefix, job = running.prefix, running.job
         prefix.sync(job.ids + running.sequence.tokens)
         self.finished.append((list(job.ids), prefix))
-        while len(self.finished) > self.max_batch:
+        self._trim_finished()
+
+    def _trim_finished(self) -> None:
+        """Kept and running KV caches together stay within `max_batch`, what the memory plan allows for."""
+        while self.finished and len(self.finished) + len(self.running) > self.max_batch:
             self.finished.popleft()
