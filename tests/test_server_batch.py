@@ -169,3 +169,22 @@ def test_offload_serve_max_batch_is_planned_against_memory(tmp_path, chat_dir, m
     assert last.startswith("error: --max-batch 3: ") and "use --max-batch 2," in last
     assert cli.main(["--demo", "--config", str(config), "--max-batch", "0"]) == 2
     assert capsys.readouterr().err == "error: --max-batch must be >= 1, got 0\n"
+
+
+def test_prefix_reuse_per_conversation(engine):
+    """Two conversations interleaved: each next turn reuses its own previous turn's KV cache, not the latest
+    request's, and answers what a full prefill answers."""
+    from offload_engine.chat import encode_chat
+
+    with BackgroundServer(create_app(engine, model_name="demo", max_batch=4)) as server:
+        client = client_of(server)
+        conversations = [[{"role": "user", "content": PROMPTS[i]}] for i in (3, 4)]
+        for messages in conversations:  # first turns, one after the other
+            reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0)
+            messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                         {"role": "user", "content": "And then?"}]
+        for messages in conversations:  # second turns: the first conversation's is not the latest request
+            text, _ = expected(engine, encode_chat(engine.tokenizer, messages), max_new_tokens=8, temperature=0.0)
+            reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0)
+            assert reply.usage.prompt_tokens_details.cached_tokens > 0
+            assert reply.choices[0].message.content == text
