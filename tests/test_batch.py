@@ -23,6 +23,8 @@ FAMILIES = ["mixtral", "deepseek_v2", "gpt_oss"]
 LENGTHS = [1, 3, 5, 8, 13, 2, 7, 11]  # prompts longer than GPT-OSS's window of 5 too
 PLACEMENTS = [(1, 0), (1, 1), (2, 1), (8, 0)]  # experts on device (1, top-k, all), prefetch
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
+
 
 def prompts(n: int = len(LENGTHS), vocab: int = 160) -> list[list[int]]:
     gen = torch.Generator().manual_seed(5)

@@ -50,6 +50,8 @@ class LiveTensors(TorchDispatchMode):
 
 CONTEXT = 2 * PREFILL_CHUNK  # a prompt to max_context is prefilled in two chunks
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
+
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "gpt_oss"])
 def test_a_prefill_to_max_context_stays_within_the_plan(tmp_path, family):
