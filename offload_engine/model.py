@@ -1,9 +1,12 @@
 """Offloaded MoE model: a family's own transformers modules around routed experts that live in the expert cache.
 
-A token's path, as `OffloadedModel.forward` spells it out:
+A token's path, as `OffloadedModel.step` spells it out:
   embedding -> per layer: attention (the family's module, optionally quantized) -> the family's MLP block:
   router -> `OffloadedExperts` -> expert cache -> experts (+ the family's shared experts; or a dense MLP)
   -> final norm -> lm_head -> logits (the sampler lives in generate.py).
+A step carries the new tokens of several sequences at once, each with its own KV cache, as one flat row without
+padding: every layer but the attention proper is row-wise and runs once for all of them; the attention runs per
+sequence (ragged.py). Only the rows whose logits are sampled go through the final norm and the lm_head.
 
 Only the routed experts are replaced: the family's MoE block calls `experts(hidden, top_k_index, top_k_weights)`
 as it calls its own experts module, and `OffloadedExperts` hands that call back to this model's loop, which
