@@ -264,3 +264,19 @@ def test_a_failing_step_ends_only_the_sequences_in_it(family_paths, monkeypatch)
     while running:
         running.step()
     assert c.tokens == alone
+
+
+def test_batched_api_benchmark_script_runs():
+    """`scripts/bench_batch.py --demo` (short): a row per batch size, the demo model as offload-serve runs it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "scripts/bench_batch.py", "--demo", "--batches", "1", "2", "--new-tokens",
+                           "4", "--repeats", "1", "--threads", "1"], cwd=repo, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "4 of 8 experts per layer on device, prefetch 1" in done.stdout
+    assert [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")][1:] == ["1", "2"]

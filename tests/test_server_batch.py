@@ -188,3 +188,18 @@ def test_prefix_reuse_per_conversation(engine):
             reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0)
             assert reply.usage.prompt_tokens_details.cached_tokens > 0
             assert reply.choices[0].message.content == text
+
+
+def test_load_test_script_reports_each_client_count():
+    """`scripts/load_test.py --demo --clients 1 2` as the README runs it (short): a table row per client count."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "scripts/load_test.py", "--demo", "--clients", "1", "2", "--duration", "1",
+                           "--max-tokens", "4"], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and "errors none" in done.stdout and "inter-token p50" in done.stdout
