@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .anatomy import Anatomy
+from .batch import MAX_BATCH, Generation
 from .chat import ChatSession
 from .concurrency import EngineLock, locked_iter
 from .checkpoint import SafetensorsCheckpoint, read_config, resolve_model_dir
@@ -20,7 +21,6 @@ from .config import ConfigError, EngineConfig, load_config
 from .expert_cache import ExpertCache, LayerStats
 from .expert_tensors import read_expert_tensor
 from .experts import ExpertLayout
-from .batch import MAX_BATCH, Generation
 from .generate import (SamplingParams, check_int, check_token_ids, generate_batch, generate_tokens, is_batch,
                        new_sequence, per_prompt_options, stream_batch, stream_text)
 from .memory import resolve_experts_on_device
