@@ -9,12 +9,14 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
+from .batch import MAX_BATCH, Generation
 from .cache_stats import total, with_rates
 from .chat import ChatSession
 from .concurrency import EngineLock, locked_iter
 from .config import EngineConfig
 from .expert_cache import ExpertCache
-from .generate import SamplingParams, check_token_ids, generate_tokens, stream_text
+from .generate import (SamplingParams, check_int, check_token_ids, generate_batch, generate_tokens, is_batch,
+                       new_sequence, per_prompt_options, stream_batch, stream_text)
 from .kernels import Kernels
 from .model import OffloadedModel
 from .tokenization import encode_text
@@ -105,29 +107,72 @@ class Engine:
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
         return ids + ([tokenizer_eos] if tokenizer_eos is not None and tokenizer_eos not in ids else [])
 
-    def _tokens(self, prompt: str | list[int], sampling: dict) -> tuple[Iterator[int], SamplingParams]:
+    def _request(self, prompt: str | list[int], sampling: dict) -> tuple[list[int], SamplingParams]:
         params = SamplingParams.from_kwargs(**sampling)
         ids = self.encode(prompt)
         if len(ids) + params.max_new_tokens > self.context_window:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"context window of {self.context_window} tokens: shorten the prompt or max_new_tokens")
+        return ids, params
+
+    def _tokens(self, prompt: str | list[int], sampling: dict) -> tuple[Iterator[int], SamplingParams]:
+        ids, params = self._request(prompt, sampling)
         kv_cache = DynamicCache(config=self.model.config)  # grows with the request, freed with it
         return generate_tokens(self.model, ids, params, kv_cache, self.eos_ids), params
 
-    def generate_ids(self, prompt: str | list[int], **sampling) -> list[int]:
-        """Generated token ids (EOS excluded). Sampling options: see SamplingParams (greedy by default)."""
+    def _batch(self, prompts: list, sampling: dict, max_batch: int) -> tuple[list[Generation], list[SamplingParams]]:
+        """One sequence per prompt, each with its own KV cache and sampler; a sampling option given as a list
+        holds one value per prompt (`stop`: a list of lists), others apply to every prompt."""
+        check_int("max_batch", max_batch, 1)
+        requests = []
+        for i, options in enumerate(per_prompt_options(sampling, len(prompts))):
+            try:
+                requests.append(self._request(prompts[i], options))
+            except ValueError as e:
+                raise type(e)(f"prompts[{i}]: {e}") from None
+        eos = self.eos_ids
+        sequences = [new_sequence(ids, params, DynamicCache(config=self.model.config), eos) for ids, params in requests]
+        return sequences, [params for _, params in requests]
+
+    def generate_ids(self, prompt: str | list[int] | list, *, max_batch: int = MAX_BATCH,
+                     **sampling) -> list[int] | list[list[int]]:
+        """Generated token ids (EOS excluded). Sampling options: see SamplingParams (greedy by default).
+        A list of prompts (strings or token-id lists) gives a list of results in the same order, generated as
+        one batch of up to `max_batch` sequences at a time (see `generate`)."""
+        if is_batch(prompt):
+            sequences, _ = self._batch(prompt, sampling, max_batch)
+            for _ in locked_iter(self.lock, generate_batch(self.model, sequences, max_batch)):
+                pass
+            return [seq.tokens for seq in sequences]
         tokens, _ = self._tokens(prompt, sampling)
         return list(locked_iter(self.lock, tokens))
 
-    def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
-        """Text pieces as they are generated; joined, they equal `generate(...)`."""
+    def stream(self, prompt: str | list[int] | list, *, max_batch: int = MAX_BATCH,
+               **sampling) -> Iterator[str] | Iterator[tuple[int, str]]:
+        """Text pieces as they are generated; joined, they equal `generate(...)`. For a list of prompts: (index,
+        piece) pairs, the pieces of each prompt in order, the prompts interleaved as the batch steps."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; use generate_ids() with token ids")
+        if is_batch(prompt):
+            sequences, params = self._batch(prompt, sampling, max_batch)
+            pieces = stream_batch(self.model, sequences, self.tokenizer, [p.stop for p in params], max_batch)
+            return locked_iter(self.lock, pieces)
         tokens, params = self._tokens(prompt, sampling)
         return locked_iter(self.lock, stream_text(tokens, self.tokenizer, params.stop))
 
-    def generate(self, prompt: str | list[int], **sampling) -> str:
-        """The generated text (prompt excluded, stop string removed)."""
+    def generate(self, prompt: str | list[int] | list, *, max_batch: int = MAX_BATCH, **sampling) -> str | list[str]:
+        """The generated text (prompt excluded, stop string removed).
+
+        A list of prompts returns a list of texts in the same order: each prompt has its own KV cache and may
+        have its own options (a list with one value per prompt, e.g. `seed=[1, 2]`, `max_new_tokens=[16, 64]`,
+        `stop=[["."], ["\\n"]]`), and each generates exactly what it generates alone. Up to `max_batch` run at
+        once, sharing every forward step (each expert is read once per step for all of them); the others join
+        as those finish."""
+        if is_batch(prompt):
+            texts = [""] * len(prompt)
+            for i, piece in self.stream(prompt, max_batch=max_batch, **sampling):
+                texts[i] += piece
+            return texts
         return "".join(self.stream(prompt, **sampling))
 
     def chat(self, system: str | None = None) -> ChatSession:

@@ -1,19 +1,22 @@
-"""The generate loop: prefill, then decode one token at a time with a KV cache; sampling; streaming text.
+"""Generation: sampling parameters and sampling, the generate loops over batch.py's scheduler, streaming text.
 
     tokens = generate_tokens(model, prompt_ids, params, kv_cache)   # an iterator of token ids
     for piece in stream_text(tokens, tokenizer, params.stop): ...   # text pieces, stop strings removed
+    for index, piece in stream_batch(model, sequences, tokenizer, stops, max_batch): ...   # many at once
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
 
+from .batch import Batch, Generation
 from .model import OffloadedModel
 
 
@@ -118,6 +121,29 @@ def check_stop(stop) -> tuple[str, ...]:
     return tuple(items)
 
 
+def is_batch(prompt) -> bool:
+    """A list of prompts (strings, token-id lists or 1-d tensors) rather than one prompt (a string, token ids)."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    first = prompt[0]
+    return isinstance(first, (str, list, tuple)) or getattr(first, "ndim", 0) >= 1
+
+
+def per_prompt_options(options: dict, n: int) -> list[dict]:
+    """Sampling options for each of `n` prompts: a list value holds one value per prompt, anything else is shared.
+    `stop` is per prompt only as a list of lists (a list of strings is the stop strings of every prompt)."""
+    each: list[dict] = [{} for _ in range(n)]
+    for name, value in options.items():
+        per_prompt = isinstance(value, (list, tuple)) and (
+            name != "stop" or (bool(value) and all(v is None or isinstance(v, (list, tuple)) for v in value)))
+        if per_prompt and len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} prompts: give one value for all, or one per "
+                             f"prompt")
+        for i in range(n):
+            each[i][name] = value[i] if per_prompt else value
+    return each
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, context: Sequence[int], generator: torch.Generator) -> int:
     """Pick the next token from float32 logits [V]: repetition penalty, then temperature, top-k, top-p."""
     logits = logits.clone()
@@ -146,26 +172,55 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-@torch.inference_mode()
+class Sampler:
+    """One sequence's `pick`: its parameters, its own generator (so a seeded sequence samples the same tokens in
+    any batch) and its context for the repetition penalty, which grows with each token picked."""
+
+    def __init__(self, params: SamplingParams, context: Sequence[int]):
+        self.params, self.history, self.generator = params, list(context), make_generator(params.seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        token = sample(logits, self.params, self.history, self.generator)
+        self.history.append(token)
+        return token
+
+
+def new_sequence(prompt: Sequence[int], params: SamplingParams, kv_cache: DynamicCache, eos_ids: Iterable[int] = (),
+                 context: Sequence[int] = (), feed_eos: bool = False) -> Generation:
+    """A sequence that prefills `prompt` on top of `kv_cache` (which holds `context`) and samples with `params`."""
+    return Generation(list(prompt), kv_cache, Sampler(params, [*context, *prompt]), params.max_new_tokens,
+                      frozenset(eos_ids), feed_eos)
+
+
 def generate_tokens(model: OffloadedModel, new_ids: Sequence[int], params: SamplingParams, kv_cache: DynamicCache,
                     eos_ids: Iterable[int] = (), context: Sequence[int] = (), feed_eos: bool = False) -> Iterator[int]:
     """Prefill `new_ids` on top of `kv_cache`, then yield up to max_new_tokens sampled tokens. EOS ends it and
     is not yielded; with `feed_eos` it is run through the model so the cache holds it (a chat's next turn
-    starts after it). `context`: the tokens already in the cache, for the repetition penalty."""
-    eos = set(eos_ids)
-    generator = make_generator(params.seed)
-    history = list(context) + list(new_ids)
-    logits = model(torch.tensor([list(new_ids)]), kv_cache)[0, -1]  # [V]
-    for step in range(params.max_new_tokens):
-        token = sample(logits, params, history, generator)
-        if token in eos:
-            if feed_eos:
-                model(torch.tensor([[token]]), kv_cache)
-            return
-        yield token
-        history.append(token)
-        if step + 1 < params.max_new_tokens:
-            logits = model(torch.tensor([[token]]), kv_cache)[0, -1]
+    starts after it). `context`: the tokens already in the cache, for the repetition penalty. A batch of one:
+    the same steps, prefill chunks included, as each sequence of a batch runs."""
+    batch = Batch(model, max_batch=1)
+    batch.add(new_sequence(new_ids, params, kv_cache, eos_ids, context, feed_eos))
+    while batch:
+        for _, token in batch.step():
+            if token is not None:
+                yield token
+
+
+def generate_batch(model: OffloadedModel, sequences: list[Generation],
+                   max_batch: int) -> Iterator[tuple[int, int | None]]:
+    """Run `sequences` with at most `max_batch` at a time, each joining as soon as there is room: (index, token)
+    as tokens are generated, and (index, None) when a sequence ends without one. A sequence cancelled meanwhile
+    (`Generation.cancel`) leaves at the next step; one cancelled before its turn never starts."""
+    batch = Batch(model, max_batch)
+    waiting = deque(range(len(sequences)))
+    index = {id(seq): i for i, seq in enumerate(sequences)}
+    while waiting or batch:
+        while waiting and batch.room:
+            seq = sequences[waiting.popleft()]
+            if not seq.finished:
+                batch.add(seq)
+        for seq, token in batch.step():
+            yield index[id(seq)], token
 
 
 class StreamDecoder:
@@ -195,35 +250,79 @@ class StreamDecoder:
         return after[len(before) :]
 
 
+class TextStream:
+    """One sequence's text, pushed token by token: pieces are held back while they might begin a stop string,
+    and the first stop string ends it (`stopped`; the stop string is not emitted)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.decoder, self.stop = StreamDecoder(tokenizer), tuple(stop)
+        self.held = ""  # text that might be the start of a stop string
+        self.hold_back = max((len(s) for s in self.stop), default=1) - 1
+        self.stopped = False
+
+    def _cut_at_stop(self) -> bool:
+        hits = [self.held.find(s) for s in self.stop if s in self.held]
+        if hits:
+            self.held, self.stopped = self.held[: min(hits)], True
+        return bool(hits)
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.held += self.decoder.push(token)
+        if self.stop and self._cut_at_stop():
+            piece, self.held = self.held, ""
+            return piece
+        if len(self.held) > self.hold_back:
+            cut = len(self.held) - self.hold_back
+            piece, self.held = self.held[:cut], self.held[cut:]
+            return piece
+        return ""
+
+    def finish(self) -> str:
+        """What is still held back once the tokens end."""
+        if self.stopped:
+            return ""
+        self.held += self.decoder.flush()
+        if self.stop:
+            self._cut_at_stop()
+        piece, self.held = self.held, ""
+        return piece
+
+
 def stream_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> Iterator[str]:
     """Text pieces for a token stream, ending before the first stop string (which is not emitted). A generator
     `tokens` is closed when this stream ends or is closed, which stops generation."""
+    text = TextStream(tokenizer, stop)
     try:
-        yield from _text_pieces(tokens, tokenizer, stop)
+        for token in tokens:
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                return
+        piece = text.finish()
+        if piece:
+            yield piece
     finally:
         if hasattr(tokens, "close"):
             tokens.close()
 
 
-def _text_pieces(tokens: Iterable[int], tokenizer, stop: Sequence[str]) -> Iterator[str]:
-    decoder = StreamDecoder(tokenizer)
-    held = ""  # text that might be the start of a stop string
-    hold_back = max((len(s) for s in stop), default=1) - 1
-    for token in tokens:
-        held += decoder.push(token)
-        if stop:
-            hits = [held.find(s) for s in stop if s in held]
-            if hits:
-                if held[: min(hits)]:
-                    yield held[: min(hits)]
-                return
-        if len(held) > hold_back:
-            cut = len(held) - hold_back
-            yield held[:cut]
-            held = held[cut:]
-    held += decoder.flush()
-    if stop:
-        hits = [held.find(s) for s in stop if s in held]
-        held = held[: min(hits)] if hits else held
-    if held:
-        yield held
+def stream_batch(model: OffloadedModel, sequences: list[Generation], tokenizer, stops: list[Sequence[str]],
+                 max_batch: int) -> Iterator[tuple[int, str]]:
+    """(index, text piece) for a batch, each sequence ending at its first stop string (`stops[index]`), which
+    then leaves the batch at the next step."""
+    texts = [TextStream(tokenizer, stop) for stop in stops]
+    tokens = generate_batch(model, sequences, max_batch)
+    try:
+        for i, token in tokens:
+            piece = texts[i].push(token) if token is not None else ""
+            if texts[i].stopped:
+                sequences[i].cancel()
+            elif sequences[i].finished:
+                piece += texts[i].finish()
+            if piece:
+                yield i, piece
+    finally:
+        tokens.close()

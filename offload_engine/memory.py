@@ -25,6 +25,11 @@ BASE_MARGIN = int(0.75 * GiB)
 # Pageable host memory besides the pinned expert slots: Python, torch and the CUDA runtime's host side, the
 # tokenizer, and the loader's transient buffers (one tensor at a time; source shards are unmapped per expert).
 HOST_MARGIN = 2 * GiB
+# The generate loop (batch.py) prefills at most this many prompt tokens per forward, so that a prefill's
+# activations, and its pause of the sequences decoding beside it, stay bounded whatever the prompt's length.
+PREFILL_CHUNK = 512
+# Sequences generated at once by default (Engine.generate with a list; offload-serve --max-batch, memory permitting).
+MAX_BATCH = 8
 
 
 class NotEnoughMemory(MemoryError):
@@ -36,11 +41,13 @@ class MemoryPlan:
     experts_on_device: int  # per layer
     expert_bytes: int  # one packed expert
     trunk_bytes: int  # embeddings, lm_head, norms, routers, attention
-    kv_cache_bytes: int  # for `context` tokens
+    kv_cache_bytes: int  # for `context` tokens, times `sequences`
     spare_bytes: int  # the cache's shared spare slots
     margin_bytes: int
     total_bytes: int  # everything above with `experts_on_device` experts per layer
     context: int
+    prefill_bytes: int = 0  # a forward's working memory: a prefill chunk beside `sequences` - 1 decoding
+    sequences: int = 1  # sequences generated at once (offload-serve --max-batch), each with its KV cache
     host_pinned_bytes: int = 0  # the experts kept in host RAM, page-locked at their exact size
     host_margin_bytes: int = HOST_MARGIN  # pageable: the process itself
     write_back: bool = True  # evicted experts are written back (swap); False: the host keeps every expert
@@ -57,7 +64,8 @@ class MemoryPlan:
     def summary(self) -> str:
         g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
         return (f"{self.experts_on_device} experts/layer x {self.expert_bytes / 2**20:.1f} MiB; trunk {g(self.trunk_bytes)}, "
-                f"KV cache ({self.context} tokens) {g(self.kv_cache_bytes)}, spare slots {g(self.spare_bytes)}, "
+                f"KV cache ({self.sequences} x {self.context} tokens) {g(self.kv_cache_bytes)}, prefill "
+                f"{g(self.prefill_bytes)}, spare slots {g(self.spare_bytes)}, "
                 f"margin {g(self.margin_bytes)}; total {g(self.total_bytes)}; host RAM {g(self.host_pinned_bytes)} "
                 f"pinned + {g(self.host_margin_bytes)} process = {g(self.host_total_bytes)}; write-backs: "
                 f"{'yes (swap)' if self.write_back else 'no (every expert in host RAM)'}")
@@ -83,8 +91,51 @@ def kv_cache_bytes(hf, cfg: EngineConfig, context: int) -> int:
     return per_token * tokens * cfg.torch_dtype.itemsize
 
 
+def _attention_dims(hf) -> tuple[int, int, int, int]:
+    """(query heads, key/value heads as cached, key head dim, value head dim); MLA expands its latents per head."""
+    if getattr(hf, "kv_lora_rank", None):
+        heads = hf.num_attention_heads
+        return heads, heads, hf.qk_nope_head_dim + hf.qk_rope_head_dim, hf.v_head_dim
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return hf.num_attention_heads, hf.num_key_value_heads, head_dim, head_dim
+
+
+def prefill_bytes(hf, cfg: EngineConfig, context: int | None = None, sequences: int = 1,
+                  chunk: int = PREFILL_CHUNK) -> int:
+    """Peak working memory of one forward at `context` tokens (beside the weights and the KV cache): a prefill
+    chunk of `chunk` tokens plus one token each of `sequences` - 1 decoding sequences (batch.py's largest step).
+
+    Only the chunk's activations and one layer's transients live at once: the [T, H] residual stream and its norms,
+    the q/k/v projections, the keys/values of one sequence expanded to every head (repeat_kv, MLA's expansion), the
+    new cache tensor built while the old one is alive, the mask; for families on eager attention the [heads, T, S]
+    scores (scores, masked, with sinks, and the softmax's float32; SDPA's memory-efficient kernel needs no such
+    matrix: the chunk's mask makes it eligible, see ragged.py); the MoE layer's largest expert call (every token on
+    one expert) and its router scores; and the logits of the rows sampled (one per sequence, float32), never
+    [T, V]."""
+    context = context or cfg.max_context
+    anatomy = Anatomy.of(hf, cfg.torch_dtype)
+    b, f32 = cfg.torch_dtype.itemsize, 4
+    tokens, kv_len = min(chunk, context) + sequences - 1, context
+    H, V, E = hf.hidden_size, hf.vocab_size, anatomy.num_experts
+    heads, kv_heads, dk, dv = _attention_dims(hf)
+    shared = max((getattr(hf, k, None) or 0 for k in ("n_shared_experts", "moe_num_shared_experts")), default=0)
+    inter = max(anatomy.expert_intermediate * max(shared, 1), getattr(hf, "intermediate_size", 0) or 0,
+                getattr(hf, "shared_expert_intermediate_size", 0) or 0)
+    eager = not anatomy.family.model_class()._supports_sdpa
+    residual = 6 * tokens * H * b
+    attention = (2 * tokens * heads * (2 * dk + dv) * b  # q, k, v and their rotated / joined copies
+                 + heads * (dk + dv) * kv_len * b  # one sequence's keys and values expanded per head
+                 + kv_heads * (dk + dv) * kv_len * b  # the old cache of one layer while the new one is built
+                 + tokens * kv_len * (b if eager else 1)  # the chunk's mask
+                 + (heads * tokens * (kv_len + 1) * (3 * b + f32) if eager else heads * tokens * f32)
+                 + 2 * tokens * heads * dv * b)  # the attention's output and its o_proj input
+    moe = 2 * tokens * E * f32 + tokens * (3 * H + 3 * inter) * b + 3 * tokens * anatomy.top_k * 8
+    logits = sequences * V * (b + f32)
+    return residual + max(attention, moe) + logits
+
+
 def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = None,
-                host_free_bytes: int | None = None) -> MemoryPlan:
+                host_free_bytes: int | None = None, sequences: int = 1) -> MemoryPlan:
     """The largest experts-per-layer count that fits `free_bytes` of device memory (or the configured count,
     checked), and, given `host_free_bytes`, whose offloaded experts fit the host's RAM. `offload.write_back: auto`
     keeps every expert in host RAM (no write-backs) when `host_free_bytes` holds them all beside the process, and
@@ -97,7 +148,8 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
     dequantized = 3 * anatomy.hidden_size * anatomy.expert_intermediate * cfg.torch_dtype.itemsize  # one, unpacked
     margin = BASE_MARGIN + dequantized
     trunk = anatomy.trunk_bytes(cfg)
-    fixed = trunk + kv_cache_bytes(hf, cfg, context) + margin
+    kv, working = sequences * kv_cache_bytes(hf, cfg, context), prefill_bytes(hf, cfg, context, sequences)
+    fixed = trunk + kv + working + margin
 
     every_expert = CacheAllocation.build(L, E, expert, 1, cfg.offload.prefetch, cuda=True, write_back=False)
     mode = cfg.offload.write_back
@@ -128,8 +180,8 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
                 f"{free_bytes / GiB:.2f} GiB is free; " + (f"at most {fits} fit(s): set offload.experts_on_device "
                 f"to {fits} or 'auto'" if fits else "not even 1 fits: use fewer bits or a larger GPU"))
     pinned = CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, True, write_back).locked_host_bytes
-    plan = MemoryPlan(k, expert, trunk, kv_cache_bytes(hf, cfg, context), spares(k), margin,
-                      total(k), context, pinned, write_back=write_back and k < E)
+    plan = MemoryPlan(k, expert, trunk, kv, spares(k), margin, total(k), context, working, sequences, pinned,
+                      write_back=write_back and k < E)
     if host_free_bytes is not None and plan.host_total_bytes > host_free_bytes:
         held = f"{E - k} offloaded experts per layer" if write_back else f"all {E} experts per layer (write_back: never)"
         raise NotEnoughMemory(
@@ -139,6 +191,42 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
             + ("set offload.write_back to auto or always (write evicted experts back instead), or " if not write_back
                else "") + "use a machine with more RAM, a GPU with more memory, or fewer bits for the experts")
     return plan
+
+
+def sequences_that_fit(hf, cfg: EngineConfig, free_bytes: int, reserve: int = 0) -> int:
+    """How many sequences at `max_context` (each its KV cache, and the forward's working memory for all of them)
+    fit in `free_bytes` once the model is loaded, beside `reserve` bytes kept free."""
+    def need(n: int) -> int:
+        return n * kv_cache_bytes(hf, cfg, cfg.max_context) + prefill_bytes(hf, cfg, sequences=n) + reserve
+
+    low, high = 0, 4096  # need(n) grows with n: the largest n with need(n) <= free_bytes, by bisection
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if need(mid) <= free_bytes else (low, mid - 1)
+    return low
+
+
+def resolve_max_batch(hf, cfg: EngineConfig, device: torch.device, requested: int | None) -> tuple[int, str]:
+    """The number of sequences to generate at once (offload-serve --max-batch), checked against the memory left
+    after loading: device memory on CUDA (beside the working margin), host RAM on CPU. `requested` None: up to
+    MAX_BATCH, as many as fit. Returns it and a line saying why; NotEnoughMemory when `requested` does not fit."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        anatomy = Anatomy.of(hf, cfg.torch_dtype)
+        reserve = BASE_MARGIN + 3 * anatomy.hidden_size * anatomy.expert_intermediate * cfg.torch_dtype.itemsize
+        where = "GPU memory"
+    else:
+        free, reserve, where = available_host_bytes(), 0, "host RAM"
+    fits = sequences_that_fit(hf, cfg, free, reserve)
+    per_sequence = kv_cache_bytes(hf, cfg, cfg.max_context) / GiB
+    if requested is not None and requested > fits:
+        raise NotEnoughMemory(
+            f"--max-batch {requested}: {requested} sequences at max_context {cfg.max_context} need "
+            f"{per_sequence:.2f} GiB of KV cache each, but only {fits} fit in the {free / GiB:.2f} GiB of {where} "
+            f"left after loading; use --max-batch {max(fits, 1)}, a shorter max_context, or fewer experts on device")
+    n = requested if requested is not None else max(1, min(MAX_BATCH, fits))
+    return n, (f"{n} sequences at once ({per_sequence:.2f} GiB of KV cache each at {cfg.max_context} tokens; "
+               f"{fits} would fit in the {where} left)")
 
 
 def available_host_bytes() -> int:

@@ -1,9 +1,12 @@
 """Offloaded MoE model: a family's own transformers modules around routed experts that live in the expert cache.
 
-A token's path, as `OffloadedModel.forward` spells it out:
+A token's path, as `OffloadedModel.step` spells it out:
   embedding -> per layer: attention (the family's module, optionally quantized) -> the family's MLP block:
   router -> `OffloadedExperts` -> expert cache -> experts (+ the family's shared experts; or a dense MLP)
   -> final norm -> lm_head -> logits (the sampler lives in generate.py).
+A step carries the new tokens of several sequences at once, each with its own KV cache, as one flat row without
+padding: every layer but the attention proper is row-wise and runs once for all of them; the attention runs per
+sequence (ragged.py). Only the rows whose logits are sampled go through the final norm and the lm_head.
 
 Only the routed experts are replaced: the family's MoE block calls `experts(hidden, top_k_index, top_k_weights)`
 as it calls its own experts module, and `OffloadedExperts` hands that call back to this model's loop, which
@@ -14,6 +17,7 @@ statistics. Which layers are MoE, and where the router sits, come from the adapt
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from .experts import ExpertLayout, expert_forward
 from .kernels import REFERENCE, Kernels, QuantLinear
 from .prefetch import guess_experts
 from .quantize import MatrixLayout
+from .ragged import RAGGED, RaggedCache, RaggedMask, Segment, concat_position_embeddings
 from .schedule import run_layer
 
 RoutingObserver = Callable[[int, list[list[int]], list[int]], None]
@@ -75,6 +80,13 @@ class OffloadedModel(nn.Module):
             self.layers[l].mlp.experts = OffloadedExperts(m, self._experts)
             self.routers.append(getattr(self.layers[l].mlp, family.router))
         self.moe_layers = moe_layers
+        # The attention modules call ragged.py's attention function, which runs the family's own per sequence;
+        # the masks are still built for the family's implementation (self.config).
+        attention_config = copy.copy(config)
+        attention_config._attn_implementation = RAGGED
+        for layer in self.layers:
+            layer.self_attn.config = attention_config
+        self.transforms_kv = bool(getattr(config, "kv_lora_rank", None))  # MLA expands its cached latents
         self.prefetch = cache.prefetch_count
         self.host_syncs = 0  # device->host reads of routing decisions (one per MoE layer, plus one with prefetch)
         self._pass: _Pass | None = None
@@ -83,6 +95,8 @@ class OffloadedModel(nn.Module):
     def set_tensor(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """Materialise one trunk parameter (e.g. 'model.norm.weight') on the device in the model dtype (or `dtype`)."""
         # dtype= is needed: without it accelerate casts to the meta parameter's dtype (float32), not ours.
+        if value.data_ptr() % 64:  # BLAS rounds differently on a misaligned operand (safetensors' buffers): the
+            value = value.clone()  # same weights must give the same logits however they were loaded
         set_module_tensor_to_device(self, name, self.device, value=value, dtype=dtype or self.dtype)
 
     def set_linear(self, name: str, layout: MatrixLayout, buffer: torch.Tensor) -> None:
@@ -119,19 +133,33 @@ class OffloadedModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None,
                 on_routing: RoutingObserver | None = None) -> torch.Tensor:
-        """input_ids [B, S] -> logits [B, S, V] (float32). `kv_cache` is extended in place when given.
+        """input_ids [B, S] -> logits [B, S, V] (float32). `kv_cache` (B = 1) is extended in place when given.
         `on_routing(moe_layer, experts per token, guess)` observes each MoE layer's decisions (profiling, tests):
         the experts each token was routed to, and the experts speculatively guessed for this layer before it
-        ran (empty with prefetch off). MoE layers are numbered 0, 1, ... as the expert cache numbers them.
+        ran (empty with prefetch off). MoE layers are numbered 0, 1, ... as the expert cache numbers them."""
+        rows = torch.as_tensor(input_ids).cpu().numpy().tolist()  # host ids (numpy: not a device read to count)
+        if kv_cache is not None and len(rows) != 1:
+            raise ValueError(f"a kv_cache holds one sequence; got {len(rows)} rows: use step() with a cache each")
+        caches = [kv_cache] if kv_cache is not None else [DynamicCache(config=self.config) for _ in rows]
+        return torch.stack(self.step([Segment(row, cache, "all") for row, cache in zip(rows, caches)], on_routing))
+
+    @torch.inference_mode()
+    def step(self, segments: list[Segment], on_routing: RoutingObserver | None = None) -> list[torch.Tensor | None]:
+        """One forward for the new tokens of several sequences, each extending its own KV cache (ragged.py): the
+        trunk, routers, experts and lm_head run once for all tokens, attention per sequence. Returns per segment
+        its float32 logits as it asked: [V] ("last"), [n, V] ("all") or None ("none").
 
         Whatever this raises (KeyboardInterrupt included), the expert cache is back in its idle state before the
-        exception leaves (`ExpertCache.recover`); `kv_cache` may then hold part of this call and should be dropped."""
+        exception leaves (`ExpertCache.recover`); the segments' caches may then hold part of this call and should
+        be dropped."""
+        if not segments or any(not s.ids for s in segments):
+            raise ValueError("every segment needs at least one token")
         cache = self.cache
         if cache.busy:  # an earlier forward was interrupted and never recovered: finish that first
             cache.recover()
         try:
             cache.busy = True
-            logits = self._forward(input_ids, kv_cache, on_routing)
+            logits = self._forward(segments, on_routing)
             cache.busy = False
             return logits
         except BaseException:
@@ -145,10 +173,11 @@ class OffloadedModel(nn.Module):
         finally:
             self._pass = None
 
-    def _masks(self, hidden: torch.Tensor, kv_cache: DynamicCache | None, position_ids: torch.Tensor) -> list:
-        """Each layer's attention mask, built the way the family's own model builds it."""
+    def _masks(self, hidden: torch.Tensor, kv_cache: DynamicCache, position_ids: torch.Tensor) -> list:
+        """One sequence's attention mask per layer, built the way the family's own model builds it. A chunk of
+        several tokens always gets its mask materialised (see ragged.py: it keeps SDPA off `enable_gqa`)."""
         kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=kv_cache,
-                      position_ids=position_ids)
+                      position_ids=position_ids, allow_is_causal_skip=hidden.shape[1] == 1)
         builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         if self.family.masks == "layer_types":
             kinds = list(self.config.layer_types)
@@ -159,14 +188,22 @@ class OffloadedModel(nn.Module):
         masks = {kind: builders[kind](**kwargs) for kind in set(kinds)}
         return [masks[kind] for kind in kinds]
 
-    def _forward(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None, on_routing) -> torch.Tensor:
-        batch, seq = input_ids.shape
-        past = kv_cache.get_seq_length() if kv_cache is not None else 0
-        position_ids = torch.arange(past, past + seq, device=self.device)[None]  # [1, S]
+    def _forward(self, segments: list[Segment], on_routing) -> list[torch.Tensor | None]:
+        lengths = [len(s.ids) for s in segments]
+        ids = torch.tensor([[t for s in segments for t in s.ids]])  # [1, T]: every sequence's tokens, no padding
         # non_blocking: a pageable host->device copy is staged before it returns, so it needs no stream sync.
-        hidden = self.model.embed_tokens(input_ids.to(self.device, non_blocking=True))  # [B, S, H]
-        masks = self._masks(hidden, kv_cache, position_ids)
-        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        hidden = self.model.embed_tokens(ids.to(self.device, non_blocking=True))  # [1, T, H]
+        positions, masks, rotary = [], [], []
+        for segment, part in zip(segments, hidden.split(lengths, dim=1)):
+            past = segment.kv_cache.get_seq_length()
+            position_ids = torch.arange(past, past + part.shape[1], device=self.device)[None]  # [1, n]
+            masks.append(self._masks(part, segment.kv_cache, position_ids))
+            # Per sequence: a rotary scaling that depends on the longest position (longrope) sees only its own.
+            rotary.append(self.model.rotary_emb(part, position_ids=position_ids))
+            positions.append(position_ids)
+        position_ids = torch.cat(positions, dim=1)  # [1, T]
+        position_embeddings = rotary[0] if len(rotary) == 1 else concat_position_embeddings(rotary)
+        kv = RaggedCache([s.kv_cache for s in segments], lengths, self.transforms_kv)
         self._pass = step = _Pass(hidden.view(-1, hidden.shape[-1]), on_routing)
         guess = self._speculate(0, step.residual)
         if guess is not None:
@@ -174,16 +211,43 @@ class OffloadedModel(nn.Module):
             self.host_syncs += 1
             self.cache.prefetch(0, step.guessed)
         for l, layer in enumerate(self.layers):
-            attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=masks[l],
+            attention_mask = RaggedMask([m[l] for m in masks], kv, self.config._attn_implementation)
+            attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=attention_mask,
                                           position_embeddings=position_embeddings, position_ids=position_ids,
-                                          cache=kv_cache)
-            hidden = hidden + attn_out  # [B, S, H]
+                                          cache=kv)
+            hidden = hidden + attn_out  # [1, T, H]
             step.residual = hidden.view(-1, hidden.shape[-1])  # [T, H]
             # The family's MLP: an MoE block (router, our experts, its shared experts) or a dense MLP.
             out = layer.mlp(layer.post_attention_layernorm(hidden))
             hidden = hidden + (out[0] if self.family.block_returns_tuple else out)
-        hidden = self.model.norm(hidden)
-        return self.lm_head(hidden).float()
+        return self._logits(hidden[0], segments, lengths)
+
+    def _logits(self, hidden: torch.Tensor, segments: list[Segment], lengths: list[int]) -> list[torch.Tensor | None]:
+        """hidden [T, H] -> each segment's logits: only the rows asked for go through the norm and the lm_head
+        (a prefill needs one row, not [S, V] in float32)."""
+        rows, ends = [], []
+        start = 0
+        for segment, n in zip(segments, lengths):
+            wanted = {"all": range(start, start + n), "last": [start + n - 1], "none": []}[segment.logits]
+            rows.extend(wanted)
+            ends.append(len(rows))
+            start += n
+        if not rows:
+            return [None] * len(segments)
+        normed = self.model.norm(hidden[torch.tensor(rows, device=hidden.device)])  # [R, H]
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None:
+            # [V, H] x [H, R]: for a few rows, BLAS (MKL on CPU) runs x @ W.T (F.linear) at a fraction of the memory
+            # bandwidth, 2-3x slower at 2-8 rows than at one; the same product this way round reads W at full speed.
+            logits = torch.mm(head.weight, normed.t()).t().float()  # [R, V]
+        else:
+            logits = head(normed).float()
+        out, begin = [], 0
+        for segment, end in zip(segments, ends):
+            out.append(None if segment.logits == "none" else logits[begin] if segment.logits == "last"
+                       else logits[begin:end])
+            begin = end
+        return out
 
     def _experts(self, moe_layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed experts of MoE layer `moe_layer`, called from inside the family's block.

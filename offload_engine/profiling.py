@@ -24,7 +24,7 @@ def add_stats(total: list[LayerStats], engine: Engine) -> None:
 
 
 class Recorder:
-    """Stands in for ``engine.model`` inside ``generate_tokens``: each call runs the real forward with ``on_routing``,
+    """Stands in for ``engine.model`` inside ``generate_tokens``: each step runs the real forward with ``on_routing``,
     records the decode steps' routing and guesses, times them, and keeps decode counters apart from the prefill's."""
 
     def __init__(self, engine: Engine):
@@ -41,15 +41,16 @@ class Recorder:
         self.expert_s = 0.0  # decode steps only (CPU)
         self.prefill_s = 0.0
         self._in_decode = False
-        self._next_is_prefill = False
+        self._prefill_left = 0  # prompt tokens not yet prefilled (a long prompt is prefilled in chunks)
         self.prefill_end = 0.0
 
-    def start_prompt(self) -> None:
+    def start_prompt(self, prompt_tokens: int) -> None:
         self.engine.reset_stats()
-        self._next_is_prefill = True
+        self._prefill_left = prompt_tokens
 
-    def __call__(self, input_ids: torch.Tensor, kv_cache: DynamicCache | None = None) -> torch.Tensor:
-        prefill, self._next_is_prefill = self._next_is_prefill, False
+    def step(self, segments: list, on_routing=None) -> list:
+        prefill = self._prefill_left > 0
+        self._prefill_left -= len(segments[0].ids) if prefill else 0
         n_layers = len(self.model.moe_layers)  # the expert cache numbers MoE layers only
         rows: list[list[int]] = [[] for _ in range(n_layers)]
         guesses: list[list[int]] = [[] for _ in range(n_layers)]
@@ -61,7 +62,7 @@ class Recorder:
         self._in_decode = not prefill
         start = time.perf_counter()
         with self.timed_reads(not prefill and self.cuda):
-            logits = self.model(input_ids, kv_cache, on_routing=on_routing)
+            logits = self.model.step(segments, on_routing=on_routing)
         if self.cuda:
             issued = time.perf_counter()
             torch.cuda.synchronize(self.engine.device)
@@ -71,9 +72,10 @@ class Recorder:
         self._in_decode = False
         if prefill:
             self.prefill_s += elapsed
-            add_stats(self.prefill_stats, self.engine)
-            self.engine.reset_stats()  # from here on the counters cover decode steps only
-            self.prefill_end = time.perf_counter()
+            if not self._prefill_left:
+                add_stats(self.prefill_stats, self.engine)
+                self.engine.reset_stats()  # from here on the counters cover decode steps only
+                self.prefill_end = time.perf_counter()
         else:
             self.routing.append(rows)
             self.guesses.append(guesses)

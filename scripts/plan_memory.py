@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     print("command:", " ".join(["python", *sys.argv]))
     names = args.config or list(TYPICAL_FREE_GIB)
     g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
-    print("| config | free VRAM | host RAM | experts/layer | expert | trunk | KV cache | spare slots | margin "
+    print("| config | free VRAM | host RAM | experts/layer | expert | trunk | KV cache | prefill | spare slots | margin "
           "| total VRAM | write-backs | host RAM: pinned experts + process |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         free = (args.free_gib or TYPICAL_FREE_GIB.get(name, 14.5)) * GiB
         config = load_config(name)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             pinned = f"{plan.host_pinned_bytes / GiB:.2f}" if plan.host_pinned_bytes else "0"
             print(f"| {name} ({bits} bits, {plan.context} ctx) | {free / GiB:.1f} GiB | {ram} | "
                   f"{plan.experts_on_device} | {plan.expert_bytes / 2**20:.1f} MiB | {g(plan.trunk_bytes)} | "
-                  f"{g(plan.kv_cache_bytes)} | {g(plan.spare_bytes)} | {g(plan.margin_bytes)} | {g(plan.total_bytes)} | "
+                  f"{g(plan.kv_cache_bytes)} | {g(plan.prefill_bytes)} | {g(plan.spare_bytes)} | {g(plan.margin_bytes)} | {g(plan.total_bytes)} | "
                   f"{write_backs} | {pinned} + {plan.host_margin_bytes / GiB:.2f} = {g(plan.host_total_bytes)} |")
     return 0
 

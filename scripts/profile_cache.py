@@ -148,7 +148,7 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
                 raise UsageError(f"a prompt of {len(ids)} tokens + --max-new-tokens {max_new_tokens} exceeds the "
                                  f"context window ({engine.context_window}); lower --max-new-tokens")
             first_step = len(rec.routing)
-            rec.start_prompt()
+            rec.start_prompt(len(ids))
             kv_cache = DynamicCache(config=engine.model.config)
             start = time.perf_counter()
             out = list(generate_tokens(rec, ids, params, kv_cache, eos))

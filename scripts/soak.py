@@ -45,7 +45,7 @@ INVALID = [  # (sampling options, prompt ids or None for a valid prompt)
     ({"seed": "abc"}, None), ({"seed": 2**70}, None), ({"top_k": 2.5}, None), ({"top_k": -1}, None),
     ({"stop": 5}, None), ({"temperature": math.nan}, None), ({"temperature": -1.0}, None),
     ({"top_p": 0.0}, None), ({"top_p": math.nan}, None), ({"repetition_penalty": 0}, None), ({"bogus": 1}, None),
-    ({}, "vocab"), ({}, [-1]), ({}, [3, 2.0]), ({}, []), ({}, ["7"]),
+    ({}, "vocab"), ({}, [-1]), ({}, [3, 2.0]), ({}, []), ({}, [7, "7"]),
 ]
 HOOKS = ("expert", "copy", "sample", "abandon")
 

@@ -273,8 +273,8 @@ def test_chat_renders_with_the_tokenizers_own_template(tmp_path, capsys):
     tokenizer.save_pretrained(tmp_path)
     make_family_checkpoint(tmp_path, "qwen3_moe", vocab_size=len(tokenizer))
     engine = offload_engine.load(tmp_path, config=_offload(EXACT, 2, 1), progress=False)
-    prompts, forward = [], engine.model.forward
-    engine.model.forward = lambda ids, *a, **k: (prompts.append(ids[0].tolist()), forward(ids, *a, **k))[1]
+    prompts, step = [], engine.model.step
+    engine.model.step = lambda segments, *a, **k: (prompts.append(segments[0].ids), step(segments, *a, **k))[1]
     engine.chat(system="Be brief.").send("Hello there, who are you?", max_new_tokens=2)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, who are you?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -28,7 +28,8 @@ from conftest import exact_config
 
 ENGINE_DIR = Path(offload_engine.__file__).resolve().parent
 TRACED = {str(ENGINE_DIR / f) for f in ("model.py", "expert_cache.py", "streams.py", "generate.py", "engine.py",
-                                         "prefetch.py", "policy.py", "experts.py", "schedule.py")}
+                                         "prefetch.py", "policy.py", "experts.py", "schedule.py",
+                                         "batch.py", "ragged.py")}
 CONFIGS = [(k, p, "always") for k in (1, 2, 4) for p in (0, 1, 2)] + [(8, 0, "always")] + [
     (1, 2, "never"), (2, 1, "never")]  # no write-backs: the host keeps every expert
 FAULTS_PER_CONFIG = 24

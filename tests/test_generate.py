@@ -103,20 +103,20 @@ def test_chat_reuses_the_kv_cache_and_matches_a_full_recompute(chat_dir):
     assert chat.messages[-1] == {"role": "assistant", "content": first}
 
     prefills = []
-    original_forward = engine.model.forward
+    original_step = engine.model.step
 
-    def recording_forward(input_ids, kv_cache=None, **kw):
-        logits = original_forward(input_ids, kv_cache, **kw)
-        prefills.append((input_ids.shape[1], kv_cache.get_seq_length() if kv_cache is not None else 0, logits))
+    def recording_step(segments, **kw):
+        logits = original_step(segments, **kw)
+        prefills.append((len(segments[0].ids), segments[0].kv_cache.get_seq_length(), logits[0]))
         return logits
 
-    engine.model.forward = recording_forward
+    engine.model.step = recording_step
     chat.send("And what do you like?", max_new_tokens=1)
-    engine.model.forward = original_forward
+    del engine.model.step
     new_tokens, cached_after, logits = prefills[0]
     full_ids = chat.history_ids[:cached_after]  # the whole conversation as the model saw it at turn 2's prefill
     assert cached_after == len(full_ids) and new_tokens < len(full_ids) / 2, "turn 2 must reuse turn 1's cache"
-    expected = engine.logits([full_ids])[:, -new_tokens:]
+    expected = engine.logits([full_ids])[0, -1]  # the next-token logits, all that a prefill computes
     assert (logits - expected).abs().max().item() < 1e-4
     assert len(chat.messages) == 4
     chat.reset()

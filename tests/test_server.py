@@ -66,23 +66,23 @@ def client(server):
 
 
 class Gate:
-    """Holds the worker before each job until opened, and records the order in which jobs were served."""
+    """Holds the worker before each job joins the batch until opened, and records the order in which jobs joined."""
 
     def __init__(self, worker):
-        self.worker, self.original, self.open, self.served = worker, worker._run, threading.Event(), []
+        self.worker, self.original, self.open, self.served = worker, worker._start, threading.Event(), []
 
     def __enter__(self):
-        def run(job):
+        def start(job):
             self.served.append(tuple(job.ids))
             self.open.wait(TIMEOUT)
             self.original(job)
 
-        self.worker._run = run
+        self.worker._start = start
         return self
 
     def __exit__(self, *exc):
         self.open.set()
-        self.worker._run = self.original
+        self.worker._start = self.original
 
 
 def expected(engine, ids: list[int], **sampling) -> tuple[str, int]:
@@ -191,7 +191,7 @@ def test_eight_concurrent_clients_are_answered_in_arrival_order(engine, server, 
 
 
 def test_queue_overflow_gives_429(engine):
-    with BackgroundServer(create_app(engine, max_queue=1)) as s:
+    with BackgroundServer(create_app(engine, max_queue=1, max_batch=1)) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
         worker, results = s.app.state.worker, []
         ask = lambda: results.append(client.completions.create(model="demo", prompt="Hi", max_tokens=2))  # noqa: E731

@@ -55,8 +55,11 @@ def test_valid_sampling_parameters_still_work(engine):
 @pytest.mark.parametrize("ids, message", [
     ([3, 160], "token id 160 at position 1 is outside the vocabulary of 160 tokens"),
     ([-1, 3], "token id -1 at position 0"),
-    ([3, 4.0], "integers"), ([3, 4.7], "integers"), (["3"], "integers"), ([True, 3], "integers"),
-    (torch.tensor([3.0, 4.0]), "integers"), (np.array([3.0]), "integers"), ([[3, 4]], "integers"),
+    ([3, 4.0], "integers"), ([3, 4.7], "integers"), ([3, "3"], "integers"), ([True, 3], "integers"),
+    (torch.tensor([3.0, 4.0]), "integers"), (np.array([3.0]), "integers"),
+    # A list of prompts (issue 22): each is checked, and the error names it.
+    ([[3, 4], [3, 4.0]], r"prompts\[1\]: token ids must be integers"),
+    (["3"], r"prompts\[0\]: this model has no tokenizer files"),
 ])
 def test_bad_token_ids_are_refused_with_the_id_and_vocabulary(engine, ids, message):
     with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(")):

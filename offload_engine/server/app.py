@@ -2,11 +2,11 @@
 
     app = create_app(engine, model_name="mixtral-8x7b", api_key=None, max_queue=32)
 
-Handlers validate and tokenize on the event loop, then hand a Job to the single Worker and relay its events:
-as server-sent events for `stream: true` (`data: {chunk}` ... `data: [DONE]`), else as one JSON body. A stream's
-response starts when the worker starts its job, so a request still waiting when the server shuts down gets a
-plain 503 whether it streams or not. Every error is an OpenAI-style body `{"error": {"message", "type", "param",
-"code"}}`; no request can take the server down.
+Handlers validate and tokenize on the event loop, then hand a Job to the Worker (which generates up to
+`max_batch` jobs together, continuous batching) and relay its events: as server-sent events for `stream: true`
+(`data: {chunk}` ... `data: [DONE]`), else as one JSON body. A stream's response starts when the worker starts its
+job, so a request still waiting when the server shuts down gets a plain 503 whether it streams or not. Every error
+is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`; no request can take the server down.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from jinja2.exceptions import TemplateError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from ..batch import MAX_BATCH
 from ..chat import encode_chat
 from . import protocol as p
 from .metrics import Metrics
@@ -106,13 +107,14 @@ def sse(data: dict | str) -> str:
 
 
 def create_app(engine, model_name: str | None = None, api_key: str | None = None, max_queue: int = 32,
-               prefix_reuse: bool = True) -> FastAPI:
-    """An app that serves `engine` (one request at a time; at most `max_queue` wait, others get 429)."""
+               prefix_reuse: bool = True, max_batch: int = MAX_BATCH) -> FastAPI:
+    """An app that serves `engine` (up to `max_batch` requests generated together; at most `max_queue` wait
+    beyond those, others get 429)."""
     if engine.tokenizer is None:
         raise ValueError("the server needs a tokenizer: this model directory has no tokenizer files")
     name = model_name or (engine.model_dir.name if engine.model_dir is not None else "offload-engine")
-    worker = Worker(engine, None, max_queue, prefix_reuse)
-    metrics = worker.metrics = Metrics(worker.depth, lambda: engine.cache.stats)
+    worker = Worker(engine, None, max_queue, prefix_reuse, max_batch)
+    metrics = worker.metrics = Metrics(worker.depth, lambda: engine.cache.stats, worker.batch_size)
     tokenizer, window = engine.tokenizer, engine.context_window
 
     @asynccontextmanager
@@ -162,7 +164,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "waiting": worker.depth(), "running": worker.running is not None}
+        return {"status": "ok", "model": name, "waiting": worker.depth(), "running": worker.batch_size()}
 
     @app.get("/metrics")
     async def prometheus():

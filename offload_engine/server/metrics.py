@@ -17,6 +17,7 @@ from ..expert_cache import LayerStats
 # Time to first token on a CPU demo model is milliseconds; on Mixtral with experts offloaded, seconds.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class CacheCollector:
@@ -54,7 +55,8 @@ class CacheCollector:
 
 
 class Metrics:
-    def __init__(self, queue_depth: Callable[[], int], layer_stats: Callable[[], list[LayerStats]]):
+    def __init__(self, queue_depth: Callable[[], int], layer_stats: Callable[[], list[LayerStats]],
+                 running: Callable[[], int] = lambda: 0):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("offload_requests", "Requests answered, by endpoint and HTTP status",
                                 ["endpoint", "status"], registry=registry)
@@ -75,6 +77,11 @@ class Metrics:
                                        registry=registry)
         self.queue_depth = Gauge("offload_queue_depth", "Requests waiting for the engine", registry=registry)
         self.queue_depth.set_function(queue_depth)
+        self.running = Gauge("offload_running_requests", "Requests in the running batch (generated together)",
+                             registry=registry)
+        self.running.set_function(running)
+        self.batch_size = Histogram("offload_batch_size", "Sequences in each forward step (continuous batching)",
+                                    buckets=BATCH_BUCKETS, registry=registry)
         registry.register(CacheCollector(layer_stats))
 
     def render(self) -> bytes:

@@ -1,9 +1,9 @@
 """Running the app under uvicorn: `serve` in the foreground, `BackgroundServer` in a thread (tests, scripts).
 
 Shutdown (Ctrl-C, SIGTERM, or `BackgroundServer.stop`): requests still waiting for the engine are answered 503 at
-once, whether they stream or not (none starts during the grace period); the running one has `grace_s` seconds
-(default GRACE_S, or $OFFLOAD_SERVE_GRACE_S) to finish, then it is stopped with a 503 or, when it streams, an SSE
-error event and `[DONE]`. The process then exits.
+once, whether they stream or not (none starts during the grace period); the running ones have `grace_s` seconds
+(default GRACE_S, or $OFFLOAD_SERVE_GRACE_S) to finish, then they are stopped with a 503 or, when they stream, an
+SSE error event and `[DONE]`. The process then exits.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from .app import create_app
 
 GRACE_ENV = "OFFLOAD_SERVE_GRACE_S"
-GRACE_S = 5.0  # at shutdown, how long the running request may go on before it is stopped
+GRACE_S = 5.0  # at shutdown, how long the running requests may go on before they are stopped
 SHUTDOWN_MESSAGE = "the server is shutting down: retry on another server or once it is back"
 
 
@@ -38,7 +38,7 @@ class Server(uvicorn.Server):
     """uvicorn's server, answering the requests that wait for `app`'s engine before its own graceful shutdown."""
 
     def __init__(self, app: FastAPI, grace_s: float, **config):
-        # uvicorn's own limit is a backstop: the running request is stopped (and answered) at grace_s.
+        # uvicorn's own limit is a backstop: the running requests are stopped (and answered) at grace_s.
         super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=grace_s + 5, **config))
         self.worker, self.grace_s = app.state.worker, grace_s
 
@@ -53,7 +53,7 @@ class Server(uvicorn.Server):
 
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", grace_s: float | None = None,
           **app_options) -> None:
-    """Serve `engine` until Ctrl-C / SIGTERM. `app_options`: model_name, api_key, max_queue, prefix_reuse."""
+    """Serve `engine` until Ctrl-C / SIGTERM. `app_options`: model_name, api_key, max_queue, prefix_reuse, max_batch."""
     grace = grace_from_env() if grace_s is None else grace_s
     server = Server(create_app(engine, **app_options), grace, host=host, port=port, log_level=log_level)
     server.run()

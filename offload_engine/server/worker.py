@@ -1,19 +1,22 @@
-"""One engine, one request at a time: a bounded FIFO of jobs and the thread that generates them.
+"""One engine, many requests at once: a bounded FIFO of jobs and the thread that generates them as one batch.
 
-Jobs are admitted in arrival order while at most `max_queue` wait behind the running one; the single
-worker thread takes them one by one, so the engine never sees two generations at once whatever the engine
-itself does about locking. The worker reports each job's text pieces and its end through the job's `emit`,
-which the HTTP side turns into a response. A job's `cancel()` (its client went away) stops generation before
-the next token.
+Continuous batching: the worker thread runs the engine's batch scheduler (batch.py) one step at a time. Before each
+step, jobs whose client went away leave the batch (their slot is free at once) and waiting jobs join it in arrival
+order, up to `max_batch` running; beyond that they wait in the FIFO, and beyond `max_queue` waiting a request is
+refused (QueueFull, HTTP 429). A job leaves when it ends: EOS, a stop string, max_tokens, its client going away, or
+an error. The worker reports each job's text pieces and its end through the job's `emit`, which the HTTP side turns
+into a response. A step that raises (an expert failing, an interrupt) fails the jobs that were in it, with an error,
+and the worker carries on with the others; each job has its own KV cache, so nothing else changes.
 
 Shutdown: `drain()` answers every waiting job `Unavailable` (HTTP 503) at once and refuses new ones, so that no
-job starts during the grace period; the running job goes on, and `interrupt()` stops it with `Unavailable` too
+job starts during the grace period; the running jobs go on, and `interrupt()` stops them with `Unavailable` too
 if the grace period runs out.
 
-Prefix reuse: the KV cache of the previous request is kept; when a request's prompt extends the previous prompt
-(the next turn of the same conversation, whose messages repeat the previous prompt and reply), the cache is
-cropped to the longest shared prefix and only the rest is prefilled. Any other prompt starts from an empty cache,
-so a repeated request computes exactly what it computed the first time.
+Prefix reuse, per sequence: the KV caches of recently finished requests are kept (with the running ones, at most
+`max_batch`, the KV caches the memory plan allows for); a request whose prompt extends one of their prompts (the
+next turn of the same conversation, whose messages repeat the previous prompt and reply) takes that cache, cropped
+to the longest shared prefix, and only the rest is prefilled. Any other prompt starts from an empty cache, so a
+repeated request computes exactly what it computed the first time.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+from ..batch import MAX_BATCH, Batch, Generation
 from ..chat import PrefixCache
-from ..generate import SamplingParams, generate_tokens, stream_text
+from ..generate import SamplingParams, TextStream, new_sequence
 from .metrics import Metrics
 from .protocol import usage
 
@@ -45,7 +49,7 @@ class Done:
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens reached)
     prompt_tokens: int
     completion_tokens: int
-    reused_tokens: int  # prompt tokens whose KV cache came from the previous request
+    reused_tokens: int  # prompt tokens whose KV cache came from an earlier request
 
     def usage(self) -> dict:
         return usage(self.prompt_tokens, self.completion_tokens, self.reused_tokens)
@@ -86,37 +90,56 @@ class ShuttingDown(Exception):
     pass
 
 
+@dataclass(eq=False)
+class Running:
+    """A job in the batch: its sequence, its KV cache (with the ids it holds), its text so far."""
+    job: Job
+    sequence: Generation
+    prefix: PrefixCache
+    reused: int
+    text: TextStream
+    last: float  # when its latest token (or its arrival) was seen
+
+
 class Worker:
-    def __init__(self, engine, metrics: Metrics | None = None, max_queue: int = 32, prefix_reuse: bool = True):
+    def __init__(self, engine, metrics: Metrics | None = None, max_queue: int = 32, prefix_reuse: bool = True,
+                 max_batch: int = MAX_BATCH):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.engine, self.metrics, self.max_queue, self.prefix_reuse = engine, metrics, max_queue, prefix_reuse
-        self.prefix = PrefixCache(engine.model.config)
-        self.last_prompt: list[int] = []
+        self.max_batch = max_batch
+        self.batch = Batch(engine.model, max_batch)
+        self.finished: deque[tuple[list[int], PrefixCache]] = deque()  # (prompt, cache) of recent requests
         self.waiting: deque[Job] = deque()
-        self.running: Job | None = None
+        self.running: list[Running] = []
+        self.joining: list[Job] = []  # taken from the FIFO, joining the batch
         self.condition = threading.Condition()
         self.closed = self.draining = False
         self.thread = threading.Thread(target=self._loop, name="offload-serve-worker", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue `job` behind the others; QueueFull when `max_queue` already wait."""
+        """Queue `job` behind the others; QueueFull when the batch is full and `max_queue` already wait."""
         with self.condition:
             if self.closed or self.draining:
                 raise ShuttingDown("the server is shutting down: retry on another server or once it is back")
-            # Counting the running job too makes the rule exact even before the worker has taken the first job.
-            if len(self.waiting) + (self.running is not None) > self.max_queue:
-                raise QueueFull(f"the server is busy: one request is running and {len(self.waiting)} are waiting "
-                                f"(at most {self.max_queue} may wait); retry later")
+            # Counting the running jobs too makes the rule exact even before the worker has taken the latest jobs.
+            if len(self.waiting) + len(self.joining) + len(self.running) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self.running)} requests are running and "
+                                f"{len(self.waiting)} are waiting (at most {self.max_queue} may wait); retry later")
             self.waiting.append(job)
             self.condition.notify()
 
     def depth(self) -> int:
         return len(self.waiting)
 
+    def batch_size(self) -> int:
+        return len(self.running) + len(self.joining)
+
     def drain(self, message: str) -> None:
-        """Answer every waiting job `Unavailable(message)` and refuse new ones; the running job goes on."""
+        """Answer every waiting job `Unavailable(message)` and refuse new ones; the running jobs go on."""
         with self.condition:
             self.draining = True
             waiting, self.waiting = list(self.waiting), deque()
@@ -124,17 +147,18 @@ class Worker:
             job.emit(Unavailable(message))
 
     def interrupt(self, message: str) -> None:
-        """Stop the running job before its next token; it is answered `Unavailable(message)`."""
+        """Stop every running job before its next token; each is answered `Unavailable(message)`."""
         with self.condition:
-            if self.running is not None:
-                self.running.interrupted = message
-                self.running.cancel()
+            for job in [*self.joining, *(r.job for r in self.running)]:
+                job.interrupted = message
+                job.cancel()
+            self.condition.notify()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop after the running job (which is cancelled), dropping those that wait."""
+        """Stop after the current step (the running jobs are cancelled), dropping those that wait."""
         with self.condition:
             self.closed = True
-            for job in [*self.waiting, *([self.running] if self.running else [])]:
+            for job in [*self.waiting, *self.joining, *(r.job for r in self.running)]:
                 job.cancel()
             self.condition.notify()
         self.thread.join(timeout)
@@ -143,73 +167,119 @@ class Worker:
     def _loop(self) -> None:
         while True:
             with self.condition:
-                while not self.waiting and not self.closed:
+                while not self.waiting and not self.running and not self.closed:
                     self.condition.wait()
-                if self.closed and not self.waiting:
+                if self.closed and not self.waiting and not self.running:
                     return
-                job = self.running = self.waiting.popleft()
-            try:
-                if not job.cancelled.is_set():
-                    job.emit(Started())
-                    with self.engine.lock:  # other users of this engine (a notebook beside the server) wait too
-                        self._run(job)
-                elif self.metrics is not None:  # its client left while it waited
-                    self.metrics.disconnects.inc()
-            except Exception as e:  # a failed generation answers its request; the server carries on
-                self.prefix.clear()  # the cache may hold half a forward
-                self.last_prompt = []
-                job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
-            finally:
-                with self.condition:
-                    self.running = None
+                self._drop_cancelled()
+                while self.waiting and len(self.running) + len(self.joining) < self.max_batch:
+                    self.joining.append(self.waiting.popleft())
+            while self.joining:
+                job = self.joining[0]
+                try:
+                    self._start(job)
+                except Exception as e:  # a request that cannot start is answered; the others go on
+                    job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                finally:
+                    with self.condition:
+                        self.joining.pop(0)
+            if self.running:
+                self._step()
 
-    def _reusable(self, ids: list[int]) -> int:
-        """How many leading tokens of `ids` keep their KV cache from the previous request (cache cropped to it)."""
-        previous = self.last_prompt
-        self.last_prompt = list(ids)
-        if self.prefix_reuse and len(ids) > len(previous) and ids[: len(previous)] == previous:
-            return self.prefix.reuse(ids)
-        self.prefix.clear()
-        return 0
+    def _drop_cancelled(self) -> None:
+        """Jobs whose client went away (or that `interrupt` stopped) leave before the next step, freeing their slots
+        (condition held)."""
+        for running in [r for r in self.running if r.job.cancelled.is_set()]:
+            running.sequence.cancel()
+            interrupted = running.job.interrupted
+            self._end(running, None if interrupted is None else Unavailable(interrupted))
 
-    def _run(self, job: Job) -> None:
-        engine, params, ids, metrics = self.engine, job.params, job.ids, self.metrics
-        keep = self._reusable(ids)
-        tokens = generate_tokens(engine.model, ids[keep:], params, self.prefix.kv_cache, engine.eos_ids, ids[:keep])
-        reply: list[int] = []
-        last = job.arrived
+    def _start(self, job: Job) -> None:
+        """`job` joins the batch: its KV cache (reused or new), its sequence, its text stream."""
+        if job.cancelled.is_set():  # its client left while it waited, or the server is stopping
+            if job.interrupted is not None:
+                job.emit(Unavailable(job.interrupted))
+            elif self.metrics is not None:
+                self.metrics.disconnects.inc()
+            return
+        job.emit(Started())
+        prefix, keep = self._cache_for(job.ids)
+        sequence = new_sequence(job.ids[keep:], job.params, prefix.kv_cache, self.engine.eos_ids, job.ids[:keep])
+        self.batch.add(sequence)
+        with self.condition:
+            self.running.append(Running(job, sequence, prefix, keep, TextStream(self.engine.tokenizer,
+                                                                                  job.params.stop), job.arrived))
+            self._trim_finished()
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(job.ids))
+            self.metrics.reused_tokens.inc(keep)
 
-        def tracked():
-            """The tokens, observed; cancellation is checked before each (the next forward pass)."""
-            nonlocal last
-            while not job.cancelled.is_set():
-                token = next(tokens, None)
-                if token is None:
-                    return
-                now = time.perf_counter()
-                if metrics is not None:
-                    (metrics.token_latency if reply else metrics.ttft).observe(now - last)
-                    metrics.generated_tokens.inc()
-                last = now
-                reply.append(token)
-                yield token
+    def _cache_for(self, ids: list[int]) -> tuple[PrefixCache, int]:
+        """The KV cache of the latest finished request whose prompt `ids` extends (cropped to the shared prefix),
+        else a new one; and how many leading tokens of `ids` it holds. A prompt equal to the latest such one is a
+        repeat, not a next turn: it starts afresh and computes what it computed the first time."""
+        if self.prefix_reuse:
+            for entry in reversed(self.finished):
+                prompt, prefix = entry
+                if ids[: len(prompt)] == prompt:
+                    if len(ids) == len(prompt):
+                        break
+                    self.finished.remove(entry)
+                    return prefix, prefix.reuse(ids)
+        return PrefixCache(self.engine.model.config), 0
 
+    def _step(self) -> None:
+        by_sequence = {id(r.sequence): r for r in self.running}
         try:
-            for piece in stream_text(tracked(), engine.tokenizer, params.stop):
-                job.emit(Piece(piece))
-        finally:
-            tokens.close()
-            self.prefix.sync(ids + reply)
-        if metrics is not None:
-            metrics.prompt_tokens.inc(len(ids))
-            metrics.reused_tokens.inc(keep)
-        if job.interrupted is not None:
-            job.emit(Unavailable(job.interrupted))
+            with self.engine.lock:  # other users of this engine (a notebook beside the server) wait too
+                events = self.batch.step()
+        except BaseException as e:  # a failed step fails its requests; the server carries on with the others
+            message = f"generation failed: {type(e).__name__}: {e}"
+            with self.condition:
+                for running in [r for r in self.running if r.sequence.finish_reason == "error"]:
+                    self._end(running, Failed(message))
             return
-        if job.cancelled.is_set():
-            if metrics is not None:
-                metrics.disconnects.inc()
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(self.batch.last_size)
+        now = time.perf_counter()
+        for sequence, token in events:
+            running = by_sequence[id(sequence)]
+            if token is not None:
+                if self.metrics is not None:
+                    latency = self.metrics.token_latency if len(sequence.tokens) > 1 else self.metrics.ttft
+                    latency.observe(now - running.last)
+                    self.metrics.generated_tokens.inc()
+                running.last = now
+                piece = running.text.push(token)
+                if piece:
+                    running.job.emit(Piece(piece))
+                if running.text.stopped:
+                    sequence.cancel()
+            if sequence.finished:
+                tail = running.text.finish()
+                if tail:
+                    running.job.emit(Piece(tail))
+                reason = "length" if sequence.finish_reason == "length" and not running.text.stopped else "stop"
+                done = Done(reason, len(running.job.ids), len(sequence.tokens), running.reused)
+                with self.condition:
+                    self._end(running, done)
+
+    def _end(self, running: Running, event: Event | None) -> None:
+        """`running` leaves (condition held): answered with `event` (None: its client went away); its KV cache is
+        kept for reuse unless the step that ended it failed (the cache may hold half a forward)."""
+        self.running.remove(running)
+        if event is not None:
+            running.job.emit(event)
+        elif self.metrics is not None:
+            self.metrics.disconnects.inc()
+        if isinstance(event, Failed):
             return
-        text = engine.tokenizer.decode(reply, skip_special_tokens=True)
-        stopped = len(reply) < params.max_new_tokens or any(s in text for s in params.stop)
-        job.emit(Done("stop" if stopped else "length", len(ids), len(reply), keep))
+        prefix, job = running.prefix, running.job
+        prefix.sync(job.ids + running.sequence.tokens)
+        self.finished.append((list(job.ids), prefix))
+        self._trim_finished()
+
+    def _trim_finished(self) -> None:
+        """Kept and running KV caches together stay within `max_batch`, what the memory plan allows for."""
+        while self.finished and len(self.finished) + len(self.running) > self.max_batch:
+            self.finished.popleft()
