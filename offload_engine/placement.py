@@ -1,0 +1,65 @@
+"""Where a missed expert runs (policy only): copied to the device as today, or computed on the CPU from its host
+slot (hybrid execution, `offload.cpu_compute`).
+
+A miss copied to the device costs its bytes over PCIe, then the device's kernels; a miss computed on the CPU costs
+its tokens' rows of x device->host and the result back (kilobytes, one round trip for all of a layer's CPU experts)
+and the CPU kernel's time. Both queues run at once, so a layer's misses are split so that both finish about
+together: each miss, most tokens first, goes to the queue where it would finish earlier. Large token counts (a
+prefill) so go to the device, and a decode miss wherever it is done first. The costs are measured on the machine
+at load (the engine) or stated per hardware profile (the timed replay), and this one function decides for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+CPU_COMPUTE_CHOICES = ("auto", "off", "always")
+
+
+@dataclass(frozen=True)
+class PlacementCosts:
+    """Milliseconds, measured or stated: what one missed expert costs on each side."""
+    copy_ms: float  # one expert's bytes host->device
+    device_ms: float  # the device's kernels for one expert at one token (the token count barely matters in decode)
+    cpu_ms: tuple[tuple[int, float], ...]  # (tokens, the CPU kernel's ms for one expert), tokens ascending
+    round_trip_ms: float  # a layer's CPU rows device->host and the results back (fixed: latency, not bytes)
+
+    def cpu_expert_ms(self, tokens: int) -> float:
+        """The CPU kernel's ms for one expert at `tokens` tokens: piecewise linear between the measured counts,
+        and beyond the last one, proportional to tokens."""
+        points = self.cpu_ms
+        if tokens <= points[0][0]:
+            return points[0][1]
+        for (t0, ms0), (t1, ms1) in zip(points, points[1:]):
+            if tokens <= t1:
+                return ms0 + (ms1 - ms0) * (tokens - t0) / (t1 - t0)
+        t_last, ms_last = points[-1]
+        return ms_last * tokens / t_last
+
+
+def place_misses(misses: Sequence[tuple[int, int]], costs: PlacementCosts | None, mode: str,
+                 device_busy_ms: float = 0.0) -> set[int]:
+    """The missed experts to compute on the CPU. `misses`: (expert, tokens routed to it) for the experts a layer
+    call needs that are neither resident nor staged; `device_busy_ms`: device work already queued for the layer
+    (its resident experts), which copied experts wait behind. `mode`: off (none), always (all), auto (balanced by
+    `costs`; None: not calibrated, so none)."""
+    if mode == "off" or not misses:
+        return set()
+    if mode == "always":
+        return {expert for expert, _ in misses}
+    if costs is None:
+        return set()
+    link_end, device_end, cpu_end = 0.0, device_busy_ms, 0.0
+    on_cpu: set[int] = set()
+    for expert, tokens in sorted(misses, key=lambda m: (-m[1], m[0])):
+        copied_end = max(device_end, link_end + costs.copy_ms) + costs.device_ms
+        cpu_start = cpu_end if on_cpu else costs.round_trip_ms
+        cpu_done = cpu_start + costs.cpu_expert_ms(tokens)
+        if cpu_done < copied_end:
+            on_cpu.add(expert)
+            cpu_end = cpu_done
+        else:
+            link_end += costs.copy_ms
+            device_end = copied_end
+    return on_cpu
