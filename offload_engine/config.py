@@ -13,6 +13,8 @@
       prefetch_min_precision: 0.0  # copy a layer's guesses only while this many are right (0 = always)
       policy: lru             # eviction policy (see offload_engine.policy)
       write_back: auto        # always | never | auto: never when host RAM holds every expert (memory.py)
+      cpu_compute: auto       # a missed expert computed on the CPU from its host copy: auto | off | always
+      cpu_threads: null       # threads of the CPU kernel for those experts; null = torch's (torch.get_num_threads)
 """
 
 from __future__ import annotations
@@ -81,15 +83,23 @@ class OffloadConfig:
     process, "always" otherwise (and on a CPU device, where the device slots are host RAM too).
     `prefetch_min_precision`: a layer's guesses are copied only once at least this share of its recent guesses
     were right (prefetch.PrefetchGate; 0 = copy every guess). The timed replay puts prefetch's break-even
-    at 0.86-0.97 on a T4-class link (scripts/throughput_model.py)."""
+    at 0.86-0.97 on a T4-class link (scripts/throughput_model.py).
+    `cpu_compute` (hybrid execution, placement.py): "off" copies every miss to the device; "always" computes every
+    miss on the CPU from its host slot (on a CPU device too: how CI runs that path); "auto" (default) measures the
+    link, the CPU kernel and the device's kernels at load and sends each miss where it finishes first (on a CPU
+    device the device is the CPU, so auto behaves like off). `cpu_threads`: the CPU kernel's threads for those
+    experts (None: torch's count)."""
 
     experts_on_device: Union[int, str] = 4  # an int, or "auto"
     prefetch: int = 1
     policy: str = "lru"
     write_back: str = "auto"  # auto | always | never
     prefetch_min_precision: float = 0.0
+    cpu_compute: str = "auto"  # auto | off | always
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
+        from .placement import CPU_COMPUTE_CHOICES
         from .policy import POLICIES
 
         k = self.experts_on_device
@@ -105,6 +115,12 @@ class OffloadConfig:
         threshold = self.prefetch_min_precision
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ConfigError(f"offload.prefetch_min_precision must be a number from 0 to 1, got {threshold!r}")
+        if self.cpu_compute not in CPU_COMPUTE_CHOICES:
+            raise ConfigError(f"offload.cpu_compute must be one of {', '.join(CPU_COMPUTE_CHOICES)}, "
+                              f"got {self.cpu_compute!r}")
+        if self.cpu_threads is not None and not (_is_int(self.cpu_threads) and self.cpu_threads >= 1):
+            raise ConfigError(f"offload.cpu_threads must be a positive integer or null (torch's thread count), "
+                              f"got {self.cpu_threads!r}")
 
 
 @dataclass(frozen=True)

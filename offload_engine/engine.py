@@ -181,13 +181,23 @@ class Engine:
     # ---- statistics ----
     def stats(self) -> dict:
         """Cache counters overall and per layer (see LayerStats), plus their rates (defined in cache_stats.py)
-        and the host syncs."""
+        and the host syncs. Hybrid execution: `cpu_compute` (the mode, and for auto its calibration or why it is
+        moot), `cpu_calibration` (the measured costs, ms), per layer and overall `cpu_computed` and `cpu_ms`."""
+        tier = self.model.cpu_tier
         return {
             "overall": with_rates(total(self.cache.stats)),
             "per_layer": [with_rates(s) for s in self.cache.stats],
-            "host_syncs": self.model.host_syncs + self.cache.host_waits,  # routing reads + cache waits (profiling)
+            # routing reads + returns of CPU results (hybrid) + cache waits (profiling)
+            "host_syncs": self.model.host_syncs + self.cache.host_waits,
             "experts_on_device": self.cache.k,
             "prefetch": self.cache.prefetch_count,
+            "prefetch_min_precision": self.cache.gate.min_precision,
+            "write_back": "always" if self.cache.write_back else "never",
+            "cpu_compute": tier.describe(),
+            "cpu_compute_mode": tier.mode,
+            "cpu_compute_active": tier.active,
+            "cpu_calibration": tier.calibration(),
+            "cpu_threads": tier.worker.threads if tier.worker is not None else None,
             "device_bytes": self.cache.device_bytes(),
             "host_bytes": self.cache.host_bytes(),
             "kernels": self.kernels.name,
@@ -210,5 +220,6 @@ class Engine:
         nothing."""
         if not self.closed:
             self.lock = ClosedLock()
+            self.model.cpu_tier.close()
             self.cache.close()
 

@@ -33,7 +33,15 @@ the other PCIe direction. Events order every pair of accesses to one buffer that
   * a copy from a host slot waits for the last write-back into it;
   * a write-back waits for the copy-in that read its host slot (which, see `_write_back`, also orders it after
     the copy-in that filled its device slot);
-  * kernels wait (`wait_event`, never the host) for the copy-in that filled their slot.
+  * kernels wait (`wait_event`, never the host) for the copy-in that filled their slot;
+  * the CPU (hybrid execution: a missed expert computed from its host slot, the third actor beside the device's
+    kernels and the copy streams) reads a host slot only after the last write-back into it (the host waits, on
+    CUDA, if that write-back is still in flight), and a write-back into a host slot waits for the CPU's last
+    read of it (the CPU's reads end before `cpu_computed`, which the host calls once the worker has returned).
+A missed expert computed on the CPU (`lend_host` -> the CPU kernel reads its host slot -> `cpu_computed`) is a
+lookup and a miss (and `cpu_computed`), but moves nothing: no copy, no eviction, its host slot stays its home.
+While lent, it cannot be acquired (a swap must not move an expert the CPU computes) and its host slot cannot be
+written back into.
 The host blocks only in `recover`/`close`, and per copy only when `timing` is set (profiling).
 
 INVARIANT (`check_invariant`), at every moment no forward is running:
@@ -41,7 +49,8 @@ INVARIANT (`check_invariant`), at every moment no forward is running:
     partition the E experts and `host_of`'s values are exactly the layer's E - k host slots; no-write-back mode:
     `host_of[e] == e` for all E experts. Every buffer holds the bytes of the expert mapped to it (the tests check
     this through exact tokens; `check_invariant` checks the rest);
-  * no expert is staged, transient, retiring or lent, no guess is pending, no swap is half done, and every
+  * no expert is staged, transient, retiring, lent or lent to the CPU (`cpu_reading`), no CPU job is pending, no
+    guess is pending, no swap is half done, and every
     device slot is in exactly one of: some layer's main, the free list (which so holds one slot per spare);
   * every copy still in flight is ordered by events before any later access to its buffers (after `recover`,
     none is in flight).
@@ -80,6 +89,8 @@ class LayerStats:
     bytes_h2d: int = 0
     bytes_d2h: int = 0
     wait_s: float = 0.0  # host time spent waiting for an in-flight copy (CUDA, only when `timing` is set)
+    cpu_computed: int = 0  # misses computed on the CPU from their host slot (hybrid execution), not copied
+    cpu_ms: float = 0.0  # the CPU worker's time computing them (milliseconds)
 
     def add(self, other: "LayerStats") -> None:
         for f in fields(self):
@@ -88,7 +99,8 @@ class LayerStats:
 
 # The protocol's ordering steps (the `step` names `_after` is called with); tests remove each in turn.
 ORDERING_STEPS = ("copy_in_after_compute", "copy_in_after_write_back", "copy_in_after_host_write",
-                  "write_back_after_host_read", "compute_after_copy_in")
+                  "write_back_after_host_read", "compute_after_copy_in", "cpu_read_after_write_back",
+                  "write_back_after_cpu_read")
 
 
 class ExpertCache:
@@ -134,6 +146,8 @@ class ExpertCache:
         self.transient = [{} for _ in range(num_layers)]  # layer -> {expert: slot}, used in place (see above)
         self.retiring = [{} for _ in range(num_layers)]  # layer -> {expert: slot}, evicted but not yet computed
         self.lent = [set() for _ in range(num_layers)]  # acquired by the running layer call, not yet computed
+        self.cpu_reading = [{} for _ in range(num_layers)]  # layer -> {expert: host slot the CPU computes it from}
+        self.cpu_jobs: list = []  # the CPU work of the running layer call (cpu_worker.CpuJob), settled by recover
         self.policies = []
         for layer in range(num_layers):
             self.main.append({e: layer * self.k + e for e in range(self.k)})
@@ -156,6 +170,7 @@ class ExpertCache:
         self.slot_written_back = [None] * n  # event: the last write-back reading the slot finished
         self.host_read = [[None] * offloaded for _ in range(num_layers)]  # event: last copy-in from the host slot
         self.host_written = [[None] * offloaded for _ in range(num_layers)]  # event: last write-back into it
+        self.host_cpu_read = [[None] * offloaded for _ in range(num_layers)]  # event: the CPU's last read of it
 
     # ---- loading: every expert is written once into its initial home ----
     def fill(self, layer: int, expert: int, write: Callable[[torch.Tensor], None]) -> None:
@@ -180,6 +195,8 @@ class ExpertCache:
     def acquire(self, layer: int, expert: int, protect: Sequence[int] = (), lend: bool = True) -> None:
         """Make `expert` resident (or transient) for this layer call, queuing its copy; never evicts `protect`.
         `lend`: the expert stays lent until `computed` (its slot survives a later eviction in this call)."""
+        if expert in self.cpu_reading[layer]:
+            raise RuntimeError(f"expert {expert} of layer {layer} is being computed on the CPU: it cannot move")
         stats = self.stats[layer]
         stats.lookups += 1
         main = self.main[layer]
@@ -232,6 +249,35 @@ class ExpertCache:
         lookup (call `computed` once its kernels are queued)."""
         self.acquire(layer, expert, protect, lend=False)
         return self.use(layer, expert)
+
+    # ---- hybrid execution: a miss computed on the CPU from its host slot ----
+    def is_miss(self, layer: int, expert: int) -> bool:
+        """Whether `expert` is neither resident nor staged: acquiring it would copy it."""
+        return expert not in self.main[layer] and expert not in self.staged[layer]
+
+    def lend_host(self, layer: int, expert: int) -> torch.Tensor:
+        """The host slot of missed `expert`, lent to the CPU for reading until `cpu_computed`. Counted as a lookup
+        and a miss; nothing is copied or evicted."""
+        if not self.is_miss(layer, expert) or expert not in self.host_of[layer]:
+            raise ValueError(f"expert {expert} of layer {layer} is on the device: only a miss is computed on the CPU")
+        host = self.host_of[layer][expert]
+        event = self.host_written[layer][host]
+        if not self.streams.done(event):  # CUDA: the write-back into it is still in flight (rare: an old one)
+            self.host_waits += 1
+        self._after(self.streams.cpu, event, "cpu_read_after_write_back")
+        self.streams.read(self.streams.cpu, ("host", layer, host))
+        self.cpu_reading[layer][expert] = host
+        stats = self.stats[layer]
+        stats.lookups += 1
+        stats.misses += 1
+        stats.cpu_computed += 1
+        self.policies[layer].touch(expert)
+        return self.host[layer][host]
+
+    def cpu_computed(self, layer: int, expert: int) -> None:
+        """The CPU has finished reading `expert`'s host slot (the host has taken the worker's result)."""
+        host = self.cpu_reading[layer].pop(expert)
+        self.host_cpu_read[layer][host] = self.streams.record(self.streams.cpu)
 
     def _slot_of(self, layer: int, expert: int) -> int:
         for where in (self.transient[layer], self.retiring[layer], self.main[layer]):
@@ -306,6 +352,9 @@ class ExpertCache:
     def _write_back(self, layer: int, slot: int, host: int) -> None:
         """Queue device slot -> host slot on the write-back stream."""
         s = self.streams
+        if host in self.cpu_reading[layer].values():  # cannot happen: a lent expert is never acquired (see acquire)
+            raise RuntimeError(f"host slot {host} of layer {layer} is being read by the CPU: no write-back into it")
+        self._after(s.d2h, self.host_cpu_read[layer][host], "write_back_after_cpu_read")
         # This also orders it after the copy that filled `slot`: that expert entered `main` by a swap whose
         # write-back waited for its copy-in (the read of the host slot it vacated), earlier on this same stream.
         self._after(s.d2h, self.host_read[layer][host], "write_back_after_host_read")
@@ -338,6 +387,12 @@ class ExpertCache:
     # ---- failure and shutdown ----
     def recover(self) -> None:
         """Back to the idle state after an interrupted forward (see INVARIANT); safe to call again if interrupted."""
+        while self.cpu_jobs:  # the CPU's reads end first: its host slots go back below
+            self.cpu_jobs[-1].settle()
+            self.cpu_jobs.pop()
+        for layer in range(self.num_layers):
+            for expert in list(self.cpu_reading[layer]):
+                self.cpu_computed(layer, expert)
         self.streams.synchronize()  # nothing in flight may read or write a slot that changes hands below
         if self._journal is not None:
             self._finish_swap()
@@ -362,6 +417,8 @@ class ExpertCache:
             fail("a forward did not finish (call recover())")
         if self._journal is not None:
             fail(f"a swap did not finish: {self._journal} (call recover())")
+        if self.cpu_jobs:
+            fail(f"{len(self.cpu_jobs)} CPU job(s) still pending (call recover())")
         seen: list[int] = []
         for layer in range(self.num_layers):
             main, host_of = self.main[layer], self.host_of[layer]
@@ -373,7 +430,7 @@ class ExpertCache:
                 fail(f"layer {layer}: resident {sorted(main)} and host {sorted(host_of)} do not partition the experts")
             if sorted(host_of.values()) != list(range(off)):
                 fail(f"layer {layer}: host slots {sorted(host_of.values())} are not 0..{off - 1}")
-            for name in ("staged", "transient", "retiring", "lent"):
+            for name in ("staged", "transient", "retiring", "lent", "cpu_reading"):
                 if getattr(self, name)[layer]:
                     fail(f"layer {layer}: {name} {getattr(self, name)[layer]} left over")
             if self.pending_guess[layer] is not None:

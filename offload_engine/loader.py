@@ -24,7 +24,8 @@ from .checkpoint import DEMO_DIR, MANIFEST, SafetensorsCheckpoint, read_config, 
 from .config import ConfigError, ConfigLike, EngineConfig, load_config
 from .engine import Engine
 from .expert_tensors import read_expert_tensor
-from .experts import ExpertLayout
+from .experts import ExpertLayout, expert_forward
+from .hybrid import CpuTier, calibrate
 from .kernels import REFERENCE, Kernels, bfloat16_problem, select_kernels, warm_up
 from .memory import resolve_offload
 from .model import OffloadedModel
@@ -156,7 +157,35 @@ def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, pro
     model = OffloadedModel(hf_config, anatomy, cache, layout, cfg.torch_dtype, device, kernels)
     source(model, layout, progress)
     model.finish_loading()
+    model.cpu_tier, model.cpu_kernels = _cpu_tier(cfg, model, layout, device)
     return Engine(model, cfg, kernel_warmup_s=warmup_s)
+
+
+def _cpu_tier(cfg: EngineConfig, model: OffloadedModel, layout: ExpertLayout,
+              device: torch.device) -> tuple[CpuTier, Kernels]:
+    """Hybrid execution (offload.cpu_compute) for this engine: the CPU tier and the kernels it computes with; under
+    auto on CUDA, the costs measured now on this machine (hybrid.calibrate)."""
+    mode, threads, cache = cfg.offload.cpu_compute, cfg.offload.cpu_threads, model.cache
+    if mode == "off":
+        return CpuTier("off", device), model.kernels
+    if not cache.allocation.host_slots:
+        return CpuTier(mode, device, threads, note="every expert is on the device: no misses"), model.kernels
+    if device.type == "cpu":  # the cache's device slots are host memory: the device's kernels are the CPU's
+        note = "the device is the CPU: nothing to place apart" if mode == "auto" else ""
+        return CpuTier(mode, device, threads, note=note), model.kernels
+    cpu = torch.device("cpu")
+    cpu_kernels, _ = _ready_kernels("reference" if cfg.kernels == "reference" else "auto", cpu,
+                                    list(layout.matrices.values()))
+    tier = CpuTier(mode, device, threads)
+    if mode == "auto":
+        def run_cpu(host_slot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return expert_forward(layout, host_slot, x, cpu_kernels)
+
+        def run_device(slot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return expert_forward(layout, slot, x, model.kernels)
+
+        tier.costs = calibrate(cache, run_device, run_cpu, tier.worker, layout.hidden_size, cfg.torch_dtype, device)
+    return tier, cpu_kernels
 
 
 def check_config_for_model(cfg: EngineConfig, anatomy: Anatomy) -> None:

@@ -32,6 +32,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .anatomy import Anatomy, skeleton
 from .expert_cache import ExpertCache
 from .experts import ExpertLayout, expert_forward
+from .hybrid import CpuTier, OrderedSum
 from .kernels import REFERENCE, Kernels, QuantLinear
 from .prefetch import guess_experts
 from .quantize import MatrixLayout
@@ -89,6 +90,9 @@ class OffloadedModel(nn.Module):
         self.transforms_kv = bool(getattr(config, "kv_lora_rank", None))  # MLA expands its cached latents
         self.prefetch = cache.prefetch_count
         self.host_syncs = 0  # device->host reads of routing decisions (one per MoE layer, plus one with prefetch)
+        # plus, in hybrid execution, the return of a layer's CPU results (one per layer call with CPU experts)
+        self.cpu_tier = CpuTier("off", self.device)  # set by the loader (offload.cpu_compute)
+        self.cpu_kernels: Kernels = kernels  # the CPU tier's kernels (the loader's choice for the CPU)
         self._pass: _Pass | None = None
 
     # ---- loading ----
@@ -273,40 +277,66 @@ class OffloadedModel(nn.Module):
         """x: [T, H]; weights, experts: [T, K]; routed: `experts` already read to the host (flat, T*K).
         `then()` runs once every demand copy is queued (the next layer's speculative copies)."""
         order = list(dict.fromkeys(routed))  # distinct experts in order of first use
+        counts = Counter(routed)
+        on_cpu = self.cpu_tier.place(self.cache, layer, counts, order)  # hybrid: the misses the CPU computes
         if x.shape[0] == 1:  # decode: no gathering or scattering of tokens, 2-3 ops per expert instead of 7
-            return self._run_one_token(layer, x, weights, order, then)
+            return self._run_one_token(layer, x, weights, order, then, on_cpu)
         # Each expert's (token, k) positions from one device sort, sliced at offsets counted on the host: no
         # host sync per expert. Stable, so each expert's tokens stay ascending (the reference's summation order).
         positions = torch.sort(experts.view(-1), stable=True).indices  # [T*K], grouped by expert id
-        counts = Counter(routed)
         starts, offset = {}, 0
         for expert in sorted(counts):
             starts[expert], offset = offset, offset + counts[expert]
         out = torch.zeros_like(x)
         flat_weights = weights.reshape(-1)  # [T*K]
+        where: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def rows(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """The expert's (token, k) positions [n] and its tokens [n]."""
+            if expert not in where:
+                pos = positions[starts[expert] : starts[expert] + counts[expert]]
+                where[expert] = pos, pos // experts.shape[-1]
+            return where[expert]
+
+        summed = OrderedSum(order, lambda expert, y: out.index_add_(0, rows(expert)[1], y))
+
+        def weighted(expert: int, y: torch.Tensor) -> None:
+            summed.put(expert, y * flat_weights[rows(expert)[0], None].to(y.dtype))
 
         def kernels(expert: int, buffer: torch.Tensor) -> None:
-            pos = positions[starts[expert] : starts[expert] + counts[expert]]  # [n]
-            token_idx = pos // experts.shape[-1]  # [n]
-            y = expert_forward(self.layout, buffer, x[token_idx], self.kernels)  # [n, H]
-            out.index_add_(0, token_idx, y * flat_weights[pos, None].to(y.dtype))
+            weighted(expert, expert_forward(self.layout, buffer, x[rows(expert)[1]], self.kernels))  # [n, H]
 
-        run_layer(self.cache, layer, order, kernels, then)
+        self._run_layer(layer, order, kernels, then, on_cpu, lambda expert: x[rows(expert)[1]], weighted)
         return out
 
     def _run_one_token(self, layer: int, x: torch.Tensor, weights: torch.Tensor, order: list[int],
-                       then: Callable[[], None] | None) -> torch.Tensor:
+                       then: Callable[[], None] | None, on_cpu: set[int]) -> torch.Tensor:
         """`_run_experts` for one token: x [1, H], weights [1, K]; `order` is the token's routing. The same sums
         in the same order as the general path's index_add_ into zeros."""
-        summed: list[torch.Tensor] = []
+        total: list[torch.Tensor] = []
+        summed = OrderedSum(order, lambda expert, y: total[0].add_(y) if total else total.append(y))
+
+        def weighted(expert: int, y: torch.Tensor) -> None:
+            summed.put(expert, y * weights[:, order.index(expert), None].to(y.dtype))
 
         def kernels(expert: int, buffer: torch.Tensor) -> None:
-            y = expert_forward(self.layout, buffer, x, self.kernels)  # [1, H]
-            y = y * weights[:, order.index(expert), None].to(y.dtype)
-            if summed:
-                summed[0].add_(y)
-            else:
-                summed.append(y)
+            weighted(expert, expert_forward(self.layout, buffer, x, self.kernels))  # [1, H]
 
-        run_layer(self.cache, layer, order, kernels, then)
-        return summed[0]
+        self._run_layer(layer, order, kernels, then, on_cpu, lambda expert: x, weighted)
+        return total[0]
+
+    def _run_layer(self, layer: int, order: list[int], kernels, then, on_cpu: set[int],
+                   rows: Callable[[int], torch.Tensor], weighted: Callable[[int, torch.Tensor], None]) -> None:
+        """schedule.run_layer, with the CPU experts `on_cpu` (if any) started on the CPU tier: `rows(expert)` are
+        its tokens' rows of x [n, H], `weighted(expert, y)` adds its result [n, H] as the device's kernels do."""
+        def cpu_kernels(jobs: list[tuple[int, torch.Tensor]]) -> Callable[[], None]:
+            return self.cpu_tier.start(self.cache, layer, jobs, rows, self._expert_on_cpu, weighted, self._cpu_synced)
+
+        run_layer(self.cache, layer, order, kernels, then, on_cpu, cpu_kernels)
+
+    def _expert_on_cpu(self, host_slot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One expert from its host slot on the CPU (the worker thread): x [n, H] (host) -> [n, H] (host)."""
+        return expert_forward(self.layout, host_slot, x, self.cpu_kernels)
+
+    def _cpu_synced(self) -> None:
+        self.host_syncs += 1  # the host waited for a layer's CPU results

@@ -5,7 +5,8 @@
     assert not recorder.races, recorder.report()
 
 `RecordingStreams` performs every copy at once (so results stay exact on CPU) and logs it with the stream it was
-queued on, as every compute read of a slot. Each stand-in stream keeps a vector clock; recording an event captures
+queued on, as every compute read of a slot and every read of a host slot by the CPU worker (hybrid execution: the
+CPU is a third actor with a clock of its own, `cpu`). Each stand-in stream keeps a vector clock; recording an event captures
 the stream's clock, waiting on one merges it. Two accesses to one buffer conflict when at least one writes; a
 conflicting pair is a race unless the earlier one happens-before the later (same stream, or a chain of events).
 Host syncs order nothing here on purpose: on a GPU they would hide a missing event only until timing changes.
@@ -54,8 +55,8 @@ class RecordingStreams:
     device = torch.device("cpu")
 
     def __init__(self):
-        self.compute, self.h2d, self.d2h = (StandInStream(n) for n in ("compute", "h2d", "d2h"))
-        self.clocks = {s.name: {s.name: 0} for s in (self.compute, self.h2d, self.d2h)}
+        self.compute, self.h2d, self.d2h, self.cpu = (StandInStream(n) for n in ("compute", "h2d", "d2h", "cpu"))
+        self.clocks = {s.name: {s.name: 0} for s in (self.compute, self.h2d, self.d2h, self.cpu)}
         self.log: list[tuple] = []  # ("copy", stream, dst, src) | ("read", stream, buffer) | ("wait", ...) | ...
         self.races: list[str] = []
         self.host_syncs = 0
@@ -71,7 +72,7 @@ class RecordingStreams:
         self.log.append(("copy", stream.name, dst_id, src_id))
 
     def read(self, stream: StandInStream, buffer_id: Hashable) -> None:
-        self._access(buffer_id, self._tick(stream, f"compute read of {buffer_id}"), write=False)
+        self._access(buffer_id, self._tick(stream, f"{stream.name} read of {buffer_id}"), write=False)
         self.log.append(("read", stream.name, buffer_id))
 
     def record(self, stream: StandInStream) -> StandInEvent:

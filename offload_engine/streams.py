@@ -6,6 +6,10 @@ The cache speaks only this small interface, so the same cache code runs with
   * `HostStreams`: CPU, where a copy is a plain synchronous copy and there is nothing to order;
   * `stream_check.RecordingStreams`: stand-ins that log every copy and compute read for a happens-before check.
 
+The CPU (hybrid execution: an expert computed from its host slot by the CPU worker) is a third actor, named by
+`cpu` like a stream: waiting "on" it for a device event blocks the host, and recording on it gives no event (the
+cache records the CPU's reads once the host has taken the worker's result, so they are over).
+
 Buffers are named for the log: ("slot", i) is device slot i, ("host", layer, j) host slot j of a layer.
 """
 
@@ -22,7 +26,7 @@ Stream = Any
 class HostStreams:
     """CPU: copies happen when they are issued, so every event is None and every wait is a no-op."""
 
-    compute = h2d = d2h = None
+    compute = h2d = d2h = cpu = None
     device = torch.device("cpu")
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Stream, dst_id: Hashable, src_id: Hashable) -> None:
@@ -50,6 +54,8 @@ class HostStreams:
 class CudaStreams:
     """One device's compute stream (whatever is current) plus a copy-in and a write-back stream."""
 
+    cpu = "cpu"  # the host's CPU worker: not a CUDA stream
+
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.h2d = torch.cuda.Stream(self.device)
@@ -64,12 +70,16 @@ class CudaStreams:
             dst.copy_(src, non_blocking=True)
 
     def record(self, stream: Stream) -> Event:
+        if stream is self.cpu:
+            return None  # the CPU's work is over when the cache records it (see the module docstring)
         event = torch.cuda.Event()
         event.record(stream)  # the stream fixes the event's device: never the current device's stream
         return event
 
     def wait(self, stream: Stream, event: Event) -> None:
-        if event is not None:
+        if event is not None and stream is self.cpu:
+            event.synchronize()  # the CPU waits for the device: the host blocks
+        elif event is not None:
             stream.wait_event(event)  # device-side: the host does not block
 
     def read(self, stream: Stream, buffer_id: Hashable) -> None:
