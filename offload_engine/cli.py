@@ -143,12 +143,16 @@ def quant_text(spec: QuantSpec, dtype: str) -> str:
 
 
 def summary_line(engine: Engine, seconds: float) -> str:
-    cfg, cache = engine.config, engine.cache
+    cfg, cache, stats = engine.config, engine.cache, engine.stats()
     prefetch = f"prefetch {cache.prefetch_count}/layer" if cache.prefetch_count else "prefetch off"
+    if cache.prefetch_count and stats["prefetch_min_precision"] > 0:
+        prefetch += f" (gate: precision >= {stats['prefetch_min_precision']:g})"
+    offloaded = cache.k < cache.num_experts
     return (f"loaded {engine.model_dir} in {seconds:.1f} s: {engine.device}, {cfg.dtype}; attention "
             f"{quant_text(cfg.quant.attention, cfg.dtype)}, experts {quant_text(cfg.quant.experts, cfg.dtype)}; "
-            f"{cache.k}/{cache.num_experts} experts/layer on device ({size_text(cache.device_bytes())}), {prefetch}; "
-            f"context {engine.context_window}; kernels {engine.kernels.name}"
+            f"{cache.k}/{cache.num_experts} experts/layer on device ({size_text(cache.device_bytes())}), {prefetch}"
+            + (f", write-back {stats['write_back']}" if offloaded else "")
+            + f"; cpu_compute {stats['cpu_compute']}; context {engine.context_window}; kernels {engine.kernels.name}"
             + (f" (compiled in {engine.kernel_warmup_s:.1f} s)" if engine.kernel_warmup_s >= 0.1 else ""))
 
 
@@ -179,6 +183,9 @@ def stats_report(engine: Engine) -> str:
         (f"  copied {size_text(o['bytes_h2d'])} host->device, {size_text(o['bytes_d2h'])} device->host; "
          f"waited {o['wait_s']:.2f} s for copies; {stats['host_syncs']} host syncs"),
     ]
+    if stats["cpu_compute_active"]:
+        lines.append(f"  computed on the CPU: {o['cpu_computed']} missed experts in {o['cpu_ms'] / 1000:.2f} s "
+                     f"(cpu_compute {stats['cpu_compute']})")
     if stats["prefetch"]:
         lines.append(f"  {precision_text(overall)}, {recall_text(overall)}")
         lines.append(f"  prefetch {stats['prefetch']}/layer: {o['prefetch_issued']} experts copied ahead of need, "

@@ -44,8 +44,10 @@ JSON report (``--out``), schema_version 1; every counter is summed over the deco
   routing         [step][layer] -> expert ids routed, in routed order (``simulate.routing_from_report`` loads it)
   guesses         [step][layer] -> expert ids guessed for that layer before it ran ([] when nothing was guessed)
   per_layer       [layer] -> {lookups, hits, misses, evictions, prefetch_issued, prefetch_used, prefetch_wasted,
-                  guessed, guessed_correct, needed_after_guess, bytes_h2d, bytes_d2h, wait_s, hit_rate,
-                  prefetch_precision, prefetch_recall}  (``Engine.stats()`` fields; rates recomputed from the sums)
+                  guessed, guessed_correct, needed_after_guess, bytes_h2d, bytes_d2h, wait_s, cpu_computed, cpu_ms,
+                  hit_rate, prefetch_precision, prefetch_recall}  (``Engine.stats()`` fields; rates recomputed from
+                  the sums; cpu_computed: misses computed on the CPU from their host slot, cpu_ms: the worker's time)
+  cpu_compute     hybrid execution as the engine reports it (``Engine.stats()["cpu_compute"]``: mode, calibration)
   overall         the same fields summed over layers
   prefill         {prompt_tokens, seconds, overall}
   timing          {decode_steps, generated_tokens, decode_seconds, decode_tokens_per_s, total_seconds,
@@ -199,6 +201,7 @@ def profile(engine: Engine, prompts: list[tuple[str | None, list[int]]], max_new
         "prefill": {"prompt_tokens": sum(len(ids) for _, ids in prompts), "seconds": rec.prefill_s,
                     "overall": with_rates(prefill_total)},
         "timing": timing, "costs": dataclasses.asdict(costs_of(engine.model.config, engine.config)),
+        "cpu_compute": engine.stats()["cpu_compute"],
     }
 
 
@@ -219,14 +222,18 @@ def format_report(report: dict) -> str:
         "",
         "decode steps, per layer (engine counters):",
         f"{'layer':>5} {'lookups':>8} {'hits':>6} {'misses':>7} {'hit %':>6} {'pf issued':>9} {'used':>5} "
-        f"{'wasted':>6} {'precision':>9} {'recall':>6}",
+        f"{'wasted':>6} {'precision':>9} {'recall':>6} {'on cpu':>6} {'cpu ms':>8}",
     ]
     rows = list(enumerate(report["per_layer"])) + [("all", report["overall"])]
     for name, s in rows:
         lines.append(f"{name:>5} {s['lookups']:>8} {s['hits']:>6} {s['misses']:>7} {100 * s['hit_rate']:>6.1f} "
                      f"{s['prefetch_issued']:>9} {s['prefetch_used']:>5} {s['prefetch_wasted']:>6} "
-                     f"{100 * s['prefetch_precision']:>8.1f}% {100 * s['prefetch_recall']:>5.1f}%")
+                     f"{100 * s['prefetch_precision']:>8.1f}% {100 * s['prefetch_recall']:>5.1f}% "
+                     f"{s.get('cpu_computed', 0):>6} {s.get('cpu_ms', 0.0):>8.2f}")
     o = report["overall"]
+    if "cpu_compute" in report:
+        lines.append(f"cpu_compute {report['cpu_compute']}: {o.get('cpu_computed', 0)} missed experts computed on "
+                     f"the CPU from their host slot ({o.get('cpu_ms', 0.0):.1f} ms of worker time), not copied")
     if not o["guessed"]:
         lines.append("(prefetch off or no guesses made: precision and recall are 0 by definition)")
     else:
@@ -297,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts-on-device", type=int, help="override offload.experts_on_device")
     ap.add_argument("--prefetch", type=int, help="override offload.prefetch")
     ap.add_argument("--policy", help="override offload.policy")
+    ap.add_argument("--cpu-compute", choices=("auto", "off", "always"), help="override offload.cpu_compute")
     ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     ap.add_argument("--num-random-prompts", type=int, default=4, help="tokenizer-less models without --prompts")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="length of the random prompts")
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     setup = resolve_setup(args, default_config=lambda device: None)
     overrides = {k: v for k, v in {"experts_on_device": args.experts_on_device, "prefetch": args.prefetch,
-                                   "policy": args.policy}.items() if v is not None}
+                                   "policy": args.policy, "cpu_compute": args.cpu_compute}.items() if v is not None}
     config = with_offload(setup.config, overrides)
     if setup.window is not None and args.max_new_tokens >= setup.window:  # checked again per prompt; now: early
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context window "

@@ -52,6 +52,11 @@ class CacheCollector:
         copied.add_metric(["host_to_device"], stats.bytes_h2d)
         copied.add_metric(["device_to_host"], stats.bytes_d2h)
         yield copied
+        yield CounterMetricFamily("offload_cpu_computed_experts", "Missed experts computed on the CPU from their "
+                                  "host copy (hybrid execution, offload.cpu_compute) instead of copied",
+                                  value=stats.cpu_computed)
+        yield CounterMetricFamily("offload_cpu_compute_seconds", "CPU worker time computing those experts",
+                                  value=stats.cpu_ms / 1000)
 
 
 class Metrics:
