@@ -5,7 +5,9 @@ Faults are injected deterministically from a seeded RNG: KeyboardInterrupt at a 
 engine's own code (a trace function, standing in for a timer's signal landing anywhere), exceptions in expert
 compute (an OOM, a malformed output), in the cache's copies (before or after the copy is issued) and in
 sampling; plus a few real SIGALRM timers. Hundreds of faults across experts_on_device 1, 2, 4, 8 and prefetch
-0, 1, 2."""
+0, 1, 2. Hybrid execution (issue 23, `cpu_compute: always`): faults while the CPU worker computes a miss from its
+host slot, in the worker (compute faults reach it: it runs `model.expert_forward`) and in the main thread as it
+waits for the worker's results."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import pytest
 import torch
 
 import offload_engine
+import offload_engine.cpu_worker as cpu_worker_module
 import offload_engine.generate as generate_module
 import offload_engine.model as model_module
 
@@ -29,9 +32,10 @@ from conftest import exact_config
 ENGINE_DIR = Path(offload_engine.__file__).resolve().parent
 TRACED = {str(ENGINE_DIR / f) for f in ("model.py", "expert_cache.py", "streams.py", "generate.py", "engine.py",
                                          "prefetch.py", "policy.py", "experts.py", "schedule.py",
-                                         "batch.py", "ragged.py")}
-CONFIGS = [(k, p, "always") for k in (1, 2, 4) for p in (0, 1, 2)] + [(8, 0, "always")] + [
-    (1, 2, "never"), (2, 1, "never")]  # no write-backs: the host keeps every expert
+                                         "batch.py", "ragged.py", "hybrid.py", "cpu_worker.py")}
+CONFIGS = [(k, p, "always", "off") for k in (1, 2, 4) for p in (0, 1, 2)] + [(8, 0, "always", "off")] + [
+    (1, 2, "never", "off"), (2, 1, "never", "off")] + [  # no write-backs: the host keeps every expert
+    (1, 1, "always", "always"), (2, 1, "never", "always")]  # every miss computed on the CPU worker
 FAULTS_PER_CONFIG = 24
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 
@@ -80,9 +84,14 @@ def nth_call(n: int, fn, fault):
 
 def run_with_fault(engine, monkeypatch, rng: random.Random, kind: str, prompt: list[int], budget: dict) -> None:
     """One generation with one fault of `kind`; the fault must surface as the exception injected."""
-    expected = KeyboardInterrupt if kind in ("line", "timer", "thread_timer") else Injected
+    expected = KeyboardInterrupt if kind in ("line", "timer", "thread_timer", "cpu_wait") else Injected
     with monkeypatch.context() as m:
-        if kind == "compute":
+        if kind == "cpu_wait":  # Ctrl-C as the main thread goes to wait for the worker (which is likely running)
+            def interrupt(*args):
+                raise KeyboardInterrupt("injected while the CPU computes")
+            m.setattr(cpu_worker_module.CpuJob, "result", nth_call(rng.randint(1, max(budget["cpu_wait"], 1)),
+                                                                   cpu_worker_module.CpuJob.result, interrupt))
+        elif kind == "compute":
             def oom(*args):
                 raise Injected("CUDA out of memory (injected)")
             m.setattr(model_module, "expert_forward", nth_call(rng.randint(1, budget["compute"]),
@@ -143,8 +152,9 @@ def run_with_fault(engine, monkeypatch, rng: random.Random, kind: str, prompt: l
 
 def measure(engine, prompt: list[int]) -> dict:
     """How many lines, expert computes, copies and samples one generation takes (the range faults are drawn in)."""
-    cache, counts = engine.cache, {"compute": 0, "copy": 0, "sample": 0}
+    cache, counts = engine.cache, {"compute": 0, "copy": 0, "sample": 0, "cpu_wait": 0}
     forward, copy, sample = model_module.expert_forward, cache._copy, generate_module.sample
+    result = cpu_worker_module.CpuJob.result
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -155,6 +165,7 @@ def measure(engine, prompt: list[int]) -> dict:
     model_module.expert_forward = counted("compute", forward)
     cache._copy = counted("copy", copy)
     generate_module.sample = counted("sample", sample)
+    cpu_worker_module.CpuJob.result = counted("cpu_wait", result)
     try:
         with LineInterrupt(None) as lines:
             start = time.perf_counter()
@@ -162,6 +173,7 @@ def measure(engine, prompt: list[int]) -> dict:
             seconds = time.perf_counter() - start
     finally:
         model_module.expert_forward, generate_module.sample = forward, sample
+        cpu_worker_module.CpuJob.result = result
         del cache._copy
     return {**counts, "line": lines.lines, "seconds": seconds}
 
@@ -184,14 +196,17 @@ def test_invariant_check_catches_a_broken_cache(tiny_dir):
         cache.check_invariant()
 
 
-@pytest.mark.parametrize("k,prefetch,write_back", CONFIGS)
-def test_faults_leave_the_engine_exact(tiny_dir, monkeypatch, k, prefetch, write_back):
-    config = exact_config(experts_on_device=k, prefetch=prefetch, write_back=write_back)
+@pytest.mark.parametrize("k,prefetch,write_back,cpu", CONFIGS)
+def test_faults_leave_the_engine_exact(tiny_dir, monkeypatch, k, prefetch, write_back, cpu):
+    config = exact_config(experts_on_device=k, prefetch=prefetch, write_back=write_back, cpu_compute=cpu)
     engine = offload_engine.load(tiny_dir, config=config, progress=False)
     fresh = offload_engine.load(tiny_dir, config=config, progress=False)
-    rng = random.Random(1000 * k + prefetch + (7 if write_back == "never" else 0))
+    rng = random.Random(1000 * k + prefetch + (7 if write_back == "never" else 0) + (3 if cpu != "off" else 0))
+    # (a fresh engine: the copy-only engine's tokens are the same, tests/test_hybrid.py)
     expected = fresh.generate_ids(PROMPT, max_new_tokens=10)
-    kinds = ["line"] * 10 + ["compute"] * 4 + ["bad_tensor"] * 2 + ["copy"] * 4 + ["sample"] * 2 + ["timer", "thread_timer"]
+    lines = 10 if cpu == "off" else 7
+    kinds = ["line"] * lines + ["compute"] * 4 + ["bad_tensor"] * 2 + ["copy"] * 4 + ["sample"] * 2 + [
+        "timer", "thread_timer"] + ["cpu_wait"] * (10 - lines)
     assert len(kinds) == FAULTS_PER_CONFIG
     rng.shuffle(kinds)
     raised = {kind: 0 for kind in kinds}
@@ -203,5 +218,8 @@ def test_faults_leave_the_engine_exact(tiny_dir, monkeypatch, k, prefetch, write
         assert engine.generate_ids(PROMPT, max_new_tokens=10) == expected, f"after a {kind} fault"
     # A fault drawn past the end of this run's calls does not fire (a warmer cache copies less; timers may be late).
     # (A line fault is drawn among the lines a fresh engine runs; a warmer cache runs a few less, so one may not fire.)
-    assert raised["line"] >= 8 and raised["sample"] + raised["compute"] + raised["bad_tensor"] >= 6, raised
+    assert raised["line"] >= lines - 2 and raised["sample"] + raised["compute"] + raised["bad_tensor"] >= 6, raised
     assert raised["copy"] >= (0 if k == 8 else 1), raised
+    if cpu != "off":
+        assert raised["cpu_wait"] >= 2, raised
+        assert engine.stats()["overall"]["cpu_computed"] > 0

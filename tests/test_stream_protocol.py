@@ -1,6 +1,7 @@
 """The CUDA stream protocol, replayed on CPU (issue 15): stand-in streams log every copy and compute read, a
 happens-before check finds any conflicting pair not ordered by events, on the real cache and model: in both
-write-back modes, with the slot choice of issue 20 (the free slot freed longest ago) and the prefetch gate."""
+write-back modes, with the slot choice of issue 20 (the free slot freed longest ago) and the prefetch gate, and
+with hybrid execution (issue 23: the CPU worker's reads of host slots, a third actor)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from transformers import DynamicCache
 
 import offload_engine
 from offload_engine.expert_cache import ORDERING_STEPS, ExpertCache
+from offload_engine.placement import PlacementCosts
 from offload_engine.stream_check import SyncCounter, attach
 
 from conftest import exact_config, make_checkpoint
 
 N_CONFIGS = 40
+# auto with given costs: a decode's first miss goes to the CPU, the second is copied (see test_hybrid.py), so the
+# same expert is read by the CPU in one call and copied in (its host slot then written back into) in another.
+MIXED = PlacementCosts(copy_ms=1.0, device_ms=0.1, cpu_ms=((1, 0.5), (8, 4.0)), round_trip_ms=0.2)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
@@ -42,8 +47,9 @@ def random_configs(checkpoints, n: int, seed: int = 0):
         prompts = [rng.randint(1, 20) for _ in range(rng.randint(1, 2))]
         write_back = rng.choice(["always", "always", "never"])
         gate = rng.choice([0.0, 0.0, 0.5])
+        cpu = rng.choice(["off", "off", "mixed", "mixed", "always"])
         yield dict(shape=(experts, top_k), k=k, prefetch=prefetch, policy=policy, prompts=prompts,
-                   seed=rng.randint(0, 999), write_back=write_back, gate=gate)
+                   seed=rng.randint(0, 999), write_back=write_back, gate=gate, cpu=cpu)
 
 
 def run_recorded(checkpoints, config, new_tokens: int = 6):
@@ -51,7 +57,10 @@ def run_recorded(checkpoints, config, new_tokens: int = 6):
                                  config=exact_config(experts_on_device=config["k"], prefetch=config["prefetch"],
                                                      policy=config["policy"],
                                                      write_back=config.get("write_back", "always"),
-                                                     prefetch_min_precision=config.get("gate", 0.0)))
+                                                     prefetch_min_precision=config.get("gate", 0.0),
+                                                     cpu_compute={"mixed": "auto"}.get(config.get("cpu"), config.get("cpu", "off"))))
+    if config.get("cpu") == "mixed":
+        engine.model.cpu_tier.costs = MIXED
     recorder = attach(engine.cache)
     gen = torch.Generator().manual_seed(config["seed"])
     tokens = [engine.generate_ids(torch.randint(0, 160, (n,), generator=gen).tolist(), max_new_tokens=new_tokens)
@@ -61,16 +70,19 @@ def run_recorded(checkpoints, config, new_tokens: int = 6):
 
 
 def test_protocol_has_no_race_on_random_configurations(checkpoints):
-    copies, modes = 0, set()
+    copies, modes, cpu_reads = 0, set(), 0
     for config in random_configs(checkpoints, N_CONFIGS):
         engine, recorder, _ = run_recorded(checkpoints, config)
         assert not recorder.races, f"{config}: {recorder.report()}"
+        cpu_reads += sum(entry[:2] == ("read", "cpu") for entry in recorder.log)
+        assert (config["cpu"] == "off") <= (engine.stats()["overall"]["cpu_computed"] == 0)
         copies += sum(entry[0] == "copy" for entry in recorder.log)
         write_backs = sum(entry[0] == "copy" and entry[1] == "d2h" for entry in recorder.log)
         assert (write_backs > 0) == (config["write_back"] == "always" and engine.stats()["overall"]["evictions"] > 0)
         modes.add(config["write_back"])
     assert copies > 500, "the configurations should move experts a lot"
     assert modes == {"always", "never"}
+    assert cpu_reads > 100, "the configurations should compute misses on the CPU too"
 
 
 @pytest.mark.parametrize("write_back", ["always", "never"])
@@ -100,6 +112,7 @@ def test_new_slot_choice_never_reuses_a_slot_with_a_queued_write_back_first(chec
 # copy-in are left to order.
 MUTATIONS = [(step, "always") for step in ORDERING_STEPS] + [
     ("copy_in_after_compute", "never"), ("compute_after_copy_in", "never")]
+CPU_STEPS = ("cpu_read_after_write_back", "write_back_after_cpu_read")  # need write-backs and mixed placement
 
 
 @pytest.mark.parametrize("step,write_back", MUTATIONS)
@@ -115,6 +128,8 @@ def test_removing_any_ordering_step_is_caught(checkpoints, monkeypatch, step, wr
     monkeypatch.setattr(ExpertCache, "_after", mutated)
     races = 0
     for config in random_configs(checkpoints, N_CONFIGS):
+        if step in CPU_STEPS:
+            config["cpu"] = "mixed"
         races += len(run_recorded(checkpoints, {**config, "write_back": write_back})[1].races)
         if races:
             break
