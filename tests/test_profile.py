@@ -23,7 +23,7 @@ from conftest import exact_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_FIELDS = {"lookups", "hits", "misses", "evictions", "prefetch_issued", "prefetch_used", "prefetch_wasted",
-                "guessed", "guessed_correct", "needed_after_guess", "bytes_h2d", "bytes_d2h", "wait_s", "hit_rate",
+                "guessed", "guessed_correct", "needed_after_guess", "bytes_h2d", "bytes_d2h", "wait_s", "cpu_computed", "cpu_ms", "hit_rate",
                 "prefetch_precision", "prefetch_recall"}
 
 
@@ -167,6 +167,24 @@ def run_script(clone: Path, name: str, *args: str) -> subprocess.CompletedProces
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(clone)}
     return subprocess.run([sys.executable, str(clone / "scripts" / name), *args], capture_output=True, text=True,
                           env=env, timeout=300, cwd=clone)
+
+
+def test_profiler_reports_misses_computed_on_the_cpu(tmp_path, tiny_dir):
+    """--cpu-compute always (hybrid execution, issue 23): each layer's CPU-computed misses and their time."""
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(REPO / "scripts/profile_cache.py"), str(tiny_dir), "--config", "cpu",
+           "--experts-on-device", "2", "--prefetch", "0", "--cpu-compute", "always", "--max-new-tokens", "4",
+           "--num-random-prompts", "1", "--prompt-tokens", "4", "--threads", "1", "--out", str(out), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    overall = report["overall"]
+    assert report["cpu_compute"] == "always" and report["config"]["offload"]["cpu_compute"] == "always"
+    assert overall["cpu_computed"] == overall["misses"] > 0 and overall["bytes_h2d"] == 0
+    assert sum(s["cpu_computed"] for s in report["per_layer"]) == overall["cpu_computed"]
+    assert overall["cpu_ms"] > 0
+    assert f"cpu_compute always: {overall['cpu_computed']} missed experts computed on the CPU" in done.stdout
+    assert "on cpu" in done.stdout
 
 
 def test_scripts_in_a_plain_clone_say_what_to_pass(tmp_path):
