@@ -1,5 +1,6 @@
-"""The expert cache's rates, defined once: `Engine.stats()`, offload-chat's stats line and /stats, the server's
-/metrics and scripts/profile_cache.py all take them from here, and print them with their parts.
+"""The expert cache's counters (`LayerStats`, one per MoE layer) and its rates, defined once: `Engine.stats()`,
+offload-chat's stats line and /stats, the server's /metrics and scripts/profile_cache.py all take them from here,
+and print them with their parts.
 
     hit rate            hits / lookups
     prefetch precision  guesses the layer then used / guesses (experts named by speculation, resident or not)
@@ -15,7 +16,28 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Mapping
 
-from .expert_cache import LayerStats
+
+@dataclass
+class LayerStats:
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    prefetch_issued: int = 0  # experts copied ahead of need
+    prefetch_used: int = 0  # ... that a later lookup found staged
+    prefetch_wasted: int = 0  # ... dropped unused
+    guessed: int = 0  # experts named by speculation (resident or not)
+    guessed_correct: int = 0  # ... that the layer then really used
+    needed_after_guess: int = 0  # experts used by layers for which a guess had been made
+    bytes_h2d: int = 0
+    bytes_d2h: int = 0
+    wait_s: float = 0.0  # host time spent waiting for an in-flight copy (CUDA, only when `timing` is set)
+    cpu_computed: int = 0  # misses computed on the CPU from their host slot (hybrid execution), not copied
+    cpu_ms: float = 0.0  # the CPU worker's time computing them (milliseconds)
+
+    def add(self, other: "LayerStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass(frozen=True)

@@ -63,38 +63,16 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
 
 from .cache_allocation import CacheAllocation  # noqa: F401 (re-exported: memory.py, tests)
+from .cache_invariant import check_invariant
+from .cache_stats import LayerStats
 from .policy import make_policy
 from .prefetch import PrefetchGate
 from .streams import make_streams, pin, unpin
-
-
-@dataclass
-class LayerStats:
-    lookups: int = 0
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    prefetch_issued: int = 0  # experts copied ahead of need
-    prefetch_used: int = 0  # ... that a later lookup found staged
-    prefetch_wasted: int = 0  # ... dropped unused
-    guessed: int = 0  # experts named by speculation (resident or not)
-    guessed_correct: int = 0  # ... that the layer then really used
-    needed_after_guess: int = 0  # experts used by layers for which a guess had been made
-    bytes_h2d: int = 0
-    bytes_d2h: int = 0
-    wait_s: float = 0.0  # host time spent waiting for an in-flight copy (CUDA, only when `timing` is set)
-    cpu_computed: int = 0  # misses computed on the CPU from their host slot (hybrid execution), not copied
-    cpu_ms: float = 0.0  # the CPU worker's time computing them (milliseconds)
-
-    def add(self, other: "LayerStats") -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 # The protocol's ordering steps (the `step` names `_after` is called with); tests remove each in turn.
@@ -409,35 +387,7 @@ class ExpertCache:
 
     def check_invariant(self) -> None:
         """Raise RuntimeError naming the first broken part of the INVARIANT in the module docstring."""
-        def fail(what: str) -> None:
-            raise RuntimeError(f"expert cache inconsistent: {what}")
-
-        E, off = self.num_experts, self.allocation.host_slots
-        if self.busy:
-            fail("a forward did not finish (call recover())")
-        if self._journal is not None:
-            fail(f"a swap did not finish: {self._journal} (call recover())")
-        if self.cpu_jobs:
-            fail(f"{len(self.cpu_jobs)} CPU job(s) still pending (call recover())")
-        seen: list[int] = []
-        for layer in range(self.num_layers):
-            main, host_of = self.main[layer], self.host_of[layer]
-            if not self.write_back and off:
-                if len(main) != self.k or host_of != {e: e for e in range(E)}:
-                    fail(f"layer {layer}: resident {sorted(main)}, host copies {host_of}: every expert should keep "
-                         f"its own host slot")
-            elif len(main) != self.k or set(main) | set(host_of) != set(range(E)) or set(main) & set(host_of):
-                fail(f"layer {layer}: resident {sorted(main)} and host {sorted(host_of)} do not partition the experts")
-            if sorted(host_of.values()) != list(range(off)):
-                fail(f"layer {layer}: host slots {sorted(host_of.values())} are not 0..{off - 1}")
-            for name in ("staged", "transient", "retiring", "lent", "cpu_reading"):
-                if getattr(self, name)[layer]:
-                    fail(f"layer {layer}: {name} {getattr(self, name)[layer]} left over")
-            if self.pending_guess[layer] is not None:
-                fail(f"layer {layer}: a guess is pending")
-            seen += main.values()
-        if sorted(seen + self.free_slots) != list(range(len(self.slots))) or len(self.free_slots) != self.allocation.spare_slots:
-            fail(f"device slots are lost or shared (free: {sorted(self.free_slots)})")
+        check_invariant(self)
 
     def close(self) -> None:
         """Wait for every copy, then release the device slots and unlock and free the host slots."""

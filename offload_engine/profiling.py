@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from . import cache_stats
 from . import model as model_module
 from .engine import Engine
-from .expert_cache import LayerStats
+from .cache_stats import LayerStats
 from .prefetch import guess_experts
 
 

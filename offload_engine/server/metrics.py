@@ -11,8 +11,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..cache_stats import hit_rate, prefetch_precision, total
-from ..expert_cache import LayerStats
+from ..cache_stats import LayerStats, hit_rate, prefetch_precision, total
 
 # Time to first token on a CPU demo model is milliseconds; on Mixtral with experts offloaded, seconds.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
