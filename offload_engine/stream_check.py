@@ -25,6 +25,8 @@ from typing import Hashable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .cpu_worker import CpuJob
+
 
 @dataclass(frozen=True)
 class StandInStream:
@@ -310,7 +312,8 @@ def attach(cache) -> RecordingStreams:
 
 class SyncCounter(TorchDispatchMode):
     """Counts the reads that would block the host on a GPU: scalar reads and data-dependent shapes (seen by
-    dispatch) and Tensor.tolist (which bypasses dispatch, so it is wrapped while the counter is active)."""
+    dispatch) and Tensor.tolist (which bypasses dispatch, so it is wrapped while the counter is active), plus the
+    host's waits for the CPU worker's results (hybrid execution: `CpuJob.result`, wrapped likewise)."""
 
     SYNCING = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "unique", "_unique2", "masked_select",
                          "equal", "repeat_interleave", "where.default"})  # where(cond): nonzero in disguise
@@ -318,7 +321,7 @@ class SyncCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.count = 0
-        self._tolist = None
+        self._tolist = self._result = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.__name__ in self.SYNCING or func.__name__.split(".")[0] in self.SYNCING:
@@ -327,15 +330,20 @@ class SyncCounter(TorchDispatchMode):
 
     def __enter__(self):
         tolist = self._tolist = torch.Tensor.tolist
+        result = self._result = CpuJob.result
 
         def counted(tensor):
             self.count += 1
             return tolist(tensor)
-        torch.Tensor.tolist = counted
+
+        def counted_result(job):
+            self.count += 1
+            return result(job)
+        torch.Tensor.tolist, CpuJob.result = counted, counted_result
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
+        torch.Tensor.tolist, CpuJob.result = self._tolist, self._result
         return super().__exit__(*exc)
 
 

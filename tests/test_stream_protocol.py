@@ -180,23 +180,30 @@ def test_write_backs_run_on_their_own_stream(checkpoints):
     assert engine.stats()["overall"]["bytes_d2h"] == len(write_backs) * engine.cache.nbytes
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_host_syncs_per_decode_token_on_mixtral_shapes(tmp_path, prefetch):
+@pytest.mark.parametrize("prefetch,cpu", [(0, "off"), (1, "off"), (1, "always")])
+def test_host_syncs_per_decode_token_on_mixtral_shapes(tmp_path, prefetch, cpu):
     """Mixtral's routing shapes (32 layers, 8 experts, top-2): one routing read per layer per token, plus the layer-0
-    guess with prefetch; no host-blocking wait in the cache. The count the engine reports equals the count seen."""
+    guess with prefetch; no host-blocking wait in the cache. The count the engine reports equals the count seen.
+    Hybrid execution adds one wait for the CPU worker's results per layer call that computed a miss there."""
     model_dir = make_checkpoint(tmp_path / "deep", num_hidden_layers=32, hidden_size=32, intermediate_size=32)
-    engine = offload_engine.load(model_dir, progress=False, config=exact_config(experts_on_device=4, prefetch=prefetch))
+    engine = offload_engine.load(model_dir, progress=False, config=exact_config(experts_on_device=4, prefetch=prefetch,
+                                                                                cpu_compute=cpu))
     recorder = attach(engine.cache)
     counter = SyncCounter()
     kv_cache = DynamicCache(config=engine.model.config)
     engine.model(torch.tensor([[5, 6, 7, 8]]), kv_cache)
     engine.reset_stats()
+    calls, calls_on_cpu = [], set()  # layer calls; those that computed a miss on the CPU
+    begin, lend = engine.cache.begin_layer, engine.cache.lend_host
+    engine.cache.begin_layer = lambda layer, order: (calls.append(layer), begin(layer, order))[1]
+    engine.cache.lend_host = lambda layer, expert: (calls_on_cpu.add(len(calls)), lend(layer, expert))[1]
     steps = 8
     with counter:
         for token in range(steps):
             engine.model(torch.tensor([[token + 10]]), kv_cache)
     per_token = counter.count / steps
     assert engine.stats()["host_syncs"] == counter.count
-    assert per_token == 32 + (1 if prefetch else 0)
+    joins = counter.count - steps * (32 + (1 if prefetch else 0))
+    assert joins == len(calls_on_cpu) and (joins > 0) == (cpu == "always")
     assert recorder.host_syncs == 0 and engine.cache.host_waits == 0
     print(f"host syncs per decode token, 32 layers top-2 of 8, prefetch {prefetch}: {per_token:.0f}")
