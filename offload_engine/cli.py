@@ -147,11 +147,14 @@ def summary_line(engine: Engine, seconds: float) -> str:
     prefetch = f"prefetch {cache.prefetch_count}/layer" if cache.prefetch_count else "prefetch off"
     if cache.prefetch_count and stats["prefetch_min_precision"] > 0:
         prefetch += f" (gate: precision >= {stats['prefetch_min_precision']:g})"
-    offloaded = cache.k < cache.num_experts
+    k = stats["experts_on_device"]
+    offloaded = 0 < k < cache.num_experts
     return (f"loaded {engine.model_dir} in {seconds:.1f} s: {engine.device}, {cfg.dtype}; attention "
             f"{quant_text(cfg.quant.attention, cfg.dtype)}, experts {quant_text(cfg.quant.experts, cfg.dtype)}; "
-            f"{cache.k}/{cache.num_experts} experts/layer on device ({size_text(cache.device_bytes())}), {prefetch}"
+            f"{k}/{cache.num_experts} experts/layer on device ({size_text(cache.device_bytes())}), {prefetch}"
             + (f", write-back {stats['write_back']}" if offloaded else "")
+            + (f"; the experts of the first {stats['cpu_layers']} MoE layers on the CPU (cpu_layers)"
+               if stats["cpu_layers"] else "")
             + f"; cpu_compute {stats['cpu_compute']}; context {engine.context_window}; kernels {engine.kernels.name}"
             + (f" (compiled in {engine.kernel_warmup_s:.1f} s)" if engine.kernel_warmup_s >= 0.1 else ""))
 
@@ -163,7 +166,7 @@ def size_text(nbytes: int) -> str:
 def reply_stats(engine: Engine, before: dict, after: dict, tokens: int, seconds: float) -> str:
     """The per-reply line; `before`/`after` are engine.stats()["overall"] around the reply."""
     delta = difference(after, before)
-    all_resident = engine.cache.k >= engine.cache.num_experts
+    all_resident = engine.cache.k >= engine.cache.num_experts and not engine.model.cpu_layers
     hit = ("all experts on device" if all_resident
            else f"expert cache hit rate {hit_rate(delta).percent()} (this reply)")
     prefetch = "prefetch off" if not engine.cache.prefetch_count else precision_text(delta)

@@ -15,6 +15,7 @@
       write_back: auto        # always | never | auto: never when host RAM holds every expert (memory.py)
       cpu_compute: auto       # a missed expert computed on the CPU from its host copy: auto | off | always
       cpu_threads: null       # threads of the CPU kernel for those experts; null = torch's (torch.get_num_threads)
+      cpu_layers: 0           # the first N MoE layers' experts stay in host RAM, computed on the CPU; all = every layer
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ class OffloadConfig:
     miss on the CPU from its host slot (on a CPU device too: how CI runs that path); "auto" (default) measures the
     link, the CPU kernel and the device's kernels at load and sends each miss where it finishes first (on a CPU
     device the device is the CPU, so auto behaves like off). `cpu_threads`: the CPU kernel's threads for those
-    experts (None: torch's count)."""
+    experts (None: torch's count). `cpu_layers` (static placement, like llama.cpp's --n-cpu-moe): the routed
+    experts of the first N MoE layers (or "all") stay in host RAM and are always computed on the CPU: no device
+    slots, never copied. With experts_on_device: auto on CUDA, the memory plan picks N itself when not even one
+    expert per layer fits the GPU (memory.py)."""
 
     experts_on_device: Union[int, str] = 4  # an int, or "auto"
     prefetch: int = 1
@@ -97,6 +101,7 @@ class OffloadConfig:
     prefetch_min_precision: float = 0.0
     cpu_compute: str = "auto"  # auto | off | always
     cpu_threads: int | None = None
+    cpu_layers: Union[int, str] = 0  # an int >= 0, or "all"
 
     def __post_init__(self) -> None:
         from .placement import CPU_COMPUTE_CHOICES
@@ -121,6 +126,9 @@ class OffloadConfig:
         if self.cpu_threads is not None and not (_is_int(self.cpu_threads) and self.cpu_threads >= 1):
             raise ConfigError(f"offload.cpu_threads must be a positive integer or null (torch's thread count), "
                               f"got {self.cpu_threads!r}")
+        if not (self.cpu_layers == "all" or (_is_int(self.cpu_layers) and self.cpu_layers >= 0)):
+            raise ConfigError(f"offload.cpu_layers must be an integer >= 0 (the first N MoE layers' experts on the "
+                              f"CPU) or 'all', got {self.cpu_layers!r}")
 
 
 @dataclass(frozen=True)

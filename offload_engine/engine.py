@@ -182,14 +182,17 @@ class Engine:
     def stats(self) -> dict:
         """Cache counters overall and per layer (see LayerStats), plus their rates (defined in cache_stats.py)
         and the host syncs. Hybrid execution: `cpu_compute` (the mode, and for auto its calibration or why it is
-        moot), `cpu_calibration` (the measured costs, ms), per layer and overall `cpu_computed` and `cpu_ms`."""
-        tier = self.model.cpu_tier
+        moot), `cpu_calibration` (the measured costs, ms), per layer and overall `cpu_computed` and `cpu_ms`.
+        Static placement: `cpu_layers` (the first MoE layers, whose experts are all computed on the CPU; their
+        `per_layer` entries count every expert used as a lookup, a miss and `cpu_computed`)."""
+        tier, static = self.model.cpu_tier, self.model.static
+        layer_stats = self.layer_stats()
         return {
-            "overall": with_rates(total(self.cache.stats)),
-            "per_layer": [with_rates(s) for s in self.cache.stats],
+            "overall": with_rates(total(layer_stats)),
+            "per_layer": [with_rates(s) for s in layer_stats],
             # routing reads + returns of CPU results (hybrid) + cache waits (profiling)
             "host_syncs": self.model.host_syncs + self.cache.host_waits,
-            "experts_on_device": self.cache.k,
+            "experts_on_device": self.cache.k if self.cache.num_layers else 0,
             "prefetch": self.cache.prefetch_count,
             "prefetch_min_precision": self.cache.gate.min_precision,
             "write_back": "always" if self.cache.write_back else "never",
@@ -198,16 +201,24 @@ class Engine:
             "cpu_compute_active": tier.active,
             "cpu_calibration": tier.calibration(),
             "cpu_threads": tier.worker.threads if tier.worker is not None else None,
+            "cpu_layers": self.model.cpu_layers,
             "device_bytes": self.cache.device_bytes(),
-            "host_bytes": self.cache.host_bytes(),
+            "host_bytes": self.cache.host_bytes() + (static.host_bytes() if static else 0),
             "kernels": self.kernels.name,
             "kernel_warmup_s": self.kernel_warmup_s,
             "host_locked_bytes": self.cache.locked_bytes,  # page-locked (CUDA): exactly host_bytes, 0 on CPU
         }
 
+    def layer_stats(self) -> list:
+        """The counters of every MoE layer (LayerStats), the static CPU layers' first; read without the lock."""
+        static = self.model.static
+        return (static.stats if static else []) + self.cache.stats
+
     def reset_stats(self) -> None:
         with self.lock:
             self.cache.reset_stats()
+            if self.model.static:
+                self.model.static.reset_stats()
             self.model.host_syncs = 0
 
     @property

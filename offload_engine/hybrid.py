@@ -6,6 +6,9 @@ policy of placement.py) and has it run them (`start`): the tokens' rows of x go 
 the worker runs each expert from its host slot, and the returned function waits for the results, brings them
 back in one transfer and hands each expert's rows to the model, which adds them in its usual order.
 
+Static placement (`offload.cpu_layers`, `StaticExperts`): the first N MoE layers' routed experts live only in host
+RAM and every one of their experts runs on the CPU tier, through the same `schedule.run_layer`.
+
 Modes: off (every miss copied), always (every miss on the CPU, on a CPU device too: there the cache's device and
 host slots are both host memory, and the misses still go through the worker thread), auto (calibrated on CUDA;
 on a CPU device the device *is* the CPU, so auto computes nothing apart and says so).
@@ -18,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .cache_stats import LayerStats
 from .cpu_worker import CpuWorker
 from .placement import PlacementCosts, place_misses
 
@@ -27,10 +31,11 @@ ExpertOnCpu = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (host slot
 
 class CpuTier:
     def __init__(self, mode: str, device: torch.device, threads: int | None = None,
-                 costs: PlacementCosts | None = None, note: str = ""):
+                 costs: PlacementCosts | None = None, note: str = "", static: bool = False):
         self.mode, self.device, self.costs = mode, torch.device(device), costs
         self.note = note  # why auto computes nothing apart, or where the costs came from
-        self.worker = CpuWorker(threads) if mode != "off" else None
+        # static: some layers' experts always run on the CPU (offload.cpu_layers), whatever the mode
+        self.worker = CpuWorker(threads) if mode != "off" or static else None
 
     @property
     def active(self) -> bool:
@@ -104,6 +109,44 @@ class CpuTier:
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
+
+
+class StaticExperts:
+    """The routed experts of the first `num_layers` MoE layers (offload.cpu_layers): [N, E, nbytes] in host RAM,
+    written once at load, only ever read by the CPU. A layer call runs all of its experts on the CPU tier through
+    `schedule.run_layer`, for which this offers the calls such a layer call makes on a cache. Each expert used
+    counts as a lookup and a miss (it is not on the device) computed on the CPU, like a hybrid miss."""
+
+    def __init__(self, num_layers: int, num_experts: int, expert_nbytes: int, cpu_jobs: list):
+        self.num_layers = num_layers
+        self.host = torch.empty(num_layers, num_experts, expert_nbytes, dtype=torch.uint8)  # pageable: never copied
+        self.stats = [LayerStats() for _ in range(num_layers)]
+        self.cpu_jobs = cpu_jobs  # the cache's list: its recover() settles a job interrupted here too
+
+    def fill(self, layer: int, expert: int, write: Callable[[torch.Tensor], None]) -> None:
+        write(self.host[layer][expert])
+
+    def begin_layer(self, layer: int, needed: Sequence[int]) -> None:
+        pass
+
+    def end_layer(self, layer: int) -> None:
+        pass
+
+    def lend_host(self, layer: int, expert: int) -> torch.Tensor:
+        stats = self.stats[layer]
+        stats.lookups += 1
+        stats.misses += 1
+        stats.cpu_computed += 1
+        return self.host[layer][expert]
+
+    def cpu_computed(self, layer: int, expert: int) -> None:
+        pass  # nothing ever writes these bytes after loading: no ordering to record
+
+    def reset_stats(self) -> None:
+        self.stats = [LayerStats() for _ in range(self.num_layers)]
+
+    def host_bytes(self) -> int:
+        return self.host.numel()
 
 
 class OrderedSum:

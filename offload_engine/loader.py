@@ -25,7 +25,7 @@ from .config import ConfigError, ConfigLike, EngineConfig, load_config
 from .engine import Engine
 from .expert_tensors import read_expert_tensor
 from .experts import ExpertLayout, expert_forward
-from .hybrid import CpuTier, calibrate
+from .hybrid import CpuTier, StaticExperts, calibrate
 from .kernels import REFERENCE, Kernels, bfloat16_problem, select_kernels, warm_up
 from .memory import resolve_offload
 from .model import OffloadedModel
@@ -131,7 +131,7 @@ def checkpoint_loader(checkpoint: SafetensorsCheckpoint, hf_config, cfg: EngineC
             for e in range(anatomy.num_experts):
                 weights = {name: read_expert_tensor(checkpoint, anatomy, l, e, name).to(quant_device, cfg.torch_dtype)
                            for name in layout.names}
-                model.cache.fill(moe_index[l], e, lambda buffer: layout.pack(weights, buffer))
+                model.fill_expert(moe_index[l], e, lambda buffer: layout.pack(weights, buffer))
                 checkpoint.close()  # unmap the source shards, or their pages stay resident (host RAM is scarce)
 
     return fill
@@ -147,14 +147,18 @@ def build_engine(hf_config, cfg: EngineConfig, device: torch.device, source, pro
     anatomy = Anatomy.of(hf_config, cfg.torch_dtype)
     check_config_for_model(cfg, anatomy)
     layout = anatomy.expert_layout(cfg)
-    k, write_back = resolve_offload(cfg, hf_config, device)
-    cfg = cfg.replace(experts_on_device=k, write_back=write_back)
+    k, write_back, cpu_layers = resolve_offload(cfg, hf_config, device)
+    cfg = cfg.replace(experts_on_device=k, write_back=write_back, cpu_layers=cpu_layers)
+    on_device = len(anatomy.moe_layers) - cpu_layers  # MoE layers in the expert cache (the rest: static, on the CPU)
     trunk = [t.layout(cfg) for t in anatomy.quantized()]
     kernels, warmup_s = _ready_kernels(cfg.kernels, device, [*layout.matrices.values(), *trunk])
-    cache = ExpertCache(len(anatomy.moe_layers), anatomy.num_experts, layout.nbytes, k, cfg.offload.prefetch, device,
-                        cfg.offload.policy, write_back=write_back == "always",
+    cache = ExpertCache(on_device, anatomy.num_experts, layout.nbytes, k if on_device else anatomy.num_experts,
+                        cfg.offload.prefetch, device, cfg.offload.policy, write_back=write_back == "always",
                         prefetch_min_precision=cfg.offload.prefetch_min_precision)
     model = OffloadedModel(hf_config, anatomy, cache, layout, cfg.torch_dtype, device, kernels)
+    if cpu_layers:
+        model.static = StaticExperts(cpu_layers, anatomy.num_experts, layout.nbytes, cache.cpu_jobs)
+        model.cpu_layers = cpu_layers
     source(model, layout, progress)
     model.finish_loading()
     model.cpu_tier, model.cpu_kernels = _cpu_tier(cfg, model, layout, device)
@@ -165,19 +169,21 @@ def _cpu_tier(cfg: EngineConfig, model: OffloadedModel, layout: ExpertLayout,
               device: torch.device) -> tuple[CpuTier, Kernels]:
     """Hybrid execution (offload.cpu_compute) for this engine: the CPU tier and the kernels it computes with; under
     auto on CUDA, the costs measured now on this machine (hybrid.calibrate)."""
-    mode, threads, cache = cfg.offload.cpu_compute, cfg.offload.cpu_threads, model.cache
-    if mode == "off":
-        return CpuTier("off", device), model.kernels
-    if not cache.allocation.host_slots:
-        return CpuTier(mode, device, threads, note="every expert is on the device: no misses"), model.kernels
+    mode, threads, cache, static = cfg.offload.cpu_compute, cfg.offload.cpu_threads, model.cache, bool(model.cpu_layers)
+    note = ""
+    if not cache.allocation.host_slots and mode != "off":
+        note = "every expert is on the device" + (" or static" if static else "") + ": no misses"
+    elif mode == "auto" and device.type == "cpu":
+        note = "the device is the CPU: nothing to place apart"
     if device.type == "cpu":  # the cache's device slots are host memory: the device's kernels are the CPU's
-        note = "the device is the CPU: nothing to place apart" if mode == "auto" else ""
-        return CpuTier(mode, device, threads, note=note), model.kernels
+        return CpuTier(mode, device, threads, note=note, static=static), model.kernels
+    if (mode == "off" or note) and not static:  # no CPU work at all
+        return CpuTier(mode, device, note=note), model.kernels
     cpu = torch.device("cpu")
     cpu_kernels, _ = _ready_kernels("reference" if cfg.kernels == "reference" else "auto", cpu,
                                     list(layout.matrices.values()))
-    tier = CpuTier(mode, device, threads)
-    if mode == "auto":
+    tier = CpuTier(mode, device, threads, note=note, static=static)
+    if mode == "auto" and not note:
         def run_cpu(host_slot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return expert_forward(layout, host_slot, x, cpu_kernels)
 

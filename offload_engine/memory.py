@@ -51,6 +51,8 @@ class MemoryPlan:
     host_pinned_bytes: int = 0  # the experts kept in host RAM, page-locked at their exact size
     host_margin_bytes: int = HOST_MARGIN  # pageable: the process itself
     write_back: bool = True  # evicted experts are written back (swap); False: the host keeps every expert
+    cpu_layers: int = 0  # MoE layers whose experts stay in host RAM, computed on the CPU (offload.cpu_layers)
+    host_static_bytes: int = 0  # their experts (pageable: the CPU reads them, nothing copies them)
 
     @property
     def write_back_mode(self) -> str:
@@ -59,7 +61,7 @@ class MemoryPlan:
 
     @property
     def host_total_bytes(self) -> int:
-        return self.host_pinned_bytes + self.host_margin_bytes
+        return self.host_pinned_bytes + self.host_static_bytes + self.host_margin_bytes
 
     def summary(self) -> str:
         g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
@@ -68,7 +70,9 @@ class MemoryPlan:
                 f"{g(self.prefill_bytes)}, spare slots {g(self.spare_bytes)}, "
                 f"margin {g(self.margin_bytes)}; total {g(self.total_bytes)}; host RAM {g(self.host_pinned_bytes)} "
                 f"pinned + {g(self.host_margin_bytes)} process = {g(self.host_total_bytes)}; write-backs: "
-                f"{'yes (swap)' if self.write_back else 'no (every expert in host RAM)'}")
+                f"{'yes (swap)' if self.write_back else 'no (every expert in host RAM)'}"
+                + (f"; the first {self.cpu_layers} MoE layers' experts on the CPU ({g(self.host_static_bytes)} "
+                   f"of host RAM, never copied)" if self.cpu_layers else ""))
 
 
 def trunk_bytes(hf, cfg: EngineConfig) -> int:
@@ -150,6 +154,8 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
     trunk = anatomy.trunk_bytes(cfg)
     kv, working = sequences * kv_cache_bytes(hf, cfg, context), prefill_bytes(hf, cfg, context, sequences)
     fixed = trunk + kv + working + margin
+    wanted = cfg.offload.cpu_layers
+    n = L if wanted == "all" else min(wanted, L)  # static CPU layers (more under auto if nothing else fits)
 
     every_expert = CacheAllocation.build(L, E, expert, 1, cfg.offload.prefetch, cuda=True, write_back=False)
     mode = cfg.offload.write_back
@@ -158,19 +164,27 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
         mode = "never" if fits else "always"
     write_back = mode == "always"
 
+    def allocation(k: int) -> CacheAllocation:  # the cache holds the layers not on the CPU (none: nothing at all)
+        return CacheAllocation.build(L - n, E, expert, k if n < L else E, cfg.offload.prefetch, True, write_back)
+
     def spares(k: int) -> int:
-        return CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, True, write_back).spare_slots * expert
+        return allocation(k).spare_slots * expert
 
     def total(k: int) -> int:
-        return fixed + L * k * expert + spares(k)
+        return fixed + (L - n) * k * expert + spares(k)
 
     requested = cfg.offload.experts_on_device
     if requested == "auto":
         k = max((k for k in range(1, E + 1) if total(k) <= free_bytes), default=0)
+        while k == 0 and n < L:  # not even 1 expert per layer fits: the first layers' experts go to the CPU
+            n += 1
+            k = E if n == L and fixed <= free_bytes else max((k for k in range(1, E + 1) if total(k) <= free_bytes),
+                                                               default=0)
         if k == 0:
             raise NotEnoughMemory(
-                f"not even 1 expert per layer fits: {total(1) / GiB:.2f} GiB needed, {free_bytes / GiB:.2f} GiB free. "
-                f"Use fewer bits for the experts, a shorter max_context, or a larger GPU")
+                f"even with every layer's experts on the CPU (offload.cpu_layers: all), the trunk, KV cache and "
+                f"working memory need {fixed / GiB:.2f} GiB, {free_bytes / GiB:.2f} GiB free. Use fewer bits, a "
+                f"shorter max_context, or a larger GPU")
     else:
         k = min(requested, E)
         if total(k) > free_bytes:
@@ -179,9 +193,9 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
                 f"experts_on_device={requested} needs {total(k) / GiB:.2f} GiB of device memory but "
                 f"{free_bytes / GiB:.2f} GiB is free; " + (f"at most {fits} fit(s): set offload.experts_on_device "
                 f"to {fits} or 'auto'" if fits else "not even 1 fits: use fewer bits or a larger GPU"))
-    pinned = CacheAllocation.build(L, E, expert, k, cfg.offload.prefetch, True, write_back).locked_host_bytes
+    pinned = allocation(k).locked_host_bytes
     plan = MemoryPlan(k, expert, trunk, kv, spares(k), margin, total(k), context, working, sequences, pinned,
-                      write_back=write_back and k < E)
+                      write_back=write_back and k < E, cpu_layers=n, host_static_bytes=n * E * expert)
     if host_free_bytes is not None and plan.host_total_bytes > host_free_bytes:
         held = f"{E - k} offloaded experts per layer" if write_back else f"all {E} experts per layer (write_back: never)"
         raise NotEnoughMemory(
@@ -241,18 +255,21 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_offload(cfg: EngineConfig, hf, device: torch.device) -> tuple[int, str]:
-    """(experts per layer on the device, "always" or "never" for write-backs). On CUDA: planned against the free
+def resolve_offload(cfg: EngineConfig, hf, device: torch.device) -> tuple[int, str, int]:
+    """(experts per layer on the device, "always" or "never" for write-backs, MoE layers whose experts stay on the
+    CPU (offload.cpu_layers)). On CUDA: planned against the free
     device memory and the available host RAM. On CPU the 'device' is host RAM and nothing is page-locked, so
     'auto' keeps every expert on the device and write_back 'auto' swaps (a second copy of every expert would
     only take RAM)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         plan = plan_memory(hf, cfg, free, host_free_bytes=available_host_bytes())
-        return plan.experts_on_device, plan.write_back_mode
-    requested, E = cfg.offload.experts_on_device, Anatomy.of(hf, cfg.torch_dtype).num_experts
-    mode = cfg.offload.write_back
-    return (E if requested == "auto" else min(requested, E)), ("always" if mode == "auto" else mode)
+        return plan.experts_on_device, plan.write_back_mode, plan.cpu_layers
+    anatomy = Anatomy.of(hf, cfg.torch_dtype)
+    requested, E, L = cfg.offload.experts_on_device, anatomy.num_experts, len(anatomy.moe_layers)
+    mode, cpu_layers = cfg.offload.write_back, cfg.offload.cpu_layers
+    return ((E if requested == "auto" else min(requested, E)), ("always" if mode == "auto" else mode),
+            L if cpu_layers == "all" else min(cpu_layers, L))
 
 
 def resolve_experts_on_device(cfg: EngineConfig, hf, device: torch.device) -> int:

@@ -32,7 +32,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .anatomy import Anatomy, skeleton
 from .expert_cache import ExpertCache
 from .experts import ExpertLayout, expert_forward
-from .hybrid import CpuTier, OrderedSum
+from .hybrid import CpuTier, OrderedSum, StaticExperts
 from .kernels import REFERENCE, Kernels, QuantLinear
 from .prefetch import guess_experts
 from .quantize import MatrixLayout
@@ -93,6 +93,10 @@ class OffloadedModel(nn.Module):
         # plus, in hybrid execution, the return of a layer's CPU results (one per layer call with CPU experts)
         self.cpu_tier = CpuTier("off", self.device)  # set by the loader (offload.cpu_compute)
         self.cpu_kernels: Kernels = kernels  # the CPU tier's kernels (the loader's choice for the CPU)
+        # Static placement (offload.cpu_layers): MoE layers 0..cpu_layers-1 live in `static`, the rest in the cache
+        # as its layers 0, 1, ...
+        self.static: StaticExperts | None = None
+        self.cpu_layers = 0
         self._pass: _Pass | None = None
 
     # ---- loading ----
@@ -125,10 +129,22 @@ class OffloadedModel(nn.Module):
                     setattr(module, name, buffer.to(self.device))
         self.eval()
 
+    def fill_expert(self, moe_layer: int, expert: int, write: Callable[[torch.Tensor], None]) -> None:
+        """Loading: `write(buffer)` with the expert's home (the cache's, or the static store's)."""
+        store, layer = self._where(moe_layer)
+        store.fill(layer, expert, write)
+
+    def _where(self, moe_layer: int):
+        """(the static store, or the cache) and the MoE layer's number in it."""
+        if moe_layer < self.cpu_layers:
+            return self.static, moe_layer
+        return self.cache, moe_layer - self.cpu_layers
+
     # ---- forward ----
     def _speculate(self, moe_layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        """MoE layer `moe_layer`'s router on an earlier hidden state: [T, H] -> guessed experts [prefetch] (device)."""
-        if not self.prefetch or moe_layer >= len(self.moe_layers):
+        """MoE layer `moe_layer`'s router on an earlier hidden state: [T, H] -> guessed experts [prefetch] (device).
+        None where there is nothing to prefetch: prefetch off, past the last layer, a static CPU layer."""
+        if not self.prefetch or not self.cpu_layers <= moe_layer < len(self.moe_layers):
             return None
         norm = self.layers[self.moe_layers[moe_layer]].post_attention_layernorm
         logits = self.routers[moe_layer](norm(hidden))[0]  # [T, E]
@@ -213,7 +229,7 @@ class OffloadedModel(nn.Module):
         if guess is not None:
             step.guessed = guess.tolist()
             self.host_syncs += 1
-            self.cache.prefetch(0, step.guessed)
+            self.cache.prefetch(0, step.guessed)  # (the first cache layer: with static layers, no guess here)
         for l, layer in enumerate(self.layers):
             attention_mask = RaggedMask([m[l] for m in masks], kv, self.config._attn_implementation)
             attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=attention_mask,
@@ -254,7 +270,8 @@ class OffloadedModel(nn.Module):
         return out
 
     def _experts(self, moe_layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The routed experts of MoE layer `moe_layer`, called from inside the family's block.
+        """The routed experts of MoE layer `moe_layer` (numbered over all MoE layers, static ones included), called
+        from inside the family's block.
         x: [T, H] normed hidden states; experts, weights: [T, K] (the family's router's choice) -> [T, H]."""
         step = self._pass
         guess = self._speculate(moe_layer + 1, step.residual)
@@ -269,7 +286,7 @@ class OffloadedModel(nn.Module):
             step.on_routing(moe_layer, [routed[i : i + k] for i in range(0, len(routed), k)], step.guessed)
         step.guessed = next_guess
         # The next layer's speculative copies are queued after this layer's demand copies.
-        then = (lambda: self.cache.prefetch(moe_layer + 1, next_guess)) if guess is not None else None
+        then = (lambda: self.cache.prefetch(moe_layer + 1 - self.cpu_layers, next_guess)) if guess is not None else None
         return self._run_experts(moe_layer, x, weights, experts, routed, then)
 
     def _run_experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
@@ -278,7 +295,11 @@ class OffloadedModel(nn.Module):
         `then()` runs once every demand copy is queued (the next layer's speculative copies)."""
         order = list(dict.fromkeys(routed))  # distinct experts in order of first use
         counts = Counter(routed)
-        on_cpu = self.cpu_tier.place(self.cache, layer, counts, order)  # hybrid: the misses the CPU computes
+        store, index = self._where(layer)
+        if store is self.static:  # static placement: every expert of the layer on the CPU
+            on_cpu = set(order)
+        else:  # hybrid: the misses the CPU computes
+            on_cpu = self.cpu_tier.place(self.cache, index, counts, order)
         if x.shape[0] == 1:  # decode: no gathering or scattering of tokens, 2-3 ops per expert instead of 7
             return self._run_one_token(layer, x, weights, order, then, on_cpu)
         # Each expert's (token, k) positions from one device sort, sliced at offsets counted on the host: no
@@ -329,10 +350,12 @@ class OffloadedModel(nn.Module):
                    rows: Callable[[int], torch.Tensor], weighted: Callable[[int, torch.Tensor], None]) -> None:
         """schedule.run_layer, with the CPU experts `on_cpu` (if any) started on the CPU tier: `rows(expert)` are
         its tokens' rows of x [n, H], `weighted(expert, y)` adds its result [n, H] as the device's kernels do."""
-        def cpu_kernels(jobs: list[tuple[int, torch.Tensor]]) -> Callable[[], None]:
-            return self.cpu_tier.start(self.cache, layer, jobs, rows, self._expert_on_cpu, weighted, self._cpu_synced)
+        store, index = self._where(layer)
 
-        run_layer(self.cache, layer, order, kernels, then, on_cpu, cpu_kernels)
+        def cpu_kernels(jobs: list[tuple[int, torch.Tensor]]) -> Callable[[], None]:
+            return self.cpu_tier.start(store, index, jobs, rows, self._expert_on_cpu, weighted, self._cpu_synced)
+
+        run_layer(store, index, order, kernels, then, on_cpu, cpu_kernels)
 
     def _expert_on_cpu(self, host_slot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """One expert from its host slot on the CPU (the worker thread): x [n, H] (host) -> [n, H] (host)."""

@@ -312,8 +312,8 @@ def prequantized_loader(model_dir: Path, manifest: dict, headers: dict[str, tupl
                         model.set_linear(spec.name, packed[spec.name], fresh(f, file, spec))
                     elif ".experts." in spec.name:  # each expert straight into its home buffer
                         e = int(spec.name.rsplit(".", 1)[1])
-                        model.cache.fill(moe_index[l], e, lambda buffer, f=f, file=file, name=spec.name:
-                                         read(f, file, name, buffer))
+                        model.fill_expert(moe_index[l], e, lambda buffer, f=f, file=file, name=spec.name:
+                                          read(f, file, name, buffer))
                     else:
                         model.set_tensor(spec.name, fresh(f, file, spec), spec.dtype)
 

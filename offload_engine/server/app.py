@@ -114,7 +114,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         raise ValueError("the server needs a tokenizer: this model directory has no tokenizer files")
     name = model_name or (engine.model_dir.name if engine.model_dir is not None else "offload-engine")
     worker = Worker(engine, None, max_queue, prefix_reuse, max_batch)
-    metrics = worker.metrics = Metrics(worker.depth, lambda: engine.cache.stats, worker.batch_size)
+    metrics = worker.metrics = Metrics(worker.depth, engine.layer_stats, worker.batch_size)
     tokenizer, window = engine.tokenizer, engine.context_window
 
     @asynccontextmanager
