@@ -230,3 +230,77 @@ def test_calibration_measures_on_real_buffers(tiny_dir, monkeypatch):
         model._expert_on_cpu, model.cpu_tier.worker, layout.hidden_size, torch.float32, torch.device("cpu"))
     assert [t for t, _ in costs.cpu_ms] == [1, 2, 4, 8] and all(ms > 0 for _, ms in costs.cpu_ms)
     assert costs.copy_ms > 0 and costs.device_ms > 0 and costs.round_trip_ms > 0 and synced
+
+
+# ---- static placement (offload.cpu_layers, item 4) ----
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v2"])  # deepseek: a dense first layer
+def test_static_cpu_layers_equal_the_copy_only_engine(family_dirs, model_type):
+    path = family_dirs[model_type]
+    reference = load(path, "off", 2, 1)
+    expected_logits, expected_tokens = reference.logits(IDS), reference.generate_ids(PROMPT, max_new_tokens=6)
+    L = len(reference.model.moe_layers)
+    for cpu_layers, mode in ((1, "off"), (1, "always"), ("all", "off")):
+        engine = load(path, mode, 2, 1, cpu_layers=cpu_layers)
+        where = f"{model_type} cpu_layers={cpu_layers} {mode}"
+        assert (engine.logits(IDS) - expected_logits).abs().max().item() < 1e-4, where
+        assert engine.generate_ids(PROMPT, max_new_tokens=6) == expected_tokens, where
+        engine.cache.check_invariant()
+        stats, n = engine.stats(), (L if cpu_layers == "all" else cpu_layers)
+        assert stats["cpu_layers"] == n and len(stats["per_layer"]) == L, where
+        for layer in stats["per_layer"][:n]:  # every expert used computed on the CPU, nothing copied
+            assert layer["cpu_computed"] == layer["lookups"] > 0 and layer["bytes_h2d"] == layer["hits"] == 0, where
+        assert engine.cache.num_layers == L - n
+        per_layer_slots = engine.cache.k * engine.cache.nbytes
+        if cpu_layers == "all":
+            assert stats["device_bytes"] == 0 and stats["experts_on_device"] == 0
+        else:  # no device slots for the static layers
+            assert stats["device_bytes"] == reference.stats()["device_bytes"] - n * per_layer_slots
+        assert stats["host_bytes"] >= n * num_experts(model_type) * engine.cache.nbytes
+        engine.close()
+
+
+def test_static_layers_in_the_load_line_stats_and_errors(tiny_dir, monkeypatch):
+    from offload_engine.cli import summary_line
+
+    engine = load(tiny_dir, "off", 2, 1, cpu_layers=2)
+    assert "the experts of the first 2 MoE layers on the CPU (cpu_layers)" in summary_line(engine, 1.0)
+    expected = load(tiny_dir, "off", 2, 1).generate_ids(PROMPT, max_new_tokens=6)
+
+    def broken(host_slot, x):
+        raise MemoryError("injected in a static layer's CPU job")
+    monkeypatch.setattr(engine.model, "_expert_on_cpu", broken)
+    with pytest.raises(MemoryError, match="injected"):
+        engine.generate_ids(PROMPT, max_new_tokens=6)
+    engine.cache.check_invariant()
+    monkeypatch.undo()
+    assert engine.generate_ids(PROMPT, max_new_tokens=6) == expected
+    for bad in (-1, "some", 1.5, True):
+        with pytest.raises(ConfigError, match="offload.cpu_layers must be an integer >= 0"):
+            load_config({"offload": {"cpu_layers": bad}})
+
+
+def test_memory_plan_puts_the_first_layers_on_the_cpu_when_not_even_one_expert_fits():
+    """auto on a GPU too small for one expert per layer: the plan keeps the first layers' experts in host RAM
+    (static placement) rather than failing; a configured cpu_layers is planned as asked."""
+    from transformers import MixtralConfig
+
+    from offload_engine.config import load_config
+    from offload_engine.memory import GiB, NotEnoughMemory, plan_memory
+
+    hf = MixtralConfig()  # Mixtral-8x7B's shapes: 32 layers, 8 experts
+    cfg = load_config({"dtype": "float16", "max_context": 1024, "offload": {"experts_on_device": "auto"}})
+    roomy = plan_memory(hf, cfg, 16 * GiB)
+    assert roomy.cpu_layers == 0 and roomy.experts_on_device >= 1
+    one_each = plan_memory(hf, cfg.replace(experts_on_device=1), 16 * GiB)
+    fixed = one_each.total_bytes - 32 * one_each.expert_bytes - one_each.spare_bytes
+    free = fixed + one_each.spare_bytes + 20 * one_each.expert_bytes  # 20 layers' worth of one expert each
+    small = plan_memory(hf, cfg, free)
+    assert small.cpu_layers == 12 and small.experts_on_device == 1 and small.total_bytes <= free
+    assert small.host_static_bytes == 12 * 8 * small.expert_bytes
+    assert "the first 12 MoE layers' experts on the CPU" in small.summary()
+    tiny = plan_memory(hf, cfg, fixed + GiB // 8)  # not one expert anywhere: every layer on the CPU
+    assert tiny.cpu_layers == 32 and tiny.total_bytes <= fixed + GiB // 8
+    with pytest.raises(NotEnoughMemory, match="even with every layer's experts on the CPU"):
+        plan_memory(hf, cfg, fixed // 2)
+    asked = plan_memory(hf, cfg.replace(experts_on_device=2, cpu_layers=4), 16 * GiB)
+    assert asked.cpu_layers == 4 and asked.total_bytes == fixed + 28 * 2 * asked.expert_bytes + asked.spare_bytes
