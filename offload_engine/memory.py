@@ -198,8 +198,10 @@ def plan_memory(hf, cfg: EngineConfig, free_bytes: int, context: int | None = No
                       write_back=write_back and k < E, cpu_layers=n, host_static_bytes=n * E * expert)
     if host_free_bytes is not None and plan.host_total_bytes > host_free_bytes:
         held = f"{E - k} offloaded experts per layer" if write_back else f"all {E} experts per layer (write_back: never)"
+        static = (f" + {plan.host_static_bytes / GiB:.2f} GiB for every expert of the first {n} layers (on the "
+                  f"CPU)" if plan.host_static_bytes else "")
         raise NotEnoughMemory(
-            f"host RAM: {held} need {pinned / GiB:.2f} GiB page-locked + "
+            f"host RAM: {held} need {pinned / GiB:.2f} GiB page-locked{static} + "
             f"{HOST_MARGIN / GiB:.2f} GiB for the process = {plan.host_total_bytes / GiB:.2f} GiB, but "
             f"{host_free_bytes / GiB:.2f} GiB is available and at most {k} experts per layer fit on the GPU; "
             + ("set offload.write_back to auto or always (write evicted experts back instead), or " if not write_back

@@ -62,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 write_backs = "yes (swap)" if plan.write_back else "no (every expert in host RAM)"
             pinned = f"{plan.host_pinned_bytes / GiB:.2f}" if plan.host_pinned_bytes else "0"
+            if plan.host_static_bytes:  # static placement: those layers' experts, pageable
+                pinned += f" + {plan.host_static_bytes / GiB:.2f} (layers on the CPU)"
+            per_layer = str(plan.experts_on_device) + (f" (the first {plan.cpu_layers} layers' experts on the CPU)"
+                                                       if plan.cpu_layers else "")
             print(f"| {name} ({bits} bits, {plan.context} ctx) | {free / GiB:.1f} GiB | {ram} | "
-                  f"{plan.experts_on_device} | {plan.expert_bytes / 2**20:.1f} MiB | {g(plan.trunk_bytes)} | "
+                  f"{per_layer} | {plan.expert_bytes / 2**20:.1f} MiB | {g(plan.trunk_bytes)} | "
                   f"{g(plan.kv_cache_bytes)} | {g(plan.prefill_bytes)} | {g(plan.spare_bytes)} | {g(plan.margin_bytes)} | {g(plan.total_bytes)} | "
                   f"{write_backs} | {pinned} + {plan.host_margin_bytes / GiB:.2f} = {g(plan.host_total_bytes)} |")
     return 0
