@@ -35,7 +35,8 @@ TRACED = {str(ENGINE_DIR / f) for f in ("model.py", "expert_cache.py", "streams.
                                          "batch.py", "ragged.py", "hybrid.py", "cpu_worker.py")}
 CONFIGS = [(k, p, "always", "off") for k in (1, 2, 4) for p in (0, 1, 2)] + [(8, 0, "always", "off")] + [
     (1, 2, "never", "off"), (2, 1, "never", "off")] + [  # no write-backs: the host keeps every expert
-    (1, 1, "always", "always"), (2, 1, "never", "always")]  # every miss computed on the CPU worker
+    (1, 1, "always", "always"), (2, 1, "never", "always"),  # every miss computed on the CPU worker
+    (2, 1, "always", "static")]  # the first MoE layer's experts static on the CPU (cpu_layers: 1)
 FAULTS_PER_CONFIG = 24
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 
@@ -198,7 +199,8 @@ def test_invariant_check_catches_a_broken_cache(tiny_dir):
 
 @pytest.mark.parametrize("k,prefetch,write_back,cpu", CONFIGS)
 def test_faults_leave_the_engine_exact(tiny_dir, monkeypatch, k, prefetch, write_back, cpu):
-    config = exact_config(experts_on_device=k, prefetch=prefetch, write_back=write_back, cpu_compute=cpu)
+    config = exact_config(experts_on_device=k, prefetch=prefetch, write_back=write_back,
+                          cpu_compute="off" if cpu == "static" else cpu, cpu_layers=1 if cpu == "static" else 0)
     engine = offload_engine.load(tiny_dir, config=config, progress=False)
     fresh = offload_engine.load(tiny_dir, config=config, progress=False)
     rng = random.Random(1000 * k + prefetch + (7 if write_back == "never" else 0) + (3 if cpu != "off" else 0))
