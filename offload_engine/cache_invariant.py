@@ -33,5 +33,6 @@ def check_invariant(cache) -> None:
         if cache.pending_guess[layer] is not None:
             fail(f"layer {layer}: a guess is pending")
         seen += main.values()
-    if sorted(seen + cache.free_slots) != list(range(len(cache.slots))) or len(cache.free_slots) != cache.allocation.spare_slots:
+    all_slots = list(range(len(cache.slots)))
+    if sorted(seen + cache.free_slots) != all_slots or len(cache.free_slots) != cache.allocation.spare_slots:
         fail(f"device slots are lost or shared (free: {sorted(cache.free_slots)})")

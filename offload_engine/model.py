@@ -229,7 +229,7 @@ class OffloadedModel(nn.Module):
         if guess is not None:
             step.guessed = guess.tolist()
             self.host_syncs += 1
-            self.cache.prefetch(0, step.guessed)  # (the first cache layer: with static layers, no guess here)
+            self.cache.prefetch(0, step.guessed)  # MoE layer 0 (with static layers, _speculate(0) guesses nothing)
         for l, layer in enumerate(self.layers):
             attention_mask = RaggedMask([m[l] for m in masks], kv, self.config._attn_implementation)
             attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=attention_mask,
@@ -286,7 +286,8 @@ class OffloadedModel(nn.Module):
             step.on_routing(moe_layer, [routed[i : i + k] for i in range(0, len(routed), k)], step.guessed)
         step.guessed = next_guess
         # The next layer's speculative copies are queued after this layer's demand copies.
-        then = (lambda: self.cache.prefetch(moe_layer + 1 - self.cpu_layers, next_guess)) if guess is not None else None
+        next_in_cache = moe_layer + 1 - self.cpu_layers  # its number in the cache (static layers are not there)
+        then = (lambda: self.cache.prefetch(next_in_cache, next_guess)) if guess is not None else None
         return self._run_experts(moe_layer, x, weights, experts, routed, then)
 
     def _run_experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
@@ -346,7 +347,8 @@ class OffloadedModel(nn.Module):
         self._run_layer(layer, order, kernels, then, on_cpu, lambda expert: x, weighted)
         return total[0]
 
-    def _run_layer(self, layer: int, order: list[int], kernels, then, on_cpu: set[int],
+    def _run_layer(self, layer: int, order: list[int], kernels: Callable[[int, torch.Tensor], None],
+                   then: Callable[[], None] | None, on_cpu: set[int],
                    rows: Callable[[int], torch.Tensor], weighted: Callable[[int, torch.Tensor], None]) -> None:
         """schedule.run_layer, with the CPU experts `on_cpu` (if any) started on the CPU tier: `rows(expert)` are
         its tokens' rows of x [n, H], `weighted(expert, y)` adds its result [n, H] as the device's kernels do."""

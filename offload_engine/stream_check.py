@@ -5,9 +5,9 @@
     assert not recorder.races, recorder.report()
 
 `RecordingStreams` performs every copy at once (so results stay exact on CPU) and logs it with the stream it was
-queued on, as every compute read of a slot and every read of a host slot by the CPU worker (hybrid execution: the
-CPU is a third actor with a clock of its own, `cpu`). Each stand-in stream keeps a vector clock; recording an event captures
-the stream's clock, waiting on one merges it. Two accesses to one buffer conflict when at least one writes; a
+queued on, as every compute read of a slot and every read of a host slot by the CPU worker (hybrid execution:
+the CPU is a third actor with a clock of its own, `cpu`). Each stand-in stream keeps a vector clock; recording an
+event captures the stream's clock, waiting on one merges it. Two accesses to one buffer conflict when at least one writes; a
 conflicting pair is a race unless the earlier one happens-before the later (same stream, or a chain of events).
 Host syncs order nothing here on purpose: on a GPU they would hide a missing event only until timing changes.
 

@@ -23,8 +23,8 @@ from conftest import exact_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_FIELDS = {"lookups", "hits", "misses", "evictions", "prefetch_issued", "prefetch_used", "prefetch_wasted",
-                "guessed", "guessed_correct", "needed_after_guess", "bytes_h2d", "bytes_d2h", "wait_s", "cpu_computed", "cpu_ms", "hit_rate",
-                "prefetch_precision", "prefetch_recall"}
+                "guessed", "guessed_correct", "needed_after_guess", "bytes_h2d", "bytes_d2h", "wait_s", "cpu_computed",
+                "cpu_ms", "hit_rate", "prefetch_precision", "prefetch_recall"}
 
 
 def _decode_with_routing(engine, prompt: list[int], steps: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from conftest import exact_config, make_checkpoint
 N_CONFIGS = 40
 # auto with given costs: a decode's first miss goes to the CPU, the second is copied (see test_hybrid.py), so the
 # same expert is read by the CPU in one call and copied in (its host slot then written back into) in another.
+CPU_MODES = {"off": "off", "always": "always", "mixed": "auto"}  # mixed: auto with MIXED's costs
 MIXED = PlacementCosts(copy_ms=1.0, device_ms=0.1, cpu_ms=((1, 0.5), (8, 4.0)), round_trip_ms=0.2)
 
 
@@ -58,7 +59,7 @@ def run_recorded(checkpoints, config, new_tokens: int = 6):
                                                      policy=config["policy"],
                                                      write_back=config.get("write_back", "always"),
                                                      prefetch_min_precision=config.get("gate", 0.0),
-                                                     cpu_compute={"mixed": "auto"}.get(config.get("cpu"), config.get("cpu", "off"))))
+                                                     cpu_compute=CPU_MODES[config.get("cpu", "off")]))
     if config.get("cpu") == "mixed":
         engine.model.cpu_tier.costs = MIXED
     recorder = attach(engine.cache)
