@@ -206,7 +206,7 @@ def engine_check(r: Report, tmp: Path) -> None:
 
 # ---- 3. conversion on the device ----
 def conversion_check(r: Report, tmp: Path) -> None:
-    from offload_engine.prequantized import quantize_checkpoint
+    from offload_engine import quantize_checkpoint
 
     source, dst = tmp / "exact", tmp / "converted"
     start = time.perf_counter()
@@ -281,7 +281,7 @@ def pinned_check(r: Report) -> dict:
 # ---- 6-8. the speed model: copy streams, syncs, decode ----
 def speed_checks(r: Report, tmp: Path, configs: list[str], new_tokens: int, pcie: dict) -> None:
     from offload_engine.config import ConfigError
-    from offload_engine.prequantized import quantize_checkpoint
+    from offload_engine import quantize_checkpoint
 
     path = tmp / "speed"
     shape = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256) if r.dry_run else \

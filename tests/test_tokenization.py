@@ -111,11 +111,11 @@ def test_server_prompts_equal_mistral_common(mixtral):
     messages = CONVERSATIONS[1]
     with BackgroundServer(create_app(engine, model_name="mixtral")) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-        worker = s.app.state.worker
+        finished = s.app.state.worker.finished  # (prompt ids, KV cache) of the requests served, latest last
         reply = client.chat.completions.create(model="mixtral", messages=messages, max_tokens=3)
-        chat_ids = list(worker.last_prompt)
+        chat_ids = list(finished[-1][0])
         completion = client.completions.create(model="mixtral", prompt=CODE, max_tokens=3)
-        text_ids = list(worker.last_prompt)
+        text_ids = list(finished[-1][0])
     assert chat_ids == reference_chat(reference, messages) and reply.usage.prompt_tokens == len(chat_ids)
     assert text_ids == reference_text(reference, CODE) and completion.usage.prompt_tokens == len(text_ids)
 
