@@ -18,6 +18,7 @@ CPU profile, each CPU's kernel time scaled from this machine's measurement (offl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shlex
@@ -45,6 +46,13 @@ REFERENCE = {"full": 2.09, "lru": 1.57, "naive": 0.66}  # the reference system o
 SETUPS = [("t4", "t4-16gb", "Colab (12.7 GB)"), ("t4", "t4-16gb", "Kaggle T4 VM (29 GB)"),
           ("rtx3060", "12gb", "desktop (32 GB)"), ("rtx3090", "24gb", "desktop (32 GB)")]
 HYBRID_GPUS = ("t4", "rtx3060")  # the RTX 3090 keeps every expert on the device: no misses
+# Hybrid sensitivity, RTX 3060 beside the 8-core desktop: (label, Speeds changes, CpuTier changes, CPU ms factor)
+HYBRID_SENSITIVITY = [("the profiles' inputs", {}, {}, 1.0), ("CPU kernel 1.5x slower", {}, {}, 1.5),
+                      ("CPU kernel 2x slower", {}, {}, 2.0), ("round trip 0.3 ms", {}, dict(round_trip_ms=0.3), 1.0),
+                      ("host hand-over 0.3 ms per layer", {}, dict(call_host_ms=0.3), 1.0),
+                      ("host 1.0 ms/layer", dict(host_ms_per_layer=1.0), {}, 1.0),
+                      ("PCIe gen3 (11.5 GB/s each way)", dict(h2d_gbps=11.5, d2h_gbps=11.5), {}, 1.0),
+                      ("oversubscribed (kernel on every hardware thread)", {}, dict(oversubscribed=True), 1.0)]
 SENSITIVITY = [("T4 inputs", {}), ("PCIe 9 GB/s each way", dict(h2d_gbps=9, d2h_gbps=9)),
                ("PCIe 6 GB/s each way", dict(h2d_gbps=6, d2h_gbps=6)),
                ("both directions share 11.5 GB/s", dict(duplex_gbps=11.5)),
@@ -225,6 +233,25 @@ def hybrid_table(model: Model, args, bar) -> list[str]:
     return lines
 
 
+def hybrid_sensitivity_table(model: Model, args, bar) -> list[str]:
+    cpu = CPUS["desktop8"]
+    gpu_key = args.gpu if model.report is not None else "rtx3060"
+    label, gpu, cfg, k, write_back = model.hybrid_setup(args, gpu_key, cpu.host_ram)
+    lines = [f"| inputs (the rest as {label} beside the {cpu.name}) | copy-only tok/s | auto tok/s | "
+             "auto: CPU experts / token |", "|---|---:|---:|---:|"]
+    for name, speed_changes, tier_changes, slower in HYBRID_SENSITIVITY:
+        speeds = with_speeds(speeds_of(gpu, host_ms_per_layer=cpu.host_ms_per_layer, precision=args.precision),
+                             **speed_changes)
+        tier = cpu_tier(cpu, "auto", model.costs.expert_bytes)
+        tier = dataclasses.replace(tier, expert_ms=tuple((t, ms * slower) for t, ms in tier.expert_ms), **tier_changes)
+        copy_only = modelled(model.traces, model.costs, speeds, cfg, k, write_back, prefetch=0)
+        auto = modelled(model.traces, model.costs, speeds, cfg, k, write_back, prefetch=0, cpu=tier)
+        bar.update(2)
+        lines.append(f"| {name} | {copy_only.tokens_per_s:.2f} | **{auto.tokens_per_s:.2f}** "
+                     f"({auto.tokens_per_s / copy_only.tokens_per_s:.2f}x) | {auto.cpu_per_token:.1f} |")
+    return lines
+
+
 def hybrid_inputs(model: Model) -> list[str]:
     measured = MEASURED_CPU["float16_ms"]
     return [f"CPU kernel measured here (BENCHMARKS §1, bench_kernels.py --sweep, AMD EPYC Zen 4 VM, "
@@ -308,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     n_setups = len(model.setups(args))
     work = 3 * n_setups + (len(SENSITIVITY) * (4 + 8 * args.break_even) + 1 + 2 * len(PRECISIONS)) * args.sensitivity
     work += 2 * len(args.batch or []) + 3 * len(CPUS) * (1 if model.report else len(HYBRID_GPUS)) * args.hybrid
+    work += 2 * len(HYBRID_SENSITIVITY) * args.hybrid
     with tqdm(total=work, desc="replays", file=sys.stderr, disable=None) as bar:
         body = ["Per setup: modelled (timed replay of the engine's cache); a GPU's inputs are in its line above.",
                 "", *main_table(model, args, bar)]
@@ -318,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.hybrid:
             body += ["", "Hybrid execution (issue 23): copy-only against `offload.cpu_compute: auto` and `always`, "
                      "modelled (timed replay of the engine's cache with a CPU timeline); no prefetch; each row at its "
-                     "CPU's host ms per layer; (x) = over copy-only on the same row:", "", *hybrid_table(model, args, bar)]
+                     "CPU's host ms per layer; (x) = over copy-only on the same row:", "", *hybrid_table(model, args, bar),
+                     "", "Hybrid sensitivity (`auto`, no prefetch):", "", *hybrid_sensitivity_table(model, args, bar)]
         if args.batch:
             body += ["", "Batches of B sequences on the real routing (the traces cut into B runs, stepped together; "
                      "no prefetch):", "", *batch_table(model, args, bar)]
