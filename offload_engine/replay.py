@@ -191,7 +191,7 @@ def placement_costs(costs: ModelCosts, speeds: Speeds, cpu: CpuTier) -> Placemen
     """What the engine's calibration at load would find on the replay's machine."""
     return PlacementCosts(copy_ms=1e3 * costs.expert_bytes / (speeds.h2d_gbps * GB),
                           device_ms=1e3 * costs.expert_kernel_bytes / (speeds.kernel_gbps * GB),
-                          cpu_ms=cpu.expert_ms, round_trip_ms=cpu.round_trip_ms)
+                          cpu_ms=cpu.expert_ms, round_trip_ms=cpu.round_trip_ms, join_ms=speeds.host_ms_per_layer)
 
 
 def _expert_kernel_s(costs: ModelCosts, speeds: Speeds, tokens: int) -> float:

@@ -161,17 +161,19 @@ def test_a_miss_the_cpu_computes_costs_its_kernel_and_round_trip_not_the_copy():
     off = one_layer(None)
     assert off.seconds == pytest.approx((0.5 + 1.0 + 0.1) * 1e-3)  # host, copy of expert 3, its kernels
     assert off.copies_per_token == 1 and off.stats["cpu_computed"] == 0
-    tier = CpuTier(expert_ms=((1, 0.6), (2, 0.9)), round_trip_ms=0.05, call_host_ms=0.02, mode="auto")
+    tier = CpuTier(expert_ms=((1, 0.2), (2, 0.3)), round_trip_ms=0.05, call_host_ms=0.02, mode="auto")
     hybrid = one_layer(tier)
     assert hybrid.stats["cpu_computed"] == 1 and hybrid.copies_per_token == 0 and hybrid.stats["misses"] == 0
-    # host 0.5, then the CPU (0.6 + a 0.05 round trip) beside expert 0's 0.1 ms on the device: the CPU ends last
-    assert hybrid.seconds == pytest.approx((0.5 + 0.6 + 0.05) * 1e-3)
-    assert hybrid.busy_s["cpu"] == pytest.approx(0.65e-3) and hybrid.busy_s["h2d"] == 0
-    assert hybrid.critical_s["cpu"] == pytest.approx(0.65e-3)
+    # host 0.5, then the CPU (0.2 + a 0.05 round trip) beside expert 0's 0.1 ms on the device: the CPU ends last
+    assert hybrid.seconds == pytest.approx((0.5 + 0.2 + 0.05) * 1e-3)
+    assert hybrid.busy_s["cpu"] == pytest.approx(0.25e-3) and hybrid.busy_s["h2d"] == 0
+    assert hybrid.critical_s["cpu"] == pytest.approx(0.25e-3)
     assert sum(hybrid.critical_s.values()) == pytest.approx(hybrid.seconds)
     # Oversubscribed (the kernel takes every core): the host's 0.02 ms hand-over preempts a kernel thread.
-    crowded = one_layer(CpuTier(expert_ms=((1, 0.6),), round_trip_ms=0.05, call_host_ms=0.02, oversubscribed=True))
-    assert crowded.seconds == pytest.approx((0.5 + 0.6 + 0.05 + 0.02) * 1e-3)
+    crowded = one_layer(CpuTier(expert_ms=((1, 0.2),), round_trip_ms=0.05, call_host_ms=0.02, oversubscribed=True))
+    assert crowded.seconds == pytest.approx((0.5 + 0.2 + 0.05 + 0.02) * 1e-3)
+    # Faster than the copy path (1.1 ms) but not once the host's 0.5 ms join is counted: auto copies.
+    assert one_layer(CpuTier(expert_ms=((1, 0.6),), round_trip_ms=0.05, call_host_ms=0.02)).seconds == off.seconds
     # A CPU slower than the copy and its kernels: auto copies, as off does; always pays the CPU.
     slow = CpuTier(expert_ms=((1, 1.5),), round_trip_ms=0.05, call_host_ms=0.02, mode="auto")
     assert one_layer(slow).seconds == off.seconds
