@@ -4,6 +4,12 @@ CPU tier (issue 23): a miss computed on the CPU, timed by hand, `off` as copy-on
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -230,3 +236,29 @@ def test_cpu_profiles_scale_the_measured_kernel():
     assert CPUS["desktop8"].expert_ms(33_202_200)[0][1] == pytest.approx(desktop[0][1] / 2)
     with pytest.raises(ValueError, match="cpu_compute"):
         CpuTier(((1, 1.0),), mode="sometimes")
+
+
+def test_throughput_model_hybrid_runs_as_a_user_runs_it(tmp_path):
+    """`python scripts/throughput_model.py TRACE --hybrid` in a plain copy of the scripts (no ../shared)."""
+    repo = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "work" / "clone"
+    ignore = shutil.ignore_patterns("__pycache__", "demo", "*.so")
+    for part in ("offload_engine", "scripts"):
+        shutil.copytree(repo / part, clone / part, ignore=ignore)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mine.npz", mine_p0_experts=np.stack(
+        [[rng.choice(8, 2, replace=False) for _ in range(32)] for _ in range(10)]))  # [10, 32, 2]
+    done = subprocess.run([sys.executable, str(clone / "scripts" / "throughput_model.py"), str(tmp_path / "mine.npz"),
+                           "--hybrid"], capture_output=True, text=True, cwd=clone, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(clone)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for fragment in ("modelled (timed replay of the engine's cache with a CPU timeline)", "CPU kernel measured here",
+                     "float16", "round trip 0.1 ms", "Hybrid sensitivity", "PCIe gen3"):
+        assert fragment in out, fragment
+    hybrid = [r for r in (line.split(" | ") for line in out.splitlines() if line.startswith(("| Tesla", "| RTX")))
+              if len(r) == 11]
+    assert len(hybrid) == 2 * len(CPUS)
+    for row in hybrid:  # copy-only <= auto, each with the CPU's own host ms and a CPU ms per expert
+        copy_only, auto = float(row[7]), float(row[8].strip("*").split()[0])
+        assert auto >= copy_only, row
