@@ -89,13 +89,6 @@ class CpuTier:
         if self.mode not in CPU_COMPUTE_CHOICES:
             raise ValueError(f"cpu_compute must be one of {', '.join(CPU_COMPUTE_CHOICES)}, got {self.mode!r}")
 
-    def label(self) -> str:
-        ms = ", ".join(f"{ms:.2f}" for _, ms in self.expert_ms)
-        tokens = "/".join(str(t) for t, _ in self.expert_ms)
-        return (f"cpu_compute {self.mode}: CPU {ms} ms per expert at {tokens} tokens, round trip "
-                f"{self.round_trip_ms:g} ms, host hand-over {self.call_host_ms:g} ms per layer"
-                + (", oversubscribed" if self.oversubscribed else ""))
-
 
 class HybridStreams(TimedStreams):
     """TimedStreams with a fourth timeline, "cpu": the worker thread running CPU experts (ops in seconds)."""
@@ -239,6 +232,7 @@ def replay_engine(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: S
                 streams.kernel(_expert_kernel_s(costs, speeds, counts[expert]), f"expert {layer}.{expert}")
 
             on_cpu = hybrid.start(layer, order, counts) if hybrid else None
+            # Only the device's experts go through run_layer (so the prefetch gate scores guesses against them).
             run_layer(cache, layer, [e for e in order if not on_cpu or e not in on_cpu], kernels, then)
             if on_cpu:
                 hybrid.join()
