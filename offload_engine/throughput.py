@@ -106,17 +106,21 @@ class CPU:
 # cores taken at ~3.5 GHz under load. The host's ms per layer goes with single-thread speed.
 CPUS: dict[str, CPU] = {
     "colab": CPU("Colab, 2 vCPUs (Xeon @ 2.2 GHz, AVX2)", "avx2", 1.0, 2.2 / 3.5, 12.0, 1.0, True,
-                 "Colab (12.7 GB)", "lscpu on Colab: 1 core x 2 threads, Intel Xeon @ 2.20 GHz (Broadwell: AVX2, no AVX-512); kernel "
-                 "on 2 hyperthreads = 1 core at 0.63x this VM's; ~12 GB/s one core's read bandwidth (assumed); host "
+                 "Colab (12.7 GB)",
+                 "lscpu on Colab: 1 core x 2 threads, Intel Xeon @ 2.20 GHz (Broadwell: AVX2, no AVX-512); kernel on "
+                 "2 hyperthreads = 1 core at 0.63x this VM's; ~12 GB/s one core's read bandwidth (assumed); host "
                  "1.0 ms/layer (issue 20: 1-1.5 ms likely)"),
     "desktop8": CPU("8-core DDR4 desktop (Ryzen 7 5800X class, AVX2)", "avx2", 8.0, 4.4 / 3.5, 40.0, 0.4, False,
-                    "desktop (32 GB)", "8 cores at ~4.4 GHz all-core, AVX2; DDR4-3200 dual channel 51.2 GB/s peak -> 40 GB/s read; "
-                    "16 hardware threads leave the host thread its own; host 0.4 ms/layer (~4.7 GHz single thread)"),
+                    "desktop (32 GB)",
+                    "8 cores at ~4.4 GHz all-core, AVX2; DDR4-3200 dual channel 51.2 GB/s peak -> 40 GB/s read; 16 "
+                    "hardware threads leave the host thread its own; host 0.4 ms/layer (~4.7 GHz single thread)"),
     "ddr5-16": CPU("16-core DDR5 desktop (Ryzen 9 7950X class, AVX-512)", "avx512", 16.0, 5.0 / 3.5, 64.0, 0.3,
-                   False, "desktop (32 GB)", "16 Zen 4 cores at ~5 GHz all-core, AVX-512; DDR5-5600 dual channel 89.6 GB/s peak -> "
-                   "~64 GB/s read (Zen 4's fabric caps reads); host 0.3 ms/layer (~5.7 GHz single thread)"),
+                   False, "desktop (32 GB)",
+                   "16 Zen 4 cores at ~5 GHz all-core, AVX-512; DDR5-5600 dual channel 89.6 GB/s peak -> ~64 GB/s "
+                   "read (Zen 4's fabric caps reads); host 0.3 ms/layer (~5.7 GHz single thread)"),
     "colab-fast": CPU("Colab's 2 vCPUs at this VM's speed (upper bound)", "avx2", 2.0, 1.0, 31.0, 1.0, True,
-                      "Colab (12.7 GB)", "as if Colab's 2 vCPUs were this VM's 2 Zen 4 cores (AVX2 build, 6.9 ms per expert): the CPU "
+                      "Colab (12.7 GB)",
+                      "as if Colab's 2 vCPUs were this VM's 2 Zen 4 cores (AVX2 build, 6.9 ms per expert): the CPU "
                       "on par with a T4's copy, where placement could lose; host 1.0 ms/layer"),
 }
 # A CPU tier's remaining inputs (assumed; the engine calibrates them at load): a layer's CPU rows of x device->host

@@ -176,8 +176,8 @@ def main() -> None:
                 token += 1
         stats = engine.stats()["overall"]
         print(f"| {args.config} | {cfg.dtype} | {engine.kernels.name} | {engine.cache.k} | {prefetch} "
-              f"{'(oracle)' if prefetch else ''} | {cpu_compute} | {token / seconds:.2f} | {100 * stats['hit_rate']:.1f} % | "
-              f"{stats['bytes_h2d'] / token / 1e6:.0f} |")
+              f"{'(oracle)' if prefetch else ''} | {cpu_compute} | {token / seconds:.2f} | "
+              f"{100 * stats['hit_rate']:.1f} % | {stats['bytes_h2d'] / token / 1e6:.0f} |")
         engine.close()  # waits for the cache's copies, frees its slots and unlocks its host memory
         del engine
         if device.type == "cuda":

@@ -46,13 +46,18 @@ REFERENCE = {"full": 2.09, "lru": 1.57, "naive": 0.66}  # the reference system o
 SETUPS = [("t4", "t4-16gb", "Colab (12.7 GB)"), ("t4", "t4-16gb", "Kaggle T4 VM (29 GB)"),
           ("rtx3060", "12gb", "desktop (32 GB)"), ("rtx3090", "24gb", "desktop (32 GB)")]
 HYBRID_GPUS = ("t4", "rtx3060")  # the RTX 3090 keeps every expert on the device: no misses
-# Hybrid sensitivity, RTX 3060 beside the 8-core desktop: (label, Speeds changes, CpuTier changes, CPU ms factor)
-HYBRID_SENSITIVITY = [("the profiles' inputs", {}, {}, 1.0), ("CPU kernel 1.5x slower", {}, {}, 1.5),
-                      ("CPU kernel 2x slower", {}, {}, 2.0), ("round trip 0.3 ms", {}, dict(round_trip_ms=0.3), 1.0),
-                      ("host hand-over 0.3 ms per layer", {}, dict(call_host_ms=0.3), 1.0),
-                      ("host 1.0 ms/layer", dict(host_ms_per_layer=1.0), {}, 1.0),
-                      ("PCIe gen3 (11.5 GB/s each way)", dict(h2d_gbps=11.5, d2h_gbps=11.5), {}, 1.0),
-                      ("oversubscribed (kernel on every hardware thread)", {}, dict(oversubscribed=True), 1.0)]
+# Hybrid sensitivity, RTX 3060 beside the 8-core desktop: (label, Speeds changes, CpuTier changes, CPU ms factor,
+# replay options: no prefetch and batch 1 unless said)
+HYBRID_SENSITIVITY = [("the profiles' inputs", {}, {}, 1.0, {}), ("CPU kernel 1.5x slower", {}, {}, 1.5, {}),
+                      ("CPU kernel 2x slower", {}, {}, 2.0, {}),
+                      ("round trip 0.3 ms", {}, dict(round_trip_ms=0.3), 1.0, {}),
+                      ("host hand-over 0.3 ms per layer", {}, dict(call_host_ms=0.3), 1.0, {}),
+                      ("host 1.0 ms/layer", dict(host_ms_per_layer=1.0), {}, 1.0, {}),
+                      ("PCIe gen3 (11.5 GB/s each way)", dict(h2d_gbps=11.5, d2h_gbps=11.5), {}, 1.0, {}),
+                      ("the config's prefetch and gate (guesses right --precision of the time)", {}, {}, 1.0,
+                       dict(prefetch=None)),
+                      ("batches of 4 sequences (aggregate tok/s)", {}, {}, 1.0, dict(batch=4)),
+                      ("oversubscribed (kernel on every hardware thread)", {}, dict(oversubscribed=True), 1.0, {})]
 SENSITIVITY = [("T4 inputs", {}), ("PCIe 9 GB/s each way", dict(h2d_gbps=9, d2h_gbps=9)),
                ("PCIe 6 GB/s each way", dict(h2d_gbps=6, d2h_gbps=6)),
                ("both directions share 11.5 GB/s", dict(duplex_gbps=11.5)),
@@ -239,13 +244,17 @@ def hybrid_sensitivity_table(model: Model, args, bar) -> list[str]:
     label, gpu, cfg, k, write_back = model.hybrid_setup(args, gpu_key, cpu.host_ram)
     lines = [f"| inputs (the rest as {label} beside the {cpu.name}) | copy-only tok/s | auto tok/s | "
              "auto: CPU experts / token |", "|---|---:|---:|---:|"]
-    for name, speed_changes, tier_changes, slower in HYBRID_SENSITIVITY:
+    for name, speed_changes, tier_changes, slower, options in HYBRID_SENSITIVITY:
+        options = {"prefetch": 0, **options}
+        if options.get("batch", 1) > model.tokens:  # fewer traced tokens than the batch's sequences
+            bar.update(2)
+            continue
         speeds = with_speeds(speeds_of(gpu, host_ms_per_layer=cpu.host_ms_per_layer, precision=args.precision),
                              **speed_changes)
         tier = cpu_tier(cpu, "auto", model.costs.expert_bytes)
         tier = dataclasses.replace(tier, expert_ms=tuple((t, ms * slower) for t, ms in tier.expert_ms), **tier_changes)
-        copy_only = modelled(model.traces, model.costs, speeds, cfg, k, write_back, prefetch=0)
-        auto = modelled(model.traces, model.costs, speeds, cfg, k, write_back, prefetch=0, cpu=tier)
+        copy_only = modelled(model.traces, model.costs, speeds, cfg, k, write_back, **options)
+        auto = modelled(model.traces, model.costs, speeds, cfg, k, write_back, cpu=tier, **options)
         bar.update(2)
         lines.append(f"| {name} | {copy_only.tokens_per_s:.2f} | **{auto.tokens_per_s:.2f}** "
                      f"({auto.tokens_per_s / copy_only.tokens_per_s:.2f}x) | {auto.cpu_per_token:.1f} |")
@@ -346,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.hybrid:
             body += ["", "Hybrid execution (issue 23): copy-only against `offload.cpu_compute: auto` and `always`, "
                      "modelled (timed replay of the engine's cache with a CPU timeline); no prefetch; each row at its "
-                     "CPU's host ms per layer; (x) = over copy-only on the same row:", "", *hybrid_table(model, args, bar),
-                     "", "Hybrid sensitivity (`auto`, no prefetch):", "", *hybrid_sensitivity_table(model, args, bar)]
+                     "CPU's host ms per layer; (x) = over copy-only on the same row:", "",
+                     *hybrid_table(model, args, bar), "", "Hybrid sensitivity (`auto`; no prefetch and batch 1 unless "
+                     "said):", "", *hybrid_sensitivity_table(model, args, bar)]
         if args.batch:
             body += ["", "Batches of B sequences on the real routing (the traces cut into B runs, stepped together; "
                      "no prefetch):", "", *batch_table(model, args, bar)]
