@@ -48,8 +48,11 @@ SETUPS = [("t4", "t4-16gb", "Colab (12.7 GB)"), ("t4", "t4-16gb", "Kaggle T4 VM 
 HYBRID_GPUS = ("t4", "rtx3060")  # the RTX 3090 keeps every expert on the device: no misses
 # Hybrid sensitivity, RTX 3060 beside the 8-core desktop: (label, Speeds changes, CpuTier changes, CPU ms factor,
 # replay options: no prefetch and batch 1 unless said)
-HYBRID_SENSITIVITY = [("the profiles' inputs", {}, {}, 1.0, {}), ("CPU kernel 1.5x slower", {}, {}, 1.5, {}),
+HYBRID_SENSITIVITY = [("the profiles' inputs", {}, {}, 1.0, {}), ("CPU kernel 1.2x slower", {}, {}, 1.2, {}),
+                      ("CPU kernel 1.35x slower", {}, {}, 1.35, {}), ("CPU kernel 1.5x slower", {}, {}, 1.5, {}),
                       ("CPU kernel 2x slower", {}, {}, 2.0, {}),
+                      ("a T4 (PCIe gen3) instead, CPU kernel 2.5x slower", {}, {}, 2.5, dict(gpu="t4")),
+                      ("a T4 (PCIe gen3) instead, CPU kernel 3x slower", {}, {}, 3.0, dict(gpu="t4")),
                       ("round trip 0.3 ms", {}, dict(round_trip_ms=0.3), 1.0, {}),
                       ("host hand-over 0.3 ms per layer", {}, dict(call_host_ms=0.3), 1.0, {}),
                       ("host 1.0 ms/layer", dict(host_ms_per_layer=1.0), {}, 1.0, {}),
@@ -241,11 +244,15 @@ def hybrid_table(model: Model, args, bar) -> list[str]:
 def hybrid_sensitivity_table(model: Model, args, bar) -> list[str]:
     cpu = CPUS["desktop8"]
     gpu_key = args.gpu if model.report is not None else "rtx3060"
-    label, gpu, cfg, k, write_back = model.hybrid_setup(args, gpu_key, cpu.host_ram)
+    label = model.hybrid_setup(args, gpu_key, cpu.host_ram)[0]
     lines = [f"| inputs (the rest as {label} beside the {cpu.name}) | copy-only tok/s | auto tok/s | "
              "auto: CPU experts / token |", "|---|---:|---:|---:|"]
     for name, speed_changes, tier_changes, slower, options in HYBRID_SENSITIVITY:
         options = {"prefetch": 0, **options}
+        if "gpu" in options and model.report is not None:  # a report's model runs on --gpu only
+            bar.update(2)
+            continue
+        _, gpu, cfg, k, write_back = model.hybrid_setup(args, options.pop("gpu", gpu_key), cpu.host_ram)
         if options.get("batch", 1) > model.tokens:  # fewer traced tokens than the batch's sequences
             bar.update(2)
             continue
