@@ -22,6 +22,7 @@
 //  * bfloat16 dot products (cpu_kernel_bf16.h; AVX512-BF16 CPUs, bfloat16 activations, 1- and 2-bit codes): the
 //    reference's own bfloat16 weights from a per-group table, times x as it comes, accumulated in fp32.
 // Prefill instead dequantizes the whole matrix (dequantize below) for BLAS.
+#include <cstdlib>
 #include <vector>
 
 #include "cpu_kernel_common.h"
@@ -68,9 +69,8 @@ static void scales_and_zeros(const Meta& m, int64_t first, int count, float* s, 
     }
 }
 
-// sum_j a[j] * b[j] for j < count, in vectors.
-static float dot_floats(const float* a, const float* b, int count) {
-    vfloat acc = {};
+// sum_j a[j] * b[j] for j < count, in vectors, plus the lanes of acc.
+static float dot_floats(const float* a, const float* b, int count, vfloat acc = vfloat{}) {
     int j = 0;
     for (; j + LANES <= count; j += LANES) acc += load_floats(a + j) * load_floats(b + j);
     float total = horizontal_sum(acc);
@@ -111,7 +111,7 @@ static void dot_run(const WORD* words, int groups, const int* shifts, const floa
     }
     for (int r = 0; r < P; r++)
         for (int t = 0; t < T; t++)
-            out[r * T + t] += horizontal_sum(acc[r][t]) + dot_floats(z[r], x_sums + t * sums_stride, groups);
+            out[r * T + t] += dot_floats(z[r], x_sums + t * sums_stride, groups, acc[r][t]);
 }
 
 // dot_run for `tokens` tokens (out[r * tokens + t]), in blocks of TOKEN_BLOCK over the same run.
@@ -208,6 +208,15 @@ static void gemv_fp32(const Matrix& m, const float* x, int tokens, void* y, int 
 }
 
 #include "cpu_kernel_bf16.h"
+#include "cpu_kernel_groups.h"
+
+// y [T, N] (compute dtype) = x [T, K] (fp32) @ W.T, on the fastest fp32 path this build has for the matrix.
+static void gemv_float(const Matrix& m, const float* x, int tokens, void* y, int threads) {
+    if (group_lanes_run(m) && !getenv("NO_GROUPS"))
+        gemv_groups(m, x, tokens, y, threads);
+    else
+        gemv_fp32(m, x, tokens, y, threads);
+}
 
 // Stores v, already a value of dtype DT, as DT at out[at].
 template <int DT>
@@ -275,12 +284,12 @@ void gemv(const uint8_t* base, const int64_t* offsets, const int64_t* shape, con
         return;
     }
     if (m.meta.dtype == FLOAT32) {
-        gemv_fp32(m, (const float*)x, tokens, y, threads);
+        gemv_float(m, (const float*)x, tokens, y, threads);
         return;
     }
     const AlignedFloats x32(tokens * m.k);  // converted once per call
     to_float(x, m.meta.dtype, tokens * m.k, x32.data);
-    gemv_fp32(m, x32.data, tokens, y, threads);
+    gemv_float(m, x32.data, tokens, y, threads);
 }
 
 // 1 when gemv multiplies a matrix of this `shape` with bfloat16 dot products, 0 when in fp32.
