@@ -175,8 +175,8 @@ def sweep(repeats: int, device: torch.device) -> None:
         kernels = CPUKernels()
         expert = ExpertLayout.build(4096, 14336, QuantSpec(2, 16), dtype)
         buffer = random_buffer(expert.nbytes, list(expert.matrices.values()), device)
-        multiply = kernels.multiplies_in(expert.matrices["w1"])
         for tokens in (1, 2, 3, 4):
+            multiply = kernels.multiplies_in(expert.matrices["w1"], tokens)
             x = torch.randn(tokens, 4096, dtype=dtype)
             ms, best = median_ms(lambda: expert_forward(expert, buffer, x, kernels), repeats)
             float32_ms.setdefault(tokens, ms)

@@ -12,17 +12,20 @@
 // reads its own (at most two) runs of word rows: correct, just PACK times the traffic.
 //
 // The GEMV takes x and writes y in the compute dtype, all tokens of a call at once: each block of rows is read
-// from memory once and stays in L1 while every token block runs over it. Two ways to multiply:
+// from memory once and stays in L1 while every token block runs over it. Three ways to multiply:
 //  * fp32 (every machine and dtype): x converted to fp32 once per call; per group the weights are dequantized
 //    in registers, w = (q - z) * s in fp32 (an FMA on the code masked in place, see fma_form), and multiplied
-//    into per-row vector accumulators summed once per row: per vector of weights a mask, a convert, an FMA,
-//    and one FMA per token. Scales and zeros are rebuilt as quantize.dequantize does (fp32 arithmetic, rounded
-//    through the compute dtype), a block of rows at a time. (A horizontal sum per group, which the group-sum
-//    identity written in torch compiles to, was ~5x slower.)
-//  * bfloat16 dot products (cpu_kernel_bf16.h; AVX512-BF16 CPUs, bfloat16 activations, 1- and 2-bit codes): the
-//    reference's own bfloat16 weights from a per-group table, times x as it comes, accumulated in fp32.
+//    into per-row vector accumulators summed once per row: per vector of weights a mask, a convert, a multiply
+//    by the scale, and one FMA per token. Scales and zeros are rebuilt as quantize.dequantize does (fp32
+//    arithmetic, rounded through the compute dtype), a block of rows at a time. (A horizontal sum per group,
+//    which the group-sum identity written in torch compiles to, was ~5x slower.)
+//  * fp32 with one group per lane (cpu_kernel_groups.h; AVX-512 with VBMI, byte codes in groups of 16, e.g.
+//    Mixtral's 2-bit g16 experts): the same arithmetic with the scale multiply moved out of the inner loop, once
+//    per 16 groups (the group-sum identity, vectorised across groups instead of summed within one).
+//  * bfloat16 dot products (cpu_kernel_bf16.h; AVX512-BF16 CPUs, bfloat16 activations, 1- and 2-bit codes, 2
+//    tokens or more): the reference's own bfloat16 weights from a per-group table, times x as it comes,
+//    accumulated in fp32.
 // Prefill instead dequantizes the whole matrix (dequantize below) for BLAS.
-#include <cstdlib>
 #include <vector>
 
 #include "cpu_kernel_common.h"
@@ -212,7 +215,7 @@ static void gemv_fp32(const Matrix& m, const float* x, int tokens, void* y, int 
 
 // y [T, N] (compute dtype) = x [T, K] (fp32) @ W.T, on the fastest fp32 path this build has for the matrix.
 static void gemv_float(const Matrix& m, const float* x, int tokens, void* y, int threads) {
-    if (group_lanes_run(m) && !getenv("NO_GROUPS"))
+    if (group_lanes_run(m))
         gemv_groups(m, x, tokens, y, threads);
     else
         gemv_fp32(m, x, tokens, y, threads);
@@ -279,7 +282,7 @@ extern "C" {
 void gemv(const uint8_t* base, const int64_t* offsets, const int64_t* shape, const void* x, int tokens, void* y,
           int threads, int fp32_only) {
     const Matrix m = matrix_at(base, offsets, shape);
-    if (!fp32_only && bf16_dot_runs(m)) {
+    if (!fp32_only && bf16_dot_runs(m, tokens)) {
         gemv_bf16(m, (const uint16_t*)x, tokens, (uint16_t*)y, threads);
         return;
     }
@@ -292,10 +295,10 @@ void gemv(const uint8_t* base, const int64_t* offsets, const int64_t* shape, con
     gemv_float(m, x32.data, tokens, y, threads);
 }
 
-// 1 when gemv multiplies a matrix of this `shape` with bfloat16 dot products, 0 when in fp32.
-int bf16_dot(const int64_t* shape) {
+// 1 when gemv multiplies a matrix of this `shape` at `tokens` tokens with bfloat16 dot products, 0 when in fp32.
+int bf16_dot(const int64_t* shape, int tokens) {
     const int64_t no_segments[7] = {-1, -1, -1, -1, -1, -1, -1};
-    return bf16_dot_runs(matrix_at(nullptr, no_segments, shape));
+    return bf16_dot_runs(matrix_at(nullptr, no_segments, shape), tokens);
 }
 
 // The full matrix W [N, K] in the compute dtype (`dtype`), as hqq's dequantize builds it there.
