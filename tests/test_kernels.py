@@ -79,19 +79,21 @@ def test_cpu_kernels_at_two_to_four_tokens_with_groups_of_16_in_every_dtype(bits
             assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)
 
 
-def test_bfloat16_runs_on_dot_products_from_two_tokens():
-    layout = layout_for((64, 256), 2, 16, True, torch.bfloat16)
+def test_bfloat16_multiplies_with_dot_products_where_the_cpu_has_them():
     kernels = shared_cpu_kernels()
-    if kernels.multiplies_in(layout, tokens=2) != "bfloat16 dot products":
+    groups_of_16 = layout_for((64, 256), 2, 16, True, torch.bfloat16)
+    groups_of_32 = layout_for((64, 256), 2, 32, True, torch.bfloat16)
+    if kernels.multiplies_in(groups_of_32) == "fp32":
         pytest.skip("this CPU has no AVX512-BF16: bfloat16 runs on the fp32 path")
-    assert kernels.multiplies_in(layout, tokens=1) == "fp32"  # the tables cost more than they save at one token
-    assert kernels.multiplies_in(layout, tokens=GEMV_MAX_TOKENS) == "bfloat16 dot products"
-    assert kernels.multiplies_in(layout, tokens=GEMV_MAX_TOKENS + 1) == "fp32"  # dequantize + BLAS
-    assert cpu_kernels.CPUKernels(fp32_only=True).multiplies_in(layout, tokens=2) == "fp32"
+    assert kernels.multiplies_in(groups_of_32) == "bfloat16 dot products on the reference's weights"
+    assert kernels.multiplies_in(groups_of_16, tokens=GEMV_MAX_TOKENS) in (
+        "bfloat16 dot products on the codes", "bfloat16 dot products on the reference's weights")  # VBMI or not
+    assert kernels.multiplies_in(groups_of_16, tokens=GEMV_MAX_TOKENS + 1) == "fp32"  # dequantize + BLAS
+    assert cpu_kernels.CPUKernels(fp32_only=True).multiplies_in(groups_of_16) == "fp32"
 
 
-@pytest.mark.parametrize("bits,group_size,quant_meta,groups", [(2, 16, True, 8), (2, 16, True, 300), (1, 32, True, 8),
-                                                               (2, 64, False, 8)])
+@pytest.mark.parametrize("bits,group_size,quant_meta,groups", [(2, 16, True, 8), (2, 16, True, 300), (2, 32, True, 300),
+                                                               (1, 32, True, 8), (2, 64, False, 8)])
 def test_bfloat16_dot_products_use_the_references_own_weights(bits, group_size, quant_meta, groups):
     """In bfloat16 the reference multiplies bfloat16 weights by bfloat16 x, summing in fp32; the dot-product path
     looks those very weights up in its tables, so its fp32 sums round to the exactly rounded product almost
@@ -101,12 +103,11 @@ def test_bfloat16_dot_products_use_the_references_own_weights(bits, group_size, 
     # 300 groups per row: tabled 128 at a time (128, 128, 44), and several scale ranges per row
     layout = layout_for((256, groups * group_size), bits, group_size, quant_meta, torch.bfloat16)
     kernels = shared_cpu_kernels()
-    if kernels.multiplies_in(layout, tokens=2) != "bfloat16 dot products":
-        pytest.skip("this CPU has no AVX512-BF16: bfloat16 runs on the fp32 path (tested above)")
+    if kernels.multiplies_in(layout) != "bfloat16 dot products on the reference's weights":
+        pytest.skip(f"this CPU multiplies these groups in {kernels.multiplies_in(layout)} (tested above)")
     buffer = random_packed(layout, seed=bits)
     weight = dequantize(layout, layout.views(buffer))  # [N, K] bfloat16: the reference's weights
-    for tokens in (2, 3, 4, 7):  # one token runs on the fp32 path (faster there; tested above)
-        assert kernels.multiplies_in(layout, tokens) == "bfloat16 dot products"
+    for tokens in (1, 4, 7):
         x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens)).bfloat16()
         got = kernels.linear(x, layout, buffer)
         exact = (x.double() @ weight.double().T).bfloat16()  # the true sum of the same products, rounded once

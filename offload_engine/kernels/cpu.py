@@ -4,9 +4,9 @@ Decode (at most `GEMV_MAX_TOKENS` tokens): a GEMV that takes x and returns y in 
 packed byte once for all of a call's tokens and accumulates in fp32, OpenMP over output rows. It multiplies
 either in fp32 (x converted once per call; weights dequantized in registers, w = (q - z) * s, the reference's
 formula; on AVX-512 CPUs with VBMI, 16-wide groups of byte codes run one group per vector lane, so the scale
-multiply leaves the inner loop) or, for bfloat16 activations with 1- or 2-bit codes at 2 tokens or more on a CPU
-with AVX512-BF16, with bfloat16 dot products on the reference's own bfloat16 weights (`CPUKernels.multiplies_in`
-says which). Prefill: a one-pass dequantize into the full matrix in the compute dtype, bit for bit what the
+multiply leaves the inner loop) or, for bfloat16 activations on a CPU with AVX512-BF16, with bfloat16 dot products
+(on the codes, a group per lane, or on the reference's own bfloat16 weights; `CPUKernels.multiplies_in` says
+which). Prefill: a one-pass dequantize into the full matrix in the compute dtype, bit for bit what the
 reference builds, then BLAS.
 
 Why hand-written rather than `torch.compile`: inductor's loop for the group-sum formulation ends every group of
@@ -176,7 +176,7 @@ def _library(bits: int, group_size: int) -> ctypes.CDLL:
     # base, offsets, shape, x, T, y, threads, fp32_only
     lib.gemv.argtypes = [pointer, pointer, pointer, pointer, i32, pointer, i32, i32]
     lib.gemv.restype = None
-    lib.bf16_dot.argtypes = [pointer, i32]  # shape, tokens
+    lib.bf16_dot.argtypes = [pointer]  # shape
     lib.bf16_dot.restype = i32
     lib.dequantize.argtypes = [pointer, pointer, pointer, pointer, i32]  # base, offsets, shape, out, threads
     lib.dequantize.restype = None
@@ -277,13 +277,14 @@ class CPUKernels:
         return y
 
     def multiplies_in(self, layout: MatrixLayout, tokens: int = 1) -> str:
-        """How the decode GEMV multiplies `layout` at `tokens` tokens on this CPU: "bfloat16 dot products"
-        (AVX512-BF16, bfloat16 activations, 1- or 2-bit codes, 2 tokens or more: the reference's own bfloat16
-        weights) or "fp32" (x converted once)."""
+        """How the decode GEMV multiplies `layout` at `tokens` tokens on this CPU (bfloat16 activations on a CPU
+        with AVX512-BF16 only, else "fp32", x converted once): "bfloat16 dot products on the codes" (groups of 16,
+        1-4-bit codes, AVX-512 VBMI: exact products of codes and x, scales applied per group in fp32) or
+        "bfloat16 dot products on the reference's weights" (1- or 2-bit codes: its bfloat16 weights, tabled)."""
         plan = _plan(layout)
-        if not self.fp32_only and tokens <= GEMV_MAX_TOKENS and plan.lib.bf16_dot(plan.shape, tokens):
-            return "bfloat16 dot products"
-        return "fp32"
+        how = 0 if self.fp32_only or tokens > GEMV_MAX_TOKENS else plan.lib.bf16_dot(plan.shape)
+        return {0: "fp32", 1: "bfloat16 dot products on the reference's weights",
+                2: "bfloat16 dot products on the codes"}[how]
 
     def warm_up(self, layout: MatrixLayout, device: torch.device) -> None:
         """Build (or load from the disk cache) the library `layout` needs, so the first reply does not wait."""

@@ -22,9 +22,10 @@
 //  * fp32 with one group per lane (cpu_kernel_groups.h; AVX-512 with VBMI, byte codes in groups of 16, e.g.
 //    Mixtral's 2-bit g16 experts): the same arithmetic with the scale multiply moved out of the inner loop, once
 //    per 16 groups (the group-sum identity, vectorised across groups instead of summed within one).
-//  * bfloat16 dot products (cpu_kernel_bf16.h; AVX512-BF16 CPUs, bfloat16 activations, 1- and 2-bit codes, 2
-//    tokens or more): the reference's own bfloat16 weights from a per-group table, times x as it comes,
-//    accumulated in fp32.
+//  * bfloat16 dot products (AVX512-BF16 CPUs, bfloat16 activations): with a group per lane (cpu_kernel_groups.h,
+//    groups of 16, codes of 1-4 bits, VBMI) the codes themselves as bfloat16 integers times x, exact products
+//    summed in fp32, the scales applied per group as above; otherwise (cpu_kernel_bf16.h, 1- and 2-bit codes)
+//    the reference's own bfloat16 weights from a per-group table, times x as it comes, accumulated in fp32.
 // Prefill instead dequantizes the whole matrix (dequantize below) for BLAS.
 #include <vector>
 
@@ -216,7 +217,7 @@ static void gemv_fp32(const Matrix& m, const float* x, int tokens, void* y, int 
 // y [T, N] (compute dtype) = x [T, K] (fp32) @ W.T, on the fastest fp32 path this build has for the matrix.
 static void gemv_float(const Matrix& m, const float* x, int tokens, void* y, int threads) {
     if (group_lanes_run(m))
-        gemv_groups(m, x, tokens, y, threads);
+        gemv_groups<false>(m, x, tokens, y, threads);
     else
         gemv_fp32(m, x, tokens, y, threads);
 }
@@ -282,7 +283,13 @@ extern "C" {
 void gemv(const uint8_t* base, const int64_t* offsets, const int64_t* shape, const void* x, int tokens, void* y,
           int threads, int fp32_only) {
     const Matrix m = matrix_at(base, offsets, shape);
-    if (!fp32_only && bf16_dot_runs(m, tokens)) {
+    if (!fp32_only && group_dot_runs(m)) {
+        const AlignedFloats x32(tokens * m.k);
+        to_float(x, m.meta.dtype, tokens * m.k, x32.data);
+        gemv_groups<true>(m, x32.data, tokens, y, threads);
+        return;
+    }
+    if (!fp32_only && bf16_dot_runs(m)) {
         gemv_bf16(m, (const uint16_t*)x, tokens, (uint16_t*)y, threads);
         return;
     }
@@ -295,10 +302,12 @@ void gemv(const uint8_t* base, const int64_t* offsets, const int64_t* shape, con
     gemv_float(m, x32.data, tokens, y, threads);
 }
 
-// 1 when gemv multiplies a matrix of this `shape` at `tokens` tokens with bfloat16 dot products, 0 when in fp32.
-int bf16_dot(const int64_t* shape, int tokens) {
+// How gemv multiplies a matrix of this `shape`: 2 with bfloat16 dot products on the codes (a group per lane), 1 on
+// the reference's bfloat16 weights (tables), 0 in fp32.
+int bf16_dot(const int64_t* shape) {
     const int64_t no_segments[7] = {-1, -1, -1, -1, -1, -1, -1};
-    return bf16_dot_runs(matrix_at(nullptr, no_segments, shape), tokens);
+    const Matrix m = matrix_at(nullptr, no_segments, shape);
+    return group_dot_runs(m) ? 2 : bf16_dot_runs(m) ? 1 : 0;
 }
 
 // The full matrix W [N, K] in the compute dtype (`dtype`), as hqq's dequantize builds it there.

@@ -16,13 +16,8 @@ constexpr bool BF16_DOT_FORMAT = sizeof(WORD) == 1 && (BITS == 1 || BITS == 2) &
 constexpr bool BF16_DOT_FORMAT = false;
 #endif
 
-// From this many tokens on the dot products beat the fp32 path: at one token building the tables costs more than
-// the dot products save (a whole 2-bit Mixtral expert: ~0.9x of the fp32 path at 1 token, 1.05-1.4x at 2-4).
-constexpr int BF16_DOT_MIN_TOKENS = 2;
-
-static bool bf16_dot_runs(const Matrix& m, int tokens) {
-    return BF16_DOT_FORMAT && m.meta.dtype == BFLOAT16 && m.n % PACK == 0 && m.k % 32 == 0 &&
-           tokens >= BF16_DOT_MIN_TOKENS;
+static bool bf16_dot_runs(const Matrix& m) {
+    return BF16_DOT_FORMAT && m.meta.dtype == BFLOAT16 && m.n % PACK == 0 && m.k % 32 == 0;
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
