@@ -1,5 +1,6 @@
-// The fp32 GEMV with one group per lane (AVX-512 with VBMI, byte codes, groups of 16): the scales leave the
-// inner loop. Included by cpu_kernel.cpp.
+// The GEMVs with one group per lane (AVX-512 with VBMI, byte codes, groups of 16): the scales leave the inner
+// loop. In fp32 (every dtype), and with bfloat16 dot products on the codes (bfloat16 x, AVX512-BF16, 1-4-bit
+// codes, group_dot_runs). Included by cpu_kernel.cpp.
 //
 // In gemv_fp32's loop a vector holds 16 weights of one group, so every vector of weights pays a multiply by its
 // group's scale before the tokens' FMAs: at 2-4 tokens that multiply is one op in 3-5 on the FMA pipes, which
