@@ -168,6 +168,21 @@ def kernels_check(r: Report) -> None:
 
 
 # ---- 2. engine exactness ----
+def logits_and_routing(engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's logits [1, T, V] for `ids` [1, T] and the experts each position was routed to, per MoE layer,
+    sorted: [L, T, K] (read where the family's block hands them to the offloaded experts)."""
+    routes = {layer: [] for layer in engine.model.moe_layers}  # per layer, one [T', K] per call (prefill chunks)
+    hooks = [engine.model.layers[layer].mlp.experts.register_forward_pre_hook(
+        lambda module, args, layer=layer: routes[layer].append(args[1].sort(-1).values.cpu()))
+        for layer in routes]
+    try:
+        logits = engine.logits(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, torch.stack([torch.cat(chunks) for chunks in routes.values()])
+
+
 def engine_check(r: Report, tmp: Path) -> None:
     path = tmp / "exact"
     small = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256) if r.dry_run else \
@@ -179,10 +194,18 @@ def engine_check(r: Report, tmp: Path) -> None:
         engines = {kind: load(str(path), r, dtype=dtype, kernels=kind) for kind in ("fused", "reference")}
         for length in (40, 80):  # attention on tl.dot (17-64 tokens) and on dequantize + matmul
             ids = torch.randint(0, small["vocab"], (1, length), generator=torch.Generator().manual_seed(length))
-            fused, reference = (engines[k].logits(ids) for k in ("fused", "reference"))
-            diff = (fused - reference).abs().max().item() / (reference.abs().max().item() + 1e-12)
-            r.check(f"engine {dtype}: fused = reference kernels, {length}-token prompt", diff < bound,
-                    f"max |fused - reference| / max |logits| = {diff:.1e} (< {bound:g})", relative_error=diff)
+            (fused, fused_routes), (reference, reference_routes) = (
+                logits_and_routing(engines[k], ids) for k in ("fused", "reference"))
+            # In half precision two experts' router logits can tie and round either way: such a position takes
+            # other experts (and so do later positions' attention to it, a little). Compare where routing agrees.
+            agree = (fused_routes == reference_routes).all(-1).all(0)  # [T]
+            ties = int((~agree).sum())
+            diff = (fused - reference)[0, agree].abs().max().item() / (reference.abs().max().item() + 1e-12)
+            r.check(f"engine {dtype}: fused = reference kernels, {length}-token prompt",
+                    diff < bound and ties <= length // 20,
+                    f"max |fused - reference| / max |logits| = {diff:.1e} (< {bound:g}) where routing agrees; "
+                    f"{ties} of {length} positions routed otherwise (<= {length // 20}, router ties)",
+                    relative_error=diff, routing_ties=ties)
         prompt = list(range(1, 6))
         same = engines["fused"].generate_ids(prompt, max_new_tokens=12) == \
             engines["reference"].generate_ids(prompt, max_new_tokens=12)
