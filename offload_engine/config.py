@@ -2,6 +2,7 @@
 
     dtype: float16            # float32 | bfloat16 | float16
     max_context: 4096         # tokens of KV cache to plan memory for
+    max_batch: 1              # sequences generated at once (offload-serve --max-batch), each with its KV cache
     kernels: auto             # quantized matmuls: auto | fused | reference (see offload_engine.kernels)
     quant:
       attention: {bits: 4, group_size: 64}
@@ -135,6 +136,7 @@ class OffloadConfig:
 class EngineConfig:
     dtype: str = "float16"
     max_context: int = 4096  # tokens the KV cache is planned for; chat drops old turns beyond it
+    max_batch: int = 1  # sequences generated at once (offload-serve): KV caches `auto` plans memory for
     kernels: str = "auto"  # quantized matmul backend: auto | fused | reference
     quant: QuantConfig = field(default_factory=QuantConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
@@ -144,6 +146,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not _is_int(self.max_context) or self.max_context < 16:
             raise ConfigError(f"max_context must be an integer >= 16, got {self.max_context!r}")
+        if not _is_int(self.max_batch) or self.max_batch < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
         if self.kernels not in KERNEL_CHOICES:
             raise ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
 
@@ -209,6 +213,21 @@ def read_yaml(path: Path) -> Any:
                           f"name ({', '.join(named_configs())})") from e
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
+
+
+def explicit_keys(config: ConfigLike) -> dict:
+    """The keys a caller actually gave (a dict or YAML may leave some out; an EngineConfig sets them all)."""
+    if config is None:
+        return {}
+    if isinstance(config, EngineConfig):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
+        path = CONFIG_DIR / f"{config}.yaml"
+    load_config(config)  # a name that is neither a file nor a packaged config: its usual error
+    return read_yaml(path)
 
 
 def load_config(config: ConfigLike) -> EngineConfig:

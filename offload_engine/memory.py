@@ -225,7 +225,8 @@ def sequences_that_fit(hf, cfg: EngineConfig, free_bytes: int, reserve: int = 0)
 def resolve_max_batch(hf, cfg: EngineConfig, device: torch.device, requested: int | None) -> tuple[int, str]:
     """The number of sequences to generate at once (offload-serve --max-batch), checked against the memory left
     after loading: device memory on CUDA (beside the working margin), host RAM on CPU. `requested` None: up to
-    MAX_BATCH, as many as fit. Returns it and a line saying why; NotEnoughMemory when `requested` does not fit."""
+    the config's `max_batch` when it is above 1 (the load planned memory for it), else up to MAX_BATCH, as many
+    as fit. Returns it and a line saying why; NotEnoughMemory when `requested` does not fit."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         anatomy = Anatomy.of(hf, cfg.torch_dtype)
@@ -234,6 +235,8 @@ def resolve_max_batch(hf, cfg: EngineConfig, device: torch.device, requested: in
     else:
         free, reserve, where = available_host_bytes(), 0, "host RAM"
     fits = sequences_that_fit(hf, cfg, free, reserve)
+    if requested is None and cfg.max_batch > 1:
+        requested = cfg.max_batch
     per_sequence = kv_cache_bytes(hf, cfg, cfg.max_context) / GiB
     if requested is not None and requested > fits:
         raise NotEnoughMemory(
@@ -259,13 +262,13 @@ def available_host_bytes() -> int:
 
 def resolve_offload(cfg: EngineConfig, hf, device: torch.device) -> tuple[int, str, int]:
     """(experts per layer on the device, "always" or "never" for write-backs, MoE layers whose experts stay on the
-    CPU (offload.cpu_layers)). On CUDA: planned against the free
-    device memory and the available host RAM. On CPU the 'device' is host RAM and nothing is page-locked, so
+    CPU (offload.cpu_layers)). On CUDA: planned against the free device memory (beside `max_batch` KV caches) and
+    the available host RAM. On CPU the 'device' is host RAM and nothing is page-locked, so
     'auto' keeps every expert on the device and write_back 'auto' swaps (a second copy of every expert would
     only take RAM)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        plan = plan_memory(hf, cfg, free, host_free_bytes=available_host_bytes())
+        plan = plan_memory(hf, cfg, free, host_free_bytes=available_host_bytes(), sequences=cfg.max_batch)
         return plan.experts_on_device, plan.write_back_mode, plan.cpu_layers
     anatomy = Anatomy.of(hf, cfg.torch_dtype)
     requested, E, L = cfg.offload.experts_on_device, anatomy.num_experts, len(anatomy.moe_layers)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .anatomy import Anatomy
 from .checkpoint import MANIFEST, read_config
-from .config import CONFIG_DIR, ConfigError, ConfigLike, EngineConfig, load_config, read_yaml
+from .config import ConfigError, ConfigLike, EngineConfig, explicit_keys, load_config
 from .experts import ExpertLayout
 from .model import OffloadedModel
 from .prequantized_io import (ST_DTYPES, PrequantizedError, TensorSpec, check_manifest_entries, read_header,
@@ -168,18 +168,6 @@ def _malformed(path: Path, problem: str) -> NoReturn:
                             f"the original checkpoint again")
 
 
-def _explicit_dict(config: ConfigLike) -> dict:
-    """The keys a caller actually gave (a dict or YAML may leave some out; an EngineConfig sets them all)."""
-    if isinstance(config, EngineConfig):
-        return config.to_dict()
-    if isinstance(config, dict):
-        return config
-    path = Path(config)
-    if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
-        path = CONFIG_DIR / f"{config}.yaml"
-    return read_yaml(path)
-
-
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -207,7 +195,7 @@ def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineCon
     if config is None:
         return stored
     load_config(config)  # validates it, with the usual errors
-    cfg = load_config(_merge(stored.to_dict(), _explicit_dict(config)))
+    cfg = load_config(_merge(stored.to_dict(), explicit_keys(config)))
     if (cfg.dtype, cfg.quant) != (stored.dtype, stored.quant):
         raise ConfigError(
             f"{where} was quantized with {_describe_quant(stored)}, but the config asks for {_describe_quant(cfg)}. "

@@ -11,6 +11,10 @@ bandwidth-bound kernels reach, the free memory `auto` plans against), the host R
 the host's time per layer, the guesses' precision, and what a decode step moves (`costs_of`, counted from the
 byte layouts: one expert's packed bytes, the fused kernels' traffic, the trunk's weights per layer, KV-cache
 reads, the lm_head).
+
+Hybrid execution (issue 23) adds a CPU (`CPUS`): the CPU kernel's ms per expert in the model's dtype, taken from
+this machine's measurement (BENCHMARKS §1) and scaled to the profile (`CPU.expert_ms`), the host's own ms per
+layer, and whether the kernel's threads leave the host thread a core of its own.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from .anatomy import Anatomy
 from .config import EngineConfig, load_config
 from .kernels import fused_traffic
 from .memory import GiB, MemoryPlan, kv_cache_bytes, plan_memory
-from .replay import ModelCosts, ReplayResult, Speeds, replay_engine
+from .replay import CpuTier, ModelCosts, ReplayResult, Speeds, replay_engine
 
-__all__ = ["GPU", "GPUS", "HOST_RAM", "costs_of", "speeds_of", "plan_on", "auto_k", "shared_traces", "modelled",
-           "break_even_precision", "solve"]
+__all__ = ["GPU", "GPUS", "CPU", "CPUS", "MEASURED_CPU", "HOST_RAM", "costs_of", "speeds_of", "cpu_tier", "plan_on",
+           "auto_k", "shared_traces", "modelled", "break_even_precision", "solve"]
 
 GB = 1e9
 
@@ -63,6 +67,69 @@ GPUS: dict[str, GPU] = {
 }
 
 
+# The CPU kernel measured on this machine (BENCHMARKS §1, `python scripts/bench_kernels.py --sweep --repeats 21
+# --threads 2`: AMD EPYC Zen 4 VM, 2 cores, medians, load ~1): a whole 2-bit g16 Mixtral expert (66.4 MB packed)
+# with float16 activations (a T4's dtype, the packaged configs'), ms at 1/2/3/4 tokens, per vector ISA build. A
+# float32 torch.sum read 28-34 GB/s on those 2 threads: the kernel (11.6 GB/s at 1 token) is bound by its
+# instructions here, not by memory.
+MEASURED_CPU = {"cores": 2, "expert_bytes": 66_404_400, "read_gbps": 31.0,
+                "float16_ms": {"avx512": (5.70, 7.30, 9.19, 11.14), "avx2": (6.90, 10.39, 15.21, 20.40)},
+                "host_ms_per_layer": 0.5}
+
+
+@dataclass(frozen=True)
+class CPU:
+    """A host CPU as the model sees it: the CPU kernel scaled from this machine's measurement (a roofline: the
+    instruction-bound time divided by cores x per-core speed, but never below the expert's bytes over the
+    memory read bandwidth), and the host thread's own speed."""
+
+    name: str
+    isa: str  # which of this machine's builds it runs: "avx512" or "avx2"
+    cores: float  # cores the kernel's threads run on (hyperthreads of one core count as one)
+    core_speed: float  # per core and cycle-throughput, relative to this machine's cores (clock ratio, stated)
+    read_gbps: float  # memory read bandwidth a multi-threaded stream reaches
+    host_ms_per_layer: float  # the host's own work per MoE layer (this machine: 0.5 ms, issue 20), scaled
+    oversubscribed: bool  # the kernel's threads take every hardware thread: the host thread preempts one
+    host_ram: str  # its machine's RAM (a HOST_RAM key): the write-back mode it gets
+    why: str
+
+    def expert_ms(self, expert_bytes: int = MEASURED_CPU["expert_bytes"]) -> tuple[tuple[int, float], ...]:
+        """(tokens, ms) for one expert of `expert_bytes` packed bytes in float16, at 1-4 tokens."""
+        scale = expert_bytes / MEASURED_CPU["expert_bytes"]  # instructions and bytes both go with the weights
+        floor = 1e3 * expert_bytes / (self.read_gbps * GB)
+        return tuple((t, max(scale * ms * MEASURED_CPU["cores"] / (self.cores * self.core_speed), floor))
+                      for t, ms in enumerate(MEASURED_CPU["float16_ms"][self.isa], start=1))
+
+
+# Stated assumptions (no such machine here): the CPUs' clocks, core counts and memory from their vendors' data, the
+# read bandwidth as ~75-80 % of the channels' peak (what STREAM-like reads reach on desktops), and this VM's Zen 4
+# cores taken at ~3.5 GHz under load. The host's ms per layer goes with single-thread speed.
+CPUS: dict[str, CPU] = {
+    "colab": CPU("Colab, 2 vCPUs (Xeon @ 2.2 GHz, AVX2)", "avx2", 1.0, 2.2 / 3.5, 12.0, 1.0, True,
+                 "Colab (12.7 GB)",
+                 "lscpu on Colab: 1 core x 2 threads, Intel Xeon @ 2.20 GHz (Broadwell: AVX2, no AVX-512); kernel on "
+                 "2 hyperthreads = 1 core at 0.63x this VM's; ~12 GB/s one core's read bandwidth (assumed); host "
+                 "1.0 ms/layer (issue 20: 1-1.5 ms likely)"),
+    "desktop8": CPU("8-core DDR4 desktop (Ryzen 7 5800X class, AVX2)", "avx2", 8.0, 4.4 / 3.5, 40.0, 0.4, False,
+                    "desktop (32 GB)",
+                    "8 cores at ~4.4 GHz all-core, AVX2; DDR4-3200 dual channel 51.2 GB/s peak -> 40 GB/s read; 16 "
+                    "hardware threads leave the host thread its own; host 0.4 ms/layer (~4.7 GHz single thread)"),
+    "ddr5-16": CPU("16-core DDR5 desktop (Ryzen 9 7950X class, AVX-512)", "avx512", 16.0, 5.0 / 3.5, 64.0, 0.3,
+                   False, "desktop (32 GB)",
+                   "16 Zen 4 cores at ~5 GHz all-core, AVX-512; DDR5-5600 dual channel 89.6 GB/s peak -> ~64 GB/s "
+                   "read (Zen 4's fabric caps reads); host 0.3 ms/layer (~5.7 GHz single thread)"),
+    "colab-fast": CPU("Colab's 2 vCPUs at this VM's speed (upper bound)", "avx2", 2.0, 1.0, 31.0, 1.0, True,
+                      "Colab (12.7 GB)",
+                      "as if Colab's 2 vCPUs were this VM's 2 Zen 4 cores (AVX2 build, 6.9 ms per expert): the CPU "
+                      "on par with a T4's copy, where placement could lose; host 1.0 ms/layer"),
+}
+# A CPU tier's remaining inputs (assumed; the engine calibrates them at load): a layer's CPU rows of x device->host
+# and the results back, with the worker thread's wake-up; the host thread's own share of a hand-over (gather the
+# rows, submit, join, queue the results' copy and add: ~10 torch ops), as a share of its ms per layer.
+ROUND_TRIP_MS = 0.1
+HAND_OVER_SHARE = 0.2
+
+
 # Host RAM available to the process (MemAvailable), for `offload.write_back: auto`.
 HOST_RAM = {"Colab (12.7 GB)": 12.7e9, "Kaggle T4 VM (29 GB)": 29e9, "desktop (32 GB)": 32e9}
 
@@ -92,6 +159,12 @@ def speeds_of(gpu: GPU, **overrides) -> Speeds:
     return Speeds(**{"h2d_gbps": gpu.h2d / GB, "d2h_gbps": gpu.d2h / GB, "kernel_gbps": gpu.hbm / GB, **overrides})
 
 
+def cpu_tier(cpu: CPU, mode: str, expert_bytes: int = MEASURED_CPU["expert_bytes"]) -> CpuTier:
+    """The replay's CPU tier for `cpu` at `offload.cpu_compute: mode`."""
+    return CpuTier(cpu.expert_ms(expert_bytes), ROUND_TRIP_MS, HAND_OVER_SHARE * cpu.host_ms_per_layer,
+                   cpu.oversubscribed, mode)
+
+
 def plan_on(gpu: GPU, cfg: EngineConfig | str, hf=None, host_bytes: Optional[float] = None) -> MemoryPlan:
     """The memory plan the engine would make on `gpu` (k, write-back mode) with `host_bytes` of RAM available."""
     cfg = load_config(cfg) if not isinstance(cfg, EngineConfig) else cfg
@@ -119,13 +192,14 @@ def shared_traces() -> dict[str, np.ndarray]:
 
 def modelled(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: Speeds, cfg: EngineConfig, k: int,
              write_back: bool, *, batch: int = 1, prefetch: Optional[int] = None,
-             min_precision: Optional[float] = None) -> ReplayResult:
-    """The timed replay at `k` experts per layer and `cfg`'s prefetch settings (or those given)."""
+             min_precision: Optional[float] = None, cpu: Optional[CpuTier] = None) -> ReplayResult:
+    """The timed replay at `k` experts per layer and `cfg`'s prefetch settings (or those given); `cpu`: the CPU
+    tier (None: copy-only)."""
     off = cfg.offload
     return replay_engine(traces, costs, speeds, k=k, prefetch=off.prefetch if prefetch is None else prefetch,
                          policy=off.policy, write_back=write_back,
                          min_precision=off.prefetch_min_precision if min_precision is None else min_precision,
-                         batch=batch)
+                         batch=batch, cpu=cpu)
 
 
 def break_even_precision(rate: Callable[[float], float], baseline: float, iters: int = 6) -> Optional[float]:

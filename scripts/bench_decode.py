@@ -1,7 +1,8 @@
 """Decode tokens/s of a Mixtral-8x7B-shaped engine with random weights, replaying real Mixtral routing.
 
     python scripts/bench_decode.py [--device cuda] [--config t4-16gb] [--kernels auto] [--tokens 64]
-                                   [--prefetch 0 1] [--shape mixtral-8x7b|small] [--trace PATH ...]
+                                   [--prefetch 0 1] [--cpu-compute off auto] [--shape mixtral-8x7b|small]
+                                   [--trace PATH ...]
 
 The engine is built exactly as `load` builds it (memory plan, `auto` experts per layer, expert cache, kernels,
 warm-up) but filled with random bytes instead of a checkpoint: speed does not depend on the values, and no
@@ -9,7 +10,9 @@ warm-up) but filled with random bytes instead of a checkpoint: speed does not de
 for consecutive decode tokens (../shared/data/routing, one problem after another), so the expert cache sees real
 locality. The replacement router also answers the speculative calls made one layer early with the true experts,
 so prefetch here is an *oracle* (exact guesses): the prefetch rows are an upper bound, the prefetch-0 rows are
-plain LRU. Prints the command, machine, dtype, batch, k, and per run tokens/s, hit rate and copy volume.
+plain LRU. `--cpu-compute off auto always` times copy-only against hybrid execution (`offload.cpu_compute`,
+issue 23: a miss computed on the CPU from its host copy), each mode a row. Prints the command, machine (GPU and
+CPU names), dtype, batch, k, and per run tokens/s, hit rate and copy volume.
 
 `--shape small` (hidden 1024, intermediate 3584, 4 layers, vocab 32000) runs anywhere, e.g. to check the script
 on CPU; the Mixtral shape needs ~25 GB of host RAM at k=5 on a 16 GB GPU and a CUDA GPU to be meaningful.
@@ -104,6 +107,14 @@ def routing_from_traces(paths, layers: int, num_experts: int) -> np.ndarray:
     return routing
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -114,7 +125,11 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens timed (after 8 warm-up tokens)")
     parser.add_argument("--trace", nargs="*", help="routing npz files (default: ../shared/data/routing/*.npz)")
+    parser.add_argument("--cpu-compute", nargs="+", default=["off"], choices=["off", "auto", "always"],
+                        help="offload.cpu_compute per run: off = copy-only (default), auto / always = hybrid")
     args = parser.parse_args()
+    if args.cpu_compute != ["off"] and not hasattr(load_config(args.config).offload, "cpu_compute"):
+        sys.exit("error: --cpu-compute needs the hybrid runtime (offload.cpu_compute, issue 23) in this checkout")
     device = torch.device(args.device)
     hf = MixtralConfig(**SHAPES[args.shape])
     paths = args.trace or default_trace_paths()
@@ -123,14 +138,16 @@ def main() -> None:
     routing = routing_from_traces(paths, hf.num_hidden_layers, hf.num_local_experts)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}")
+    print(f"machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}")
     print(f"model: {args.shape} shapes, random weights; routing replayed from {len(paths)} trace file(s), "
           f"{len(routing)} tokens; batch 1; {args.tokens} decode tokens after 8 warm-up tokens\n")
-    print("| config | dtype | kernels | k | prefetch | tok/s | hit rate | MB host->device per token |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for prefetch in args.prefetch:
+    print("| config | dtype | kernels | k | prefetch | cpu_compute | tok/s | hit rate | MB host->device per token |")
+    print("|---|---|---|---:|---:|---|---:|---:|---:|")
+    for prefetch, cpu_compute in [(p, c) for p in args.prefetch for c in args.cpu_compute]:
         cfg = load_config(args.config)
         overrides = {"prefetch": prefetch}
+        if cpu_compute != "off":
+            overrides["cpu_compute"] = cpu_compute
         if args.experts_on_device:
             k = args.experts_on_device
             overrides["experts_on_device"] = k if k == "auto" else int(k)
@@ -159,8 +176,8 @@ def main() -> None:
                 token += 1
         stats = engine.stats()["overall"]
         print(f"| {args.config} | {cfg.dtype} | {engine.kernels.name} | {engine.cache.k} | {prefetch} "
-              f"{'(oracle)' if prefetch else ''} | {token / seconds:.2f} | {100 * stats['hit_rate']:.1f} % | "
-              f"{stats['bytes_h2d'] / token / 1e6:.0f} |")
+              f"{'(oracle)' if prefetch else ''} | {cpu_compute} | {token / seconds:.2f} | "
+              f"{100 * stats['hit_rate']:.1f} % | {stats['bytes_h2d'] / token / 1e6:.0f} |")
         engine.close()  # waits for the cache's copies, frees its slots and unlocks its host memory
         del engine
         if device.type == "cuda":

@@ -1,7 +1,7 @@
 """Quantized matmul kernels, timed one by one: the reference (dequantize + F.linear) against the fused backend.
 
     python scripts/bench_kernels.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--tokens 1]
-                                    [--repeats 10] [--threads N] [--sweep] [--crossover] [--traffic]
+                                    [--repeats 10] [--threads N] [--sweep [--cpu-time]] [--crossover] [--traffic]
 
 Times, on Mixtral-8x7B's shapes (random packed bytes: speed does not depend on the values):
   * each matrix of one expert at 2-bit g16 with 8-bit scales/zeros (w1/w3 14336x4096, w2 4096x14336) and the
@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="CPU: a whole 2-bit expert in float32, bfloat16 and float16 at 1-4 tokens (medians), "
                              "beside this machine's memory bandwidth and load average")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--sweep on 1 thread, timed by the thread's CPU time (time.thread_time) instead of the "
+                             "wall clock: comparable across runs on a machine shared with other jobs")
     parser.add_argument("--traffic", action="store_true",
                         help="computed, no timing: what the Triton kernels load per Mixtral layer (see --sms)")
     parser.add_argument("--sms", type=int, default=40, help="--traffic: streaming multiprocessors (T4: 40)")
@@ -101,7 +104,9 @@ def main() -> None:
         datasheet = next((gbs for key, gbs in DATASHEET_GBS.items() if key in name), None)
 
     if args.sweep:
-        sweep(args.repeats, device)
+        if args.cpu_time and torch.get_num_threads() != 1:
+            raise SystemExit("--cpu-time times one thread's CPU time: add --threads 1")
+        sweep(args.repeats, device, args.cpu_time)
         return
     expert = ExpertLayout.build(4096, 14336, QuantSpec(2, 16), dtype)
     attention = {"q/o_proj 4096x4096 (4-bit g64)": MatrixLayout.build((4096, 4096), QuantSpec(4, 64), dtype),
@@ -137,14 +142,14 @@ def main() -> None:
         row("whole expert (w1, w3, SwiGLU, w2)", expert.nbytes, ref, got)
 
 
-def median_ms(fn, repeats: int) -> tuple[float, float]:
-    """(median, best) milliseconds of `repeats` calls after a warm-up (CPU)."""
+def median_ms(fn, repeats: int, clock=time.perf_counter) -> tuple[float, float]:
+    """(median, best) milliseconds of `repeats` calls after a warm-up (CPU), by `clock`."""
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times) * 1e3, min(times) * 1e3
 
 
@@ -156,9 +161,10 @@ def read_bandwidth_gbs(repeats: int = 5) -> float:
 
 
 @torch.inference_mode()
-def sweep(repeats: int, device: torch.device) -> None:
+def sweep(repeats: int, device: torch.device, cpu_time: bool = False) -> None:
     """The CPU kernel's acceptance numbers: one whole 2-bit Mixtral expert (w1, w3, SwiGLU, w2) per activation
-    dtype and token count, as medians, in GB/s of the expert's packed bytes."""
+    dtype and token count, as medians, in GB/s of the expert's packed bytes (wall clock, or with `cpu_time` the
+    calling thread's CPU time on one thread)."""
     from offload_engine.kernels.cpu import CPUKernels
 
     if device.type != "cpu":
@@ -167,7 +173,9 @@ def sweep(repeats: int, device: torch.device) -> None:
     print(f"CPU: {cpu_name()}; vector ISA {vector_isa(flags)}; OFFLOAD_ENGINE_CXXFLAGS={flags!r}")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     bandwidth = read_bandwidth_gbs()
-    print(f"memory: a float32 torch.sum reads {bandwidth:.1f} GB/s on {torch.get_num_threads()} threads (median)\n")
+    print(f"memory: a float32 torch.sum reads {bandwidth:.1f} GB/s on {torch.get_num_threads()} threads (median)")
+    print(f"timed by: {'the thread CPU time (1 thread)' if cpu_time else 'the wall clock'}\n")
+    clock = time.thread_time if cpu_time else time.perf_counter
     print("| activations | tokens | multiply | median ms | best ms | GB/s of packed bytes (median) | vs float32 |")
     print("|---|---:|---|---:|---:|---:|---:|")
     float32_ms = {}
@@ -175,10 +183,10 @@ def sweep(repeats: int, device: torch.device) -> None:
         kernels = CPUKernels()
         expert = ExpertLayout.build(4096, 14336, QuantSpec(2, 16), dtype)
         buffer = random_buffer(expert.nbytes, list(expert.matrices.values()), device)
-        multiply = kernels.multiplies_in(expert.matrices["w1"])
         for tokens in (1, 2, 3, 4):
+            multiply = kernels.multiplies_in(expert.matrices["w1"], tokens)
             x = torch.randn(tokens, 4096, dtype=dtype)
-            ms, best = median_ms(lambda: expert_forward(expert, buffer, x, kernels), repeats)
+            ms, best = median_ms(lambda: expert_forward(expert, buffer, x, kernels), repeats, clock)
             float32_ms.setdefault(tokens, ms)
             print(f"| {str(dtype).removeprefix('torch.')} | {tokens} | {multiply} | {ms:.2f} | {best:.2f} | "
                   f"{expert.nbytes / ms / 1e6:.1f} | {float32_ms[tokens] / ms:.2f}x |", flush=True)

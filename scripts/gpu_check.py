@@ -58,7 +58,8 @@ from gpu_timing import (TimedCopies, kernel_launches_per_layer, measure_pcie, ov
                         triton_compiles)
 
 QUANT = {"attention": {"bits": 4, "group_size": 64}, "experts": {"bits": 2, "group_size": 16}}
-DEFAULT_CONFIGS = ['{"offload": {"prefetch": 0}}', '{"offload": {"prefetch": 1}}', '{"offload": {"prefetch": 2}}']
+DEFAULT_CONFIGS = ['{"offload": {"prefetch": 0}}', '{"offload": {"prefetch": 1}}', '{"offload": {"prefetch": 2}}',
+                   '{"offload": {"prefetch": 1, "cpu_compute": "auto"}}']
 
 
 class Report:
@@ -168,6 +169,21 @@ def kernels_check(r: Report) -> None:
 
 
 # ---- 2. engine exactness ----
+def logits_and_routing(engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's logits [1, T, V] for `ids` [1, T] and the experts each position was routed to, per MoE layer,
+    sorted: [L, T, K] (read where the family's block hands them to the offloaded experts)."""
+    routes = {layer: [] for layer in engine.model.moe_layers}  # per layer, one [T', K] per call (prefill chunks)
+    hooks = [engine.model.layers[layer].mlp.experts.register_forward_pre_hook(
+        lambda module, args, layer=layer: routes[layer].append(args[1].sort(-1).values.cpu()))
+        for layer in routes]
+    try:
+        logits = engine.logits(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, torch.stack([torch.cat(chunks) for chunks in routes.values()])
+
+
 def engine_check(r: Report, tmp: Path) -> None:
     path = tmp / "exact"
     small = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256) if r.dry_run else \
@@ -179,10 +195,18 @@ def engine_check(r: Report, tmp: Path) -> None:
         engines = {kind: load(str(path), r, dtype=dtype, kernels=kind) for kind in ("fused", "reference")}
         for length in (40, 80):  # attention on tl.dot (17-64 tokens) and on dequantize + matmul
             ids = torch.randint(0, small["vocab"], (1, length), generator=torch.Generator().manual_seed(length))
-            fused, reference = (engines[k].logits(ids) for k in ("fused", "reference"))
-            diff = (fused - reference).abs().max().item() / (reference.abs().max().item() + 1e-12)
-            r.check(f"engine {dtype}: fused = reference kernels, {length}-token prompt", diff < bound,
-                    f"max |fused - reference| / max |logits| = {diff:.1e} (< {bound:g})", relative_error=diff)
+            (fused, fused_routes), (reference, reference_routes) = (
+                logits_and_routing(engines[k], ids) for k in ("fused", "reference"))
+            # In half precision two experts' router logits can tie and round either way: such a position takes
+            # other experts (and so do later positions' attention to it, a little). Compare where routing agrees.
+            agree = (fused_routes == reference_routes).all(-1).all(0)  # [T]
+            ties = int((~agree).sum())
+            diff = (fused - reference)[0, agree].abs().max().item() / (reference.abs().max().item() + 1e-12)
+            r.check(f"engine {dtype}: fused = reference kernels, {length}-token prompt",
+                    diff < bound and ties <= length // 20,
+                    f"max |fused - reference| / max |logits| = {diff:.1e} (< {bound:g}) where routing agrees; "
+                    f"{ties} of {length} positions routed otherwise (<= {length // 20}, router ties)",
+                    relative_error=diff, routing_ties=ties)
         prompt = list(range(1, 6))
         same = engines["fused"].generate_ids(prompt, max_new_tokens=12) == \
             engines["reference"].generate_ids(prompt, max_new_tokens=12)
@@ -206,7 +230,7 @@ def engine_check(r: Report, tmp: Path) -> None:
 
 # ---- 3. conversion on the device ----
 def conversion_check(r: Report, tmp: Path) -> None:
-    from offload_engine.prequantized import quantize_checkpoint
+    from offload_engine import quantize_checkpoint
 
     source, dst = tmp / "exact", tmp / "converted"
     start = time.perf_counter()
@@ -281,7 +305,7 @@ def pinned_check(r: Report) -> dict:
 # ---- 6-8. the speed model: copy streams, syncs, decode ----
 def speed_checks(r: Report, tmp: Path, configs: list[str], new_tokens: int, pcie: dict) -> None:
     from offload_engine.config import ConfigError
-    from offload_engine.prequantized import quantize_checkpoint
+    from offload_engine import quantize_checkpoint
 
     path = tmp / "speed"
     shape = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256) if r.dry_run else \
@@ -313,7 +337,9 @@ def speed_checks(r: Report, tmp: Path, configs: list[str], new_tokens: int, pcie
         timeline = timed.intervals()  # ms since the timing began, per stream: the report keeps them
         busy, both = timed.busy_ms(), overlap_ms(timeline)
         timed.detach()
+        stats = engine.stats()
         row.update(tokens_per_s=new_tokens / seconds, hit_rate=overall["hit_rate"],
+                   cpu_compute=stats["cpu_compute"], cpu_computed_per_token=overall["cpu_computed"] / new_tokens,
                    h2d_bytes_per_token=overall["bytes_h2d"] / new_tokens,
                    d2h_bytes_per_token=overall["bytes_d2h"] / new_tokens, copy_in_ms=busy["copy-in"],
                    write_back_ms=busy["write-back"], overlap_ms=both,
@@ -322,7 +348,8 @@ def speed_checks(r: Report, tmp: Path, configs: list[str], new_tokens: int, pcie
                                 for kind, spans in timeline.items()})
         r.data["decode"].append(row)
         print(f"  config {text}: {row['tokens_per_s']:.2f} tok/s, hit rate {row['hit_rate']:.1%}, copy-ins "
-              f"{busy['copy-in']:.1f} ms, write-backs {busy['write-back']:.1f} ms, overlapping {both:.1f} ms")
+              f"{busy['copy-in']:.1f} ms, write-backs {busy['write-back']:.1f} ms, overlapping {both:.1f} ms, "
+              f"{row['cpu_computed_per_token']:.1f} experts per token on the CPU ({row['cpu_compute']})")
         if r.device.type != "cuda":
             r.skip(f"copy-ins and write-backs overlap ({text})", "copies on the CPU are synchronous")
         elif busy["copy-in"] and busy["write-back"]:

@@ -16,7 +16,7 @@ from offload_engine.model import OffloadedModel
 PAUSE_AT_STEP = 8  # the forward pass of a reply that pauses (the prompt's prefill is the first)
 PAUSED = "[paused]"
 steps = 0  # forward passes of the current reply
-_reply, _forward, _use = cli.Chat.reply, OffloadedModel.forward, ExpertCache.use
+_reply, _step, _use = cli.Chat.reply, OffloadedModel.step, ExpertCache.use
 
 
 def counted_reply(self, message: str) -> bool:
@@ -25,10 +25,10 @@ def counted_reply(self, message: str) -> bool:
     return _reply(self, message)
 
 
-def counted_forward(self, *args, **kwargs):
+def counted_step(self, *args, **kwargs):  # every forward pass goes through step()
     global steps
     steps += 1
-    return _forward(self, *args, **kwargs)
+    return _step(self, *args, **kwargs)
 
 
 def pausing_use(self, layer: int, expert: int):
@@ -40,5 +40,5 @@ def pausing_use(self, layer: int, expert: int):
 
 
 if __name__ == "__main__":  # only here: importing this module (for its constants) changes nothing
-    cli.Chat.reply, OffloadedModel.forward, ExpertCache.use = counted_reply, counted_forward, pausing_use
+    cli.Chat.reply, OffloadedModel.step, ExpertCache.use = counted_reply, counted_step, pausing_use
     sys.exit(cli.main(sys.argv[1:]))

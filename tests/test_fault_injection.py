@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import offload_engine
 import offload_engine.cpu_worker as cpu_worker_module

@@ -21,7 +21,8 @@ from gpu_timing import overlap_ms, union  # noqa: E402
 def test_gpu_check_dry_run_writes_a_report_of_every_check(tmp_path):
     pytest.importorskip("triton")
     report = tmp_path / "report.json"
-    configs = ['{"offload": {"prefetch": 1}}', '{"offload": {"cpu_compute": "auto"}}']  # the second: not built yet
+    configs = ['{"offload": {"prefetch": 1}}', '{"offload": {"prefetch": 0, "cpu_compute": "always"}}',
+               '{"offload": {"prefetch": 9}}']
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry-run", "--report",
                              str(report), "--new-tokens", "4", "--configs", *configs], cwd=tmp_path, env=env,
@@ -38,9 +39,12 @@ def test_gpu_check_dry_run_writes_a_report_of_every_check(tmp_path):
     for name in ("long prefill within the memory plan", "5.9 GiB page-locked at its exact size",
                  "copy-ins and write-backs overlap ({\"offload\": {\"prefetch\": 1}})"):
         assert statuses[name] == "skipped", name  # decided on a GPU only
-    ran, not_built = data["decode"]
-    assert ran["tokens_per_s"] > 0 and ran["copy_in_ms"] > 0 and ran["write_back_ms"] > 0
-    assert "cpu_compute" in not_built["error"] and "tokens_per_s" not in not_built
+    copied, hybrid, refused = data["decode"]
+    assert copied["tokens_per_s"] > 0 and copied["copy_in_ms"] > 0 and copied["write_back_ms"] > 0
+    assert copied["cpu_computed_per_token"] == 0
+    assert hybrid["tokens_per_s"] > 0 and hybrid["cpu_computed_per_token"] > 0  # every miss on the CPU, nothing copied
+    assert hybrid["copy_in_ms"] == 0 and hybrid["h2d_bytes_per_token"] == 0 and "always" in hybrid["cpu_compute"]
+    assert "prefetch" in refused["error"] and "tokens_per_s" not in refused  # a bad config is reported, not fatal
     assert data["device"].startswith("none") and data["timings"]["total"] > 0
 
 

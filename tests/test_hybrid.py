@@ -16,7 +16,6 @@ from offload_engine.config import ConfigError, load_config
 from offload_engine.placement import PlacementCosts
 from offload_engine.server.metrics import Metrics
 
-from conftest import exact_config
 from families_cases import CONFIGS, family_config, make_family_checkpoint, num_experts
 
 TYPES = sorted(CONFIGS)

@@ -65,8 +65,35 @@ def test_cpu_kernels_in_half_precision_stay_within_the_references_rounding(dtype
         assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)
 
 
-@pytest.mark.parametrize("bits,group_size,quant_meta,groups", [(2, 16, True, 8), (2, 16, True, 300), (1, 32, True, 8),
-                                                               (2, 64, False, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,quant_meta", [(2, True), (2, False), (1, True), (4, True), (8, False)])
+def test_cpu_kernels_at_two_to_four_tokens_with_groups_of_16_in_every_dtype(bits, quant_meta, dtype):
+    """Groups of 16 byte codes take the one-group-per-lane path on AVX-512 CPUs with VBMI (16 groups a block): 21
+    groups per row (a full block and a partial one, which must not read past the row), 2-4 tokens (the decode
+    sizes the hybrid engine runs on the CPU), every activation dtype, on both of bfloat16's paths."""
+    layout = layout_for((64, 21 * 16), bits, 16, quant_meta, dtype, offset=32)
+    buffer = random_packed(layout, seed=bits + 10 * quant_meta)
+    for kernels in (cpu_kernels.CPUKernels(), cpu_kernels.CPUKernels(fp32_only=True)):
+        for tokens in (1, 2, 3, 4):
+            x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
+            assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)
+
+
+def test_bfloat16_multiplies_with_dot_products_where_the_cpu_has_them():
+    kernels = shared_cpu_kernels()
+    groups_of_16 = layout_for((64, 256), 2, 16, True, torch.bfloat16)
+    groups_of_32 = layout_for((64, 256), 2, 32, True, torch.bfloat16)
+    if kernels.multiplies_in(groups_of_32) == "fp32":
+        pytest.skip("this CPU has no AVX512-BF16: bfloat16 runs on the fp32 path")
+    assert kernels.multiplies_in(groups_of_32) == "bfloat16 dot products on the reference's weights"
+    assert kernels.multiplies_in(groups_of_16, tokens=GEMV_MAX_TOKENS) in (
+        "bfloat16 dot products on the codes", "bfloat16 dot products on the reference's weights")  # VBMI or not
+    assert kernels.multiplies_in(groups_of_16, tokens=GEMV_MAX_TOKENS + 1) == "fp32"  # dequantize + BLAS
+    assert cpu_kernels.CPUKernels(fp32_only=True).multiplies_in(groups_of_16) == "fp32"
+
+
+@pytest.mark.parametrize("bits,group_size,quant_meta,groups", [(2, 16, True, 8), (2, 16, True, 300), (2, 32, True, 300),
+                                                               (1, 32, True, 8), (2, 64, False, 8)])
 def test_bfloat16_dot_products_use_the_references_own_weights(bits, group_size, quant_meta, groups):
     """In bfloat16 the reference multiplies bfloat16 weights by bfloat16 x, summing in fp32; the dot-product path
     looks those very weights up in its tables, so its fp32 sums round to the exactly rounded product almost
@@ -76,8 +103,8 @@ def test_bfloat16_dot_products_use_the_references_own_weights(bits, group_size, 
     # 300 groups per row: tabled 128 at a time (128, 128, 44), and several scale ranges per row
     layout = layout_for((256, groups * group_size), bits, group_size, quant_meta, torch.bfloat16)
     kernels = shared_cpu_kernels()
-    if kernels.multiplies_in(layout) != "bfloat16 dot products":
-        pytest.skip("this CPU has no AVX512-BF16: bfloat16 runs on the fp32 path (tested above)")
+    if kernels.multiplies_in(layout) != "bfloat16 dot products on the reference's weights":
+        pytest.skip(f"this CPU multiplies these groups in {kernels.multiplies_in(layout)} (tested above)")
     buffer = random_packed(layout, seed=bits)
     weight = dequantize(layout, layout.views(buffer))  # [N, K] bfloat16: the reference's weights
     for tokens in (1, 4, 7):
@@ -279,11 +306,13 @@ def _compilers() -> list[str]:
     return [c for c in ("g++", "g++-11", "clang++") if shutil.which(c)]
 
 
-@pytest.mark.parametrize("compiler,extra_flags", [(c, f) for c in _compilers() for f in ("", "-mno-f16c", "-mno-avx512f")])
+@pytest.mark.parametrize("compiler,extra_flags", [(c, f) for c in _compilers()
+                                                  for f in ("", "-mno-f16c", "-mno-avx512vbmi", "-mno-avx512f")])
 def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, extra_flags, tmp_path, monkeypatch,
                                                                     fresh_build):
     """g++ 11 (Colab's) has no _Float16; clang here has no libomp (the build then drops -fopenmp); -mno-f16c runs
-    the portable float16 conversions instead of the F16C instructions; -mno-avx512f the AVX2 (8-lane) code."""
+    the portable float16 conversions instead of the F16C instructions; -mno-avx512vbmi the AVX-512 code of CPUs
+    without VBMI (Skylake-X, Cascade Lake: no one-group-per-lane path); -mno-avx512f the AVX2 (8-lane) code."""
     import platform
 
     if extra_flags and platform.machine() not in ("x86_64", "AMD64"):
@@ -293,8 +322,8 @@ def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, ex
     monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
     for bits, group_size, quant_meta in [(2, 16, True), (4, 64, False), (3, 16, True)]:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            layout = layout_for((40, 4 * group_size), bits, group_size, quant_meta, dtype)
+            layout = layout_for((40, 20 * group_size), bits, group_size, quant_meta, dtype)
             buffer = random_packed(layout, seed=bits)
-            for tokens in (1, 5, GEMV_MAX_TOKENS + 1):
+            for tokens in (1, 2, 5, GEMV_MAX_TOKENS + 1):
                 x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
                 assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)

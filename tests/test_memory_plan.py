@@ -82,3 +82,31 @@ def test_the_t4_plan_budgets_a_prefill_at_max_context():
     fewer_experts = dataclasses.replace(cfg, offload=dataclasses.replace(cfg.offload, experts_on_device=4))
     batch = plan_memory(mixtral, fewer_experts, int(14.5 * GiB), sequences=4)
     assert batch.kv_cache_bytes == 4 * kv_cache_bytes(mixtral, cfg, 4096) and batch.sequences == 4
+
+
+def test_max_batch_in_the_config_leaves_room_for_its_kv_caches(monkeypatch):
+    """`experts_on_device: auto` on a GPU plans `max_batch` KV caches (what offload-serve --max-batch sets), so a
+    batch is not left with the room of one sequence after the experts took the rest."""
+    from offload_engine import memory
+    from offload_engine.memory import resolve_max_batch, resolve_offload
+
+    mixtral = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, num_local_experts=8)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(14.5 * GiB), 15 * GiB))
+    colab_ram = int(11.8 * GiB)
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: colab_ram)
+    cuda = torch.device("cuda")
+    t4 = offload_engine.load_config("t4-16gb")
+    alone = t4.replace(experts_on_device="auto")
+    batch = dataclasses.replace(alone, max_batch=4)
+    k_alone, k_batch = resolve_offload(alone, mixtral, cuda)[0], resolve_offload(batch, mixtral, cuda)[0]
+    assert k_batch < k_alone == 5
+    plan = plan_memory(mixtral, batch, int(14.5 * GiB), host_free_bytes=colab_ram, sequences=4)
+    assert plan.experts_on_device == k_batch
+    # After a load that planned for 4, the memory left holds them: the server takes the config's 4.
+    left = int(14.5 * GiB) - plan.total_bytes \
+        + 4 * kv_cache_bytes(mixtral, batch, 4096) + prefill_bytes(mixtral, batch, 4096, 4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (left, 15 * GiB))
+    assert resolve_max_batch(mixtral, batch, cuda, None)[0] == 4
+    with pytest.raises(offload_engine.config.ConfigError, match="max_batch must be an integer >= 1"):
+        offload_engine.load_config({"max_batch": 0})

@@ -4,7 +4,6 @@ empty namespace package instead of the installed package)."""
 
 from __future__ import annotations
 
-import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 

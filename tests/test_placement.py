@@ -36,3 +36,12 @@ def test_prefill_sized_misses_go_to_the_device():
 def test_cpu_ms_interpolates_and_extrapolates():
     assert DESKTOP.cpu_expert_ms(1) == 1.2 and DESKTOP.cpu_expert_ms(3) == pytest.approx(1.85)
     assert DESKTOP.cpu_expert_ms(8) == pytest.approx(4.4)
+
+
+def test_the_host_join_and_the_frozen_cache_keep_a_barely_faster_cpu_off_a_miss():
+    barely = PlacementCosts(copy_ms=2.6, device_ms=0.2, cpu_ms=((1, 2.6),), round_trip_ms=0.1)
+    assert place_misses([(3, 1)], barely, "auto") == set()  # 2.7 ms against 2.8: not clearly earlier
+    clearly = PlacementCosts(copy_ms=2.6, device_ms=0.2, cpu_ms=((1, 1.6),), round_trip_ms=0.1)
+    assert place_misses([(3, 1)], clearly, "auto") == {3}
+    joined = PlacementCosts(copy_ms=2.6, device_ms=0.2, cpu_ms=((1, 1.6),), round_trip_ms=0.1, join_ms=1.0)
+    assert place_misses([(3, 1)], joined, "auto") == set()  # the host's work after the join makes it 2.7 ms

@@ -24,7 +24,7 @@ import offload_engine  # noqa: E402
 from offload_engine.generate import SamplingParams  # noqa: E402
 from offload_engine.server import BackgroundServer, create_app  # noqa: E402
 
-from test_server import DEMO_CONFIG, HELLO, REPO, TIMEOUT, Gate, error_of, metric, wait_until  # noqa: E402
+from test_server import DEMO_CONFIG, HELLO, REPO, TIMEOUT, error_of, metric, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,27 @@ def post(results: dict, key: str, url: str, body: dict) -> threading.Thread:
     return thread
 
 
+class StepGate:
+    """Holds the worker inside its first batch step (after the running job started) until the gate opens: the worker
+    takes no other job meanwhile, so later requests wait in the FIFO."""
+
+    def __init__(self, worker):
+        self.worker, self.original, self.open, self.entered = worker, worker._step, threading.Event(), threading.Event()
+
+    def __enter__(self):
+        def step():
+            self.entered.set()
+            self.open.wait(TIMEOUT)
+            self.original()
+
+        self.worker._step = step
+        return self
+
+    def __exit__(self, *exc):
+        self.open.set()
+        self.worker._step = self.original
+
+
 def test_shutdown_stops_the_running_request_after_the_grace_period_with_an_error_event(engine):
     """In-process (BackgroundServer.stop is uvicorn's shutdown too): the worker is held on the running stream,
     so that the 1 s grace period surely runs out; the waiting requests are answered 503 at once."""
@@ -158,9 +179,9 @@ def test_shutdown_stops_the_running_request_after_the_grace_period_with_an_error
     worker, results = server.app.state.worker, {}
     url = server.url + "/v1/completions"
     body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "seed": 1}
-    with Gate(worker) as gate:
+    with StepGate(worker) as gate:
         threads = [post(results, "running", url, {**body, "stream": True})]
-        wait_until(lambda: len(gate.served) == 1, what="the first request to run")
+        assert gate.entered.wait(TIMEOUT), "the first request never ran"
         threads.append(post(results, "waiting", url, body))
         threads.append(post(results, "waiting stream", url, {**body, "stream": True}))
         wait_until(lambda: worker.depth() == 2, what="two requests to wait")
@@ -171,7 +192,7 @@ def test_shutdown_stops_the_running_request_after_the_grace_period_with_an_error
             status, kind, lines = results[key]
             assert (status, kind) == (503, "application/json"), key
             assert json.loads("".join(lines))["error"]["code"] == "server_shutting_down"
-        wait_until(lambda: worker.running is not None and worker.running.cancelled.is_set(), timeout=5,
+        wait_until(lambda: worker.running and all(r.job.cancelled.is_set() for r in worker.running), timeout=5,
                    what="the grace period to end")
     threads[0].join(TIMEOUT)
     stopping.join(TIMEOUT)
@@ -195,8 +216,8 @@ def test_sigterm_finishes_the_running_request_and_answers_the_waiting_ones_503(t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "OFFLOAD_SERVE_GRACE_S": "120"}  # a loaded machine must not turn the running reply into a timeout
     proc = subprocess.Popen([sys.executable, "-m", "offload_engine.server.cli", "--demo", "--config", str(config),
-                             "--port", str(port)], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port), "--max-batch", "1"],  # one runs, the others wait
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         def up() -> bool:

@@ -4,6 +4,8 @@ tokenizer transformers 5 builds from tokenizer.model merges runs of spaces diffe
 
 from __future__ import annotations
 
+import time
+
 import shutil
 
 import pytest
@@ -102,6 +104,14 @@ def test_chat_session_turns_equal_mistral_common(mixtral):
                                                                              bos=False)
 
 
+def latest_prompt(finished, served: int, timeout: float = 10.0) -> list[int]:
+    """The prompt of the latest request, once the worker has filed its `served`-th (it answers first, then files)."""
+    deadline = time.monotonic() + timeout
+    while len(finished) < served and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return finished[-1][0]
+
+
 def test_server_prompts_equal_mistral_common(mixtral):
     openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
@@ -111,11 +121,11 @@ def test_server_prompts_equal_mistral_common(mixtral):
     messages = CONVERSATIONS[1]
     with BackgroundServer(create_app(engine, model_name="mixtral")) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-        worker = s.app.state.worker
+        finished = s.app.state.worker.finished  # (prompt ids, KV cache) of the requests served, latest last
         reply = client.chat.completions.create(model="mixtral", messages=messages, max_tokens=3)
-        chat_ids = list(worker.last_prompt)
+        chat_ids = list(latest_prompt(finished, 1))
         completion = client.completions.create(model="mixtral", prompt=CODE, max_tokens=3)
-        text_ids = list(worker.last_prompt)
+        text_ids = list(latest_prompt(finished, 2))
     assert chat_ids == reference_chat(reference, messages) and reply.usage.prompt_tokens == len(chat_ids)
     assert text_ids == reference_text(reference, CODE) and completion.usage.prompt_tokens == len(text_ids)
 

@@ -3,9 +3,11 @@
 Decode (at most `GEMV_MAX_TOKENS` tokens): a GEMV that takes x and returns y in the compute dtype, reads each
 packed byte once for all of a call's tokens and accumulates in fp32, OpenMP over output rows. It multiplies
 either in fp32 (x converted once per call; weights dequantized in registers, w = (q - z) * s, the reference's
-formula) or, for bfloat16 activations with 1- or 2-bit codes on a CPU with AVX512-BF16, with bfloat16 dot
-products on the reference's own bfloat16 weights (`CPUKernels.multiplies_in` says which). Prefill: a one-pass
-dequantize into the full matrix in the compute dtype, bit for bit what the reference builds, then BLAS.
+formula; on AVX-512 CPUs with VBMI, 16-wide groups of byte codes run one group per vector lane, so the scale
+multiply leaves the inner loop) or, for bfloat16 activations on a CPU with AVX512-BF16, with bfloat16 dot products
+(on the codes, a group per lane, or on the reference's own bfloat16 weights; `CPUKernels.multiplies_in` says
+which). Prefill: a one-pass dequantize into the full matrix in the compute dtype, bit for bit what the
+reference builds, then BLAS.
 
 Why hand-written rather than `torch.compile`: inductor's loop for the group-sum formulation ends every group of
 16 weights with a horizontal sum, about one cycle per weight; dequantizing into vector registers and summing
@@ -39,7 +41,7 @@ from ..quantize import MatrixLayout
 from .packing import PackedFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-HEADERS = [SOURCE.with_name(name) for name in ("cpu_kernel_common.h", "cpu_kernel_bf16.h")]  # SOURCE includes them
+HEADERS = [SOURCE.with_name(name) for name in ("cpu_kernel_common.h", "cpu_kernel_bf16.h", "cpu_kernel_groups.h")]  # SOURCE includes them
 # Beyond this many tokens, dequantize + BLAS is faster: the GEMV reads each block of rows once for all of a call's
 # tokens, and measured crossovers on the Mixtral expert matrices lie between 64 and 128 tokens in float32 and in
 # bfloat16 (on a CPU with AVX512-BF16, whose BLAS is fast); scripts/bench_kernels.py --crossover.
@@ -274,12 +276,15 @@ class CPUKernels:
                       int(self.fp32_only))
         return y
 
-    def multiplies_in(self, layout: MatrixLayout) -> str:
-        """How the decode GEMV multiplies `layout` on this CPU: "bfloat16 dot products" (AVX512-BF16, bfloat16
-        activations, 1- or 2-bit codes: the reference's own bfloat16 weights) or "fp32" (x converted once)."""
-        if not self.fp32_only and _plan(layout).lib.bf16_dot(_plan(layout).shape):
-            return "bfloat16 dot products"
-        return "fp32"
+    def multiplies_in(self, layout: MatrixLayout, tokens: int = 1) -> str:
+        """How the decode GEMV multiplies `layout` at `tokens` tokens on this CPU (bfloat16 activations on a CPU
+        with AVX512-BF16 only, else "fp32", x converted once): "bfloat16 dot products on the codes" (groups of 16,
+        1-4-bit codes, AVX-512 VBMI: exact products of codes and x, scales applied per group in fp32) or
+        "bfloat16 dot products on the reference's weights" (1- or 2-bit codes: its bfloat16 weights, tabled)."""
+        plan = _plan(layout)
+        how = 0 if self.fp32_only or tokens > GEMV_MAX_TOKENS else plan.lib.bf16_dot(plan.shape)
+        return {0: "fp32", 1: "bfloat16 dot products on the reference's weights",
+                2: "bfloat16 dot products on the codes"}[how]
 
     def warm_up(self, layout: MatrixLayout, device: torch.device) -> None:
         """Build (or load from the disk cache) the library `layout` needs, so the first reply does not wait."""

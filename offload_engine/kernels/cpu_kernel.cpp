@@ -12,15 +12,20 @@
 // reads its own (at most two) runs of word rows: correct, just PACK times the traffic.
 //
 // The GEMV takes x and writes y in the compute dtype, all tokens of a call at once: each block of rows is read
-// from memory once and stays in L1 while every token block runs over it. Two ways to multiply:
+// from memory once and stays in L1 while every token block runs over it. Three ways to multiply:
 //  * fp32 (every machine and dtype): x converted to fp32 once per call; per group the weights are dequantized
 //    in registers, w = (q - z) * s in fp32 (an FMA on the code masked in place, see fma_form), and multiplied
-//    into per-row vector accumulators summed once per row: per vector of weights a mask, a convert, an FMA,
-//    and one FMA per token. Scales and zeros are rebuilt as quantize.dequantize does (fp32 arithmetic, rounded
-//    through the compute dtype), a block of rows at a time. (A horizontal sum per group, which the group-sum
-//    identity written in torch compiles to, was ~5x slower.)
-//  * bfloat16 dot products (cpu_kernel_bf16.h; AVX512-BF16 CPUs, bfloat16 activations, 1- and 2-bit codes): the
-//    reference's own bfloat16 weights from a per-group table, times x as it comes, accumulated in fp32.
+//    into per-row vector accumulators summed once per row: per vector of weights a mask, a convert, a multiply
+//    by the scale, and one FMA per token. Scales and zeros are rebuilt as quantize.dequantize does (fp32
+//    arithmetic, rounded through the compute dtype), a block of rows at a time. (A horizontal sum per group,
+//    which the group-sum identity written in torch compiles to, was ~5x slower.)
+//  * fp32 with one group per lane (cpu_kernel_groups.h; AVX-512 with VBMI, byte codes in groups of 16, e.g.
+//    Mixtral's 2-bit g16 experts): the same arithmetic with the scale multiply moved out of the inner loop, once
+//    per 16 groups (the group-sum identity, vectorised across groups instead of summed within one).
+//  * bfloat16 dot products (AVX512-BF16 CPUs, bfloat16 activations): with a group per lane (cpu_kernel_groups.h,
+//    groups of 16, codes of 1-4 bits, VBMI) the codes themselves as bfloat16 integers times x, exact products
+//    summed in fp32, the scales applied per group as above; otherwise (cpu_kernel_bf16.h, 1- and 2-bit codes)
+//    the reference's own bfloat16 weights from a per-group table, times x as it comes, accumulated in fp32.
 // Prefill instead dequantizes the whole matrix (dequantize below) for BLAS.
 #include <vector>
 
@@ -68,9 +73,8 @@ static void scales_and_zeros(const Meta& m, int64_t first, int count, float* s, 
     }
 }
 
-// sum_j a[j] * b[j] for j < count, in vectors.
-static float dot_floats(const float* a, const float* b, int count) {
-    vfloat acc = {};
+// sum_j a[j] * b[j] for j < count, in vectors, plus the lanes of acc.
+static float dot_floats(const float* a, const float* b, int count, vfloat acc = vfloat{}) {
     int j = 0;
     for (; j + LANES <= count; j += LANES) acc += load_floats(a + j) * load_floats(b + j);
     float total = horizontal_sum(acc);
@@ -111,7 +115,7 @@ static void dot_run(const WORD* words, int groups, const int* shifts, const floa
     }
     for (int r = 0; r < P; r++)
         for (int t = 0; t < T; t++)
-            out[r * T + t] += horizontal_sum(acc[r][t]) + dot_floats(z[r], x_sums + t * sums_stride, groups);
+            out[r * T + t] += dot_floats(z[r], x_sums + t * sums_stride, groups, acc[r][t]);
 }
 
 // dot_run for `tokens` tokens (out[r * tokens + t]), in blocks of TOKEN_BLOCK over the same run.
@@ -208,6 +212,15 @@ static void gemv_fp32(const Matrix& m, const float* x, int tokens, void* y, int 
 }
 
 #include "cpu_kernel_bf16.h"
+#include "cpu_kernel_groups.h"
+
+// y [T, N] (compute dtype) = x [T, K] (fp32) @ W.T, on the fastest fp32 path this build has for the matrix.
+static void gemv_float(const Matrix& m, const float* x, int tokens, void* y, int threads) {
+    if (group_lanes_run(m))
+        gemv_groups<false>(m, x, tokens, y, threads);
+    else
+        gemv_fp32(m, x, tokens, y, threads);
+}
 
 // Stores v, already a value of dtype DT, as DT at out[at].
 template <int DT>
@@ -270,23 +283,31 @@ extern "C" {
 void gemv(const uint8_t* base, const int64_t* offsets, const int64_t* shape, const void* x, int tokens, void* y,
           int threads, int fp32_only) {
     const Matrix m = matrix_at(base, offsets, shape);
+    if (!fp32_only && group_dot_runs(m)) {
+        const AlignedFloats x32(tokens * m.k);
+        to_float(x, m.meta.dtype, tokens * m.k, x32.data);
+        gemv_groups<true>(m, x32.data, tokens, y, threads);
+        return;
+    }
     if (!fp32_only && bf16_dot_runs(m)) {
         gemv_bf16(m, (const uint16_t*)x, tokens, (uint16_t*)y, threads);
         return;
     }
     if (m.meta.dtype == FLOAT32) {
-        gemv_fp32(m, (const float*)x, tokens, y, threads);
+        gemv_float(m, (const float*)x, tokens, y, threads);
         return;
     }
     const AlignedFloats x32(tokens * m.k);  // converted once per call
     to_float(x, m.meta.dtype, tokens * m.k, x32.data);
-    gemv_fp32(m, x32.data, tokens, y, threads);
+    gemv_float(m, x32.data, tokens, y, threads);
 }
 
-// 1 when gemv multiplies a matrix of this `shape` with bfloat16 dot products, 0 when in fp32.
+// How gemv multiplies a matrix of this `shape`: 2 with bfloat16 dot products on the codes (a group per lane), 1 on
+// the reference's bfloat16 weights (tables), 0 in fp32.
 int bf16_dot(const int64_t* shape) {
     const int64_t no_segments[7] = {-1, -1, -1, -1, -1, -1, -1};
-    return bf16_dot_runs(matrix_at(nullptr, no_segments, shape));
+    const Matrix m = matrix_at(nullptr, no_segments, shape);
+    return group_dot_runs(m) ? 2 : bf16_dot_runs(m) ? 1 : 0;
 }
 
 // The full matrix W [N, K] in the compute dtype (`dtype`), as hqq's dequantize builds it there.

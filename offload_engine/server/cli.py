@@ -16,11 +16,13 @@ bad model, config or option.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from ..cli import UsageError, cli_terms, load_engine
 from ..model_args import add_model_arguments, parse_model_args, resolve_setup
+from ..config import explicit_keys
 from ..memory import MAX_BATCH, NotEnoughMemory, resolve_max_batch
 
 
@@ -38,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("OFFLOAD_SERVE_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $OFFLOAD_SERVE_API_KEY; none)")
     p.add_argument("--max-batch", type=int, metavar="N",
-                   help=f"requests generated together, each with its own KV cache at max_context (default: "
-                        f"{MAX_BATCH}, or as many as fit the memory left after loading)")
+                   help=f"requests generated together, each with its own KV cache at max_context; on a GPU, "
+                        f"experts_on_device: auto leaves room for them (default: the config's max_batch when above "
+                        f"1, else up to {MAX_BATCH}, as many as fit the memory left after loading)")
     p.add_argument("--max-queue", type=int, default=32, metavar="N",
                    help="requests that may wait while --max-batch are generated; more get HTTP 429 (default 32)")
     p.add_argument("--served-model-name", metavar="NAME",
@@ -62,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
         if not 0 <= args.port <= 65535:
             raise UsageError(f"--port must be in 0..65535, got {args.port}")
-        engine = load_engine(resolve_setup(args))
+        setup = resolve_setup(args)
+        if args.max_batch is not None:  # `experts_on_device: auto` leaves room for this many KV caches
+            setup = dataclasses.replace(setup, config={**explicit_keys(setup.config), "max_batch": args.max_batch})
+        engine = load_engine(setup)
         max_batch, why = resolve_max_batch(engine.model.config, engine.config, engine.device, args.max_batch)
         print(f"batching: {why}", file=sys.stderr)
         from .runner import serve

@@ -236,7 +236,12 @@ class Worker:
         except BaseException as e:  # a failed step fails its requests; the server carries on with the others
             message = f"generation failed: {type(e).__name__}: {e}"
             with self.condition:
-                for running in [r for r in self.running if r.sequence.finish_reason == "error"]:
+                failed = [r for r in self.running if r.sequence.finish_reason == "error"]
+                if not failed:  # raised before the step ran (the lock of a closed engine): every job fails
+                    failed = list(self.running)
+                    for running in failed:
+                        running.sequence.cancel()
+                for running in failed:
                     self._end(running, Failed(message))
             return
         if self.metrics is not None:
