@@ -16,6 +16,7 @@ on a CPU device the device *is* the CPU, so auto computes nothing apart and says
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Sequence
 
@@ -23,7 +24,7 @@ import torch
 
 from .cache_stats import LayerStats
 from .cpu_worker import CpuWorker
-from .placement import PlacementCosts, place_misses
+from .placement import PlacementCosts, place_layer
 
 CALIBRATION_TOKENS = (1, 2, 4, 8)
 ExpertOnCpu = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (host slot, rows [n, H]) -> [n, H]
@@ -47,7 +48,7 @@ class CpuTier:
         if c is None:
             return None
         return {"copy_ms": c.copy_ms, "device_ms": c.device_ms, "cpu_ms": {t: ms for t, ms in c.cpu_ms},
-                "round_trip_ms": c.round_trip_ms}
+                "round_trip_ms": c.round_trip_ms, "host_ms_per_layer": c.join_ms}
 
     def describe(self) -> str:
         """One line for the load line and stats(): the mode and, for auto, the calibration."""
@@ -56,16 +57,20 @@ class CpuTier:
         c = self.costs
         cpu = ", ".join(f"{t} tok {ms:.2f} ms" for t, ms in c.cpu_ms)
         return (f"auto (copy {c.copy_ms:.2f} ms/expert, device {c.device_ms:.2f} ms/expert, CPU {cpu}, "
-                f"round trip {c.round_trip_ms:.2f} ms)")
+                f"round trip {c.round_trip_ms:.2f} ms, host {c.join_ms:.2f} ms/layer)")
+
+    def note_host_ms(self, ms: float) -> None:
+        """The host's own work between two layer calls, measured as the model runs: a running mean becomes
+        placement's `join_ms` (a layer with CPU experts holds the host until their results are back)."""
+        if self.mode == "auto" and self.costs is not None:
+            join_ms = ms if self.costs.join_ms == 0.0 else 0.9 * self.costs.join_ms + 0.1 * ms
+            self.costs = dataclasses.replace(self.costs, join_ms=join_ms)
 
     def place(self, cache, layer: int, tokens: dict[int, int], order: Sequence[int]) -> set[int]:
         """The misses of this layer call that the CPU computes (`tokens`: expert -> tokens routed to it)."""
-        misses = [(expert, tokens[expert]) for expert in order if cache.is_miss(layer, expert)]
-        if not misses or not self.active:
+        if not self.active:
             return set()
-        on_device = len(order) - len(misses)
-        device_busy = on_device * self.costs.device_ms if self.costs is not None else 0.0
-        return place_misses(misses, self.costs, self.mode, device_busy)
+        return place_layer(order, tokens, lambda expert: cache.is_miss(layer, expert), self.costs, self.mode)
 
     def start(self, cache, layer: int, jobs: list[tuple[int, torch.Tensor]], rows: Callable[[int], torch.Tensor],
               run: ExpertOnCpu, deliver: Callable[[int, torch.Tensor], None], on_sync: Callable[[], None]):

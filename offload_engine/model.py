@@ -18,6 +18,7 @@ statistics. Which layers are MoE, and where the router sits, come from the adapt
 from __future__ import annotations
 
 import copy
+import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class _Pass:
     residual: torch.Tensor  # [T, H]: the latest residual stream, from which the next MoE layer is guessed
     on_routing: RoutingObserver | None
     guessed: list[int] = field(default_factory=list)  # the guess for the MoE layer about to run
+    layer_end: float | None = None  # perf_counter when the host finished the previous MoE layer's call
 
 
 class OffloadedModel(nn.Module):
@@ -274,6 +276,10 @@ class OffloadedModel(nn.Module):
         from inside the family's block.
         x: [T, H] normed hidden states; experts, weights: [T, K] (the family's router's choice) -> [T, H]."""
         step = self._pass
+        if step.layer_end is not None and self.device.type == "cuda":
+            # The host's own work since the last layer (launching the trunk's kernels): a layer that waits for
+            # CPU experts delays it, which placement weighs (on a CPU device this time is the trunk's compute).
+            self.cpu_tier.note_host_ms(1000 * (time.perf_counter() - step.layer_end))
         guess = self._speculate(moe_layer + 1, step.residual)
         # The one device->host read of the layer: the routing decides which experts to fetch, and the guess
         # for the next MoE layer rides along in the same transfer. Everything else stays on the device.
@@ -288,7 +294,9 @@ class OffloadedModel(nn.Module):
         # The next layer's speculative copies are queued after this layer's demand copies.
         next_in_cache = moe_layer + 1 - self.cpu_layers  # its number in the cache (static layers are not there)
         then = (lambda: self.cache.prefetch(next_in_cache, next_guess)) if guess is not None else None
-        return self._run_experts(moe_layer, x, weights, experts, routed, then)
+        out = self._run_experts(moe_layer, x, weights, experts, routed, then)
+        step.layer_end = time.perf_counter()
+        return out
 
     def _run_experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                      routed: list[int], then: Callable[[], None] | None) -> torch.Tensor:

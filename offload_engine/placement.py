@@ -12,7 +12,7 @@ at load (the engine) or stated per hardware profile (the timed replay), and this
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 CPU_COMPUTE_CHOICES = ("auto", "off", "always")
 
@@ -76,3 +76,13 @@ def place_misses(misses: Sequence[tuple[int, int]], costs: PlacementCosts | None
             link_end += costs.copy_ms
             device_end = copied_end
     return on_cpu
+
+
+def place_layer(order: Sequence[int], tokens: Mapping[int, int], is_miss: Callable[[int], bool],
+                costs: PlacementCosts | None, mode: str) -> set[int]:
+    """The experts of one layer call that the CPU computes: `order`, the call's distinct experts; `tokens`, how many
+    tokens each is routed to; `is_miss(expert)`, whether it is neither resident nor staged. The resident ones'
+    kernels (`costs.device_ms` each) are queued on the device first. The engine and the timed replay both ask this."""
+    misses = [(expert, tokens[expert]) for expert in order if is_miss(expert)]
+    resident_ms = (len(order) - len(misses)) * costs.device_ms if costs is not None else 0.0
+    return place_misses(misses, costs, mode, resident_ms)

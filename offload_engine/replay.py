@@ -18,23 +18,22 @@ next of that layer's routed experts (most tokens first) with probability `precis
 use. `batch` > 1 interleaves B sequences (the traces' tokens cut into B runs): a step looks up the distinct experts
 of B tokens per layer, as a batched forward does.
 
-The CPU tier (hybrid execution, issue 23; `cpu=CpuTier(...)`): per layer call, the missed experts (neither
-resident nor staged) go through `placement.place_misses` with the costs the engine would calibrate (a copy at
-the H2D rate, an expert's kernels at `kernel_gbps`, the CPU's stated ms per expert). The CPU's experts are not
-copied and change nothing in the cache (no copy, no eviction, no policy touch: the runtime does the same); they
-run on a fourth timeline, "cpu", from the moment of the routing read (after any write-back still filling their host
-slot), one after another, plus one round trip (their rows of x down, the results back). The device's experts go
-through `schedule.run_layer` as before. The host then does its own share of the hand-over (`call_host_ms`) and
-joins the worker: a stream cannot wait for a host-side result without the host, so the next layer's host work
-and kernels start only once the CPU's results are back, and a layer with CPU experts ends when both tiers are
-done. On a CPU whose cores the kernel's threads all take (`oversubscribed`: Colab's 2 vCPUs), the host thread's
-hand-over work preempts a kernel thread, and an OpenMP call ends with its slowest thread: the CPU op is stretched
-by that work. `cpu=None` or mode `off` replays today's copy-only engine exactly.
+The CPU tier (hybrid execution, issue 23; `cpu=CpuSpeeds(...)`): per layer call, `placement.place_layer` picks
+the misses the CPU computes with the costs the engine would calibrate (a copy at the H2D rate, an expert's kernels
+at `kernel_gbps`, the CPU's stated ms per expert, the host's ms per layer), and `schedule.run_layer` runs them
+as the engine does: their host slots are lent to the CPU (a lookup and a miss each, no copy, no eviction), their
+work goes on the "cpu" timeline right after the routing read (behind any write-back still filling a slot), one
+expert after another plus one round trip (their rows of x down, the results back); the device's experts are
+queued meanwhile; then the host does its share of the hand-over (`call_host_ms`) and joins the worker: a stream
+cannot wait for a host-side result without the host, so the next layer's host work and kernels start only once
+the CPU's results are back. On a CPU whose cores the kernel's threads all take (`oversubscribed`: Colab's 2
+vCPUs), the host thread's hand-over work preempts a kernel thread, and an OpenMP call ends with its slowest
+thread: the CPU op is stretched by that work. `cpu=None` or mode `off` replays today's copy-only engine exactly.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -42,9 +41,9 @@ import numpy as np
 import torch
 
 from .expert_cache import ExpertCache
-from .placement import CPU_COMPUTE_CHOICES, PlacementCosts, place_misses
+from .placement import CPU_COMPUTE_CHOICES, PlacementCosts, place_layer
 from .schedule import run_layer
-from .stream_check import TimedEvent, TimedStreams
+from .stream_check import TimedStreams
 
 GB = 1e9
 
@@ -77,7 +76,7 @@ class ModelCosts:
 
 
 @dataclass(frozen=True)
-class CpuTier:
+class CpuSpeeds:
     """The CPU as a second compute tier (every input a stated number), and the placement mode."""
     expert_ms: tuple[tuple[int, float], ...]  # (tokens, the CPU kernel's ms for one expert in the model's dtype)
     round_trip_ms: float = 0.1  # a layer's CPU rows device->host and the results back, with the worker's wake-up
@@ -90,21 +89,6 @@ class CpuTier:
             raise ValueError(f"cpu_compute must be one of {', '.join(CPU_COMPUTE_CHOICES)}, got {self.mode!r}")
 
 
-class HybridStreams(TimedStreams):
-    """TimedStreams with a fourth timeline, "cpu": the worker thread running CPU experts (ops in seconds)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.queues["cpu"] = deque()
-        self.last["cpu"] = None
-        self.busy["cpu"] = 0.0
-
-    def cpu_work(self, seconds: float, after: tuple = (), label: str = "cpu") -> TimedEvent:
-        """Queue `seconds` of CPU work that starts once the host has queued it and the ops `after` have ended."""
-        self._queue("cpu", "kernel", seconds, deps=after, label=label)
-        return TimedEvent({}, self.last["cpu"])
-
-
 @dataclass
 class ReplayResult:
     steps: int
@@ -113,7 +97,7 @@ class ReplayResult:
     busy_s: dict  # per timeline: host (its own work), compute, h2d, d2h, cpu
     critical_s: dict  # per timeline: its share of the chain of ops that ended last
     both_copying_s: float  # copy-ins and write-backs running at the same time
-    stats: dict = field(default_factory=dict)  # the cache's counters summed over layers, and cpu_computed
+    stats: dict = field(default_factory=dict)  # the cache's counters summed over layers (cpu_computed included)
     races: int = 0  # the stream protocol's race check, on the same run
     streams: TimedStreams | None = field(default=None, repr=False)  # with every op, when asked (`keep_ops`)
 
@@ -143,7 +127,7 @@ class ReplayResult:
     @property
     def device_hit_rate(self) -> float:
         """Of all expert lookups (the CPU's included), the share found resident or staged on the device."""
-        return self.stats["hits"] / (self.stats["lookups"] + self.stats["cpu_computed"])
+        return self.stats["hits"] / self.stats["lookups"]
 
 
 def sequences(traces: Mapping[str, np.ndarray], batch: int) -> list[np.ndarray]:
@@ -180,7 +164,7 @@ def _routing(step_rows: Sequence[np.ndarray], layer: int) -> tuple[list[int], Co
     return list(dict.fromkeys(routed)), Counter(routed)
 
 
-def placement_costs(costs: ModelCosts, speeds: Speeds, cpu: CpuTier) -> PlacementCosts:
+def placement_costs(costs: ModelCosts, speeds: Speeds, cpu: CpuSpeeds) -> PlacementCosts:
     """What the engine's calibration at load would find on the replay's machine."""
     return PlacementCosts(copy_ms=1e3 * costs.expert_bytes / (speeds.h2d_gbps * GB),
                           device_ms=1e3 * costs.expert_kernel_bytes / (speeds.kernel_gbps * GB),
@@ -194,7 +178,7 @@ def _expert_kernel_s(costs: ModelCosts, speeds: Speeds, tokens: int) -> float:
 def replay_engine(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: Speeds = Speeds(), *, k: int,
                   prefetch: int = 1, policy: str = "lru", write_back: bool = True, batch: int = 1,
                   min_precision: float = 0.0, num_experts: int | None = None, seed: int = 0,
-                  keep_ops: bool = False, cpu: CpuTier | None = None) -> ReplayResult:
+                  keep_ops: bool = False, cpu: CpuSpeeds | None = None) -> ReplayResult:
     """Replay `traces` ({name: experts [tokens, layers, top_k]}, -1 = missing) through the engine's cache with
     `k` experts per layer on the device, and time it. `prefetch`, `policy`, `write_back` and `min_precision`
     (`offload.prefetch_min_precision`) are the engine's settings; `cpu`: the CPU tier and `offload.cpu_compute`
@@ -202,7 +186,7 @@ def replay_engine(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: S
     runs = sequences(traces, batch)
     layers = runs[0].shape[1]
     experts = num_experts or max(8, int(max(r.max() for r in runs)) + 1)
-    streams = HybridStreams(speeds.h2d_gbps * GB, speeds.d2h_gbps * GB, costs.expert_bytes,
+    streams = TimedStreams(speeds.h2d_gbps * GB, speeds.d2h_gbps * GB, costs.expert_bytes,
                             None if speeds.duplex_gbps is None else speeds.duplex_gbps * GB, keep_ops=keep_ops)
     # One byte per expert: the real cache's bookkeeping and copies, with the sizes carried by the stand-ins.
     cache = ExpertCache(layers, experts, 1, k, prefetch, torch.device("cpu"), policy, streams=streams,
@@ -211,7 +195,7 @@ def replay_engine(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: S
     kernel_s = lambda nbytes: nbytes / (speeds.kernel_gbps * GB)  # noqa: E731
     trunk_s = kernel_s(costs.trunk_bytes_per_layer + batch * costs.kv_bytes_per_layer)
     host_s = speeds.host_ms_per_layer / 1e3
-    hybrid = _CpuTierRun(cache, streams, cpu, placement_costs(costs, speeds, cpu), costs, speeds) if cpu else None
+    placement = placement_costs(costs, speeds, cpu) if cpu and cpu.mode != "off" else None
 
     for step in range(len(runs[0])):
         rows = [run[step] for run in runs]
@@ -231,11 +215,9 @@ def replay_engine(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: S
             def kernels(expert: int, buffer: torch.Tensor, layer=layer, counts=counts) -> None:
                 streams.kernel(_expert_kernel_s(costs, speeds, counts[expert]), f"expert {layer}.{expert}")
 
-            on_cpu = hybrid.start(layer, order, counts) if hybrid else None
-            # Only the device's experts go through run_layer (so the prefetch gate scores guesses against them).
-            run_layer(cache, layer, [e for e in order if not on_cpu or e not in on_cpu], kernels, then)
-            if on_cpu:
-                hybrid.join()
+            on_cpu = place_layer(order, counts, lambda e, l=layer: cache.is_miss(l, e), placement, cpu.mode) \
+                if placement else set()
+            run_layer(cache, layer, order, kernels, then, on_cpu, _cpu_kernels(streams, cpu, placement, layer, counts))
         streams.kernel(kernel_s(costs.head_bytes), "lm_head")
         streams.host_wait(streams.record(streams.compute))  # the sampler reads the token
     cache.check_invariant()
@@ -246,44 +228,25 @@ def replay_engine(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: S
     totals["bytes_h2d"] *= costs.expert_bytes  # the cache counted one byte per copy
     totals["bytes_d2h"] *= costs.expert_bytes
     totals["expert_bytes"] = costs.expert_bytes
-    totals["cpu_computed"] = hybrid.computed if hybrid else 0
     return ReplayResult(len(runs[0]), batch, streams.host_now, dict(streams.busy), streams.critical_path(),
                         streams.both_copying_s, totals, len(streams.races), streams if keep_ops else None)
 
 
-class _CpuTierRun:
-    """The CPU tier's part of a layer call, kept apart from `schedule.run_layer` (which runs the device's experts):
-    place the misses, queue the CPU's experts on the "cpu" timeline, then the host's hand-over and its join."""
+def _cpu_kernels(streams: TimedStreams, cpu: CpuSpeeds | None, placement: PlacementCosts | None, layer: int,
+                 counts: Counter):
+    """run_layer's `cpu_kernels` for the replay: the layer's CPU experts as one op on the "cpu" timeline (queued
+    behind what lending their host slots made it wait for); the returned function is the host's hand-over and
+    its wait for the results."""
 
-    def __init__(self, cache: ExpertCache, streams: HybridStreams, tier: CpuTier, placement: PlacementCosts,
-                 costs: ModelCosts, speeds: Speeds):
-        self.cache, self.streams, self.tier, self.placement = cache, streams, tier, placement
-        self.costs, self.speeds = costs, speeds
-        self.computed = 0  # experts computed by the CPU, all layers
-        self.pending: TimedEvent | None = None
+    def start(jobs: list[tuple[int, torch.Tensor]]):
+        ms = cpu.round_trip_ms + sum(placement.cpu_expert_ms(counts[expert]) for expert, _ in jobs)
+        if cpu.oversubscribed:
+            ms += cpu.call_host_ms
+        done = streams.cpu_work(ms / 1e3, f"cpu {layer}: {sorted(expert for expert, _ in jobs)}")
 
-    def start(self, layer: int, order: Sequence[int], counts: Counter) -> set[int]:
-        """Choose and queue this layer call's CPU experts (right after the routing read); returns them."""
-        cache = self.cache
-        on_device = [e for e in order if e in cache.main[layer] or e in cache.staged[layer]]
-        misses = [(e, counts[e]) for e in order if e not in on_device]
-        busy_ms = 1e3 * sum(_expert_kernel_s(self.costs, self.speeds, counts[e]) for e in on_device)
-        on_cpu = place_misses(misses, self.placement, self.tier.mode, busy_ms)
-        if not on_cpu:
-            return on_cpu
-        # The CPU reads each expert's host slot: after any write-back still filling it (swap mode).
-        slots = [cache.host_of[layer][e] for e in on_cpu]
-        after = tuple(event.op for event in (cache.host_written[layer][h] for h in slots)
-                      if event is not None and getattr(event, "op", None) is not None)
-        ms = self.tier.round_trip_ms + sum(self.placement.cpu_expert_ms(counts[e]) for e in on_cpu)
-        if self.tier.oversubscribed:
-            ms += self.tier.call_host_ms
-        self.pending = self.streams.cpu_work(ms / 1e3, after, f"cpu {layer}: {sorted(on_cpu)}")
-        self.computed += len(on_cpu)
-        return on_cpu
+        def join() -> None:
+            streams.host_work(cpu.call_host_ms / 1e3, "cpu hand-over")
+            streams.host_wait(done)
+        return join
 
-    def join(self) -> None:
-        """After the device's experts are queued: the host hands over and takes back, then waits for the results."""
-        self.streams.host_work(self.tier.call_host_ms / 1e3, "cpu hand-over")
-        self.streams.host_wait(self.pending)
-        self.pending = None
+    return start if placement else None

@@ -125,7 +125,7 @@ class RecordingStreams:
 @dataclass(eq=False)
 class Op:
     """One piece of work on a timeline: a copy (`left` in bytes), a kernel or host work (seconds), or a wait."""
-    timeline: str  # "host", "compute", "h2d" or "d2h"
+    timeline: str  # "host", "compute", "h2d", "d2h" or "cpu"
     kind: str  # "copy", "kernel", "work" or "wait"
     left: float
     deps: tuple = ()  # ops that must end before this one starts (besides the one before it on its timeline)
@@ -145,8 +145,8 @@ class TimedEvent(StandInEvent):
 class TimedStreams(RecordingStreams):
     """Stand-in streams that also carry simulated time, for replaying the real cache with stated speeds.
 
-    Four timelines: the host, which runs the caller's program in order, and three device streams (compute,
-    h2d, d2h), each a FIFO of ops that start when the host has queued them, the op before them on their stream
+    Five timelines: the host, which runs the caller's program in order, three device streams (compute, h2d,
+    d2h) and the CPU worker (`cpu`: hybrid execution's CPU experts, `cpu_work`), each a FIFO of ops that start when the host has queued them, the op before them on their stream
     has ended and every event they wait for has been reached. A copy moves `copy_bytes` at its direction's rate,
     both directions at once share `duplex` bytes/s in proportion to their rates (the sum of the two rates:
     full duplex); a kernel (`kernel`) and host work (`host_work`) take the seconds given; `host_wait` blocks the
@@ -164,10 +164,10 @@ class TimedStreams(RecordingStreams):
         self.copy_bytes = copy_bytes
         self.now = 0.0  # device time simulated so far
         self.host_op = Op("host", "work", 0.0, start=0.0, end=0.0)  # the host's latest op: it ends at host time
-        self.queues = {name: deque() for name in ("compute", "h2d", "d2h")}
+        self.queues = {name: deque() for name in ("compute", "h2d", "d2h", "cpu")}
         self.last = dict.fromkeys(self.queues)  # the latest op queued per device timeline
         self.last_done: dict[str, Op] = {}  # the latest op finished per device timeline
-        self.busy = dict.fromkeys(("host", "compute", "h2d", "d2h"), 0.0)  # seconds each timeline was working
+        self.busy = dict.fromkeys(("host", *self.queues), 0.0)  # seconds each timeline was working
         self.both_copying_s = 0.0  # seconds during which copies ran in both directions at once
         self.queued = 0  # device ops queued so far
         self.ops: list[Op] | None = [] if keep_ops else None  # every finished op, if asked (tests, timelines)
@@ -210,6 +210,12 @@ class TimedStreams(RecordingStreams):
 
     def kernel(self, seconds: float, label: str = "kernel") -> None:
         self._queue("compute", "kernel", seconds, label=label)
+
+    def cpu_work(self, seconds: float, label: str = "cpu") -> TimedEvent:
+        """Queue `seconds` of work on the CPU worker (after what the cache made it wait for: `wait(cpu, ...)`);
+        returns the event the host waits on for its results."""
+        self._queue("cpu", "kernel", seconds, label=label)
+        return TimedEvent({}, self.last["cpu"])
 
     def record(self, stream: StandInStream) -> TimedEvent:
         return TimedEvent(super().record(stream).clock, self.last[stream.name])

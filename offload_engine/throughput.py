@@ -30,7 +30,7 @@ from .anatomy import Anatomy
 from .config import EngineConfig, load_config
 from .kernels import fused_traffic
 from .memory import GiB, MemoryPlan, kv_cache_bytes, plan_memory
-from .replay import CpuTier, ModelCosts, ReplayResult, Speeds, replay_engine
+from .replay import CpuSpeeds, ModelCosts, ReplayResult, Speeds, replay_engine
 
 __all__ = ["GPU", "GPUS", "CPU", "CPUS", "MEASURED_CPU", "HOST_RAM", "costs_of", "speeds_of", "cpu_tier", "plan_on",
            "auto_k", "shared_traces", "modelled", "break_even_precision", "solve"]
@@ -159,9 +159,9 @@ def speeds_of(gpu: GPU, **overrides) -> Speeds:
     return Speeds(**{"h2d_gbps": gpu.h2d / GB, "d2h_gbps": gpu.d2h / GB, "kernel_gbps": gpu.hbm / GB, **overrides})
 
 
-def cpu_tier(cpu: CPU, mode: str, expert_bytes: int = MEASURED_CPU["expert_bytes"]) -> CpuTier:
+def cpu_tier(cpu: CPU, mode: str, expert_bytes: int = MEASURED_CPU["expert_bytes"]) -> CpuSpeeds:
     """The replay's CPU tier for `cpu` at `offload.cpu_compute: mode`."""
-    return CpuTier(cpu.expert_ms(expert_bytes), ROUND_TRIP_MS, HAND_OVER_SHARE * cpu.host_ms_per_layer,
+    return CpuSpeeds(cpu.expert_ms(expert_bytes), ROUND_TRIP_MS, HAND_OVER_SHARE * cpu.host_ms_per_layer,
                    cpu.oversubscribed, mode)
 
 
@@ -192,7 +192,7 @@ def shared_traces() -> dict[str, np.ndarray]:
 
 def modelled(traces: Mapping[str, np.ndarray], costs: ModelCosts, speeds: Speeds, cfg: EngineConfig, k: int,
              write_back: bool, *, batch: int = 1, prefetch: Optional[int] = None,
-             min_precision: Optional[float] = None, cpu: Optional[CpuTier] = None) -> ReplayResult:
+             min_precision: Optional[float] = None, cpu: Optional[CpuSpeeds] = None) -> ReplayResult:
     """The timed replay at `k` experts per layer and `cfg`'s prefetch settings (or those given); `cpu`: the CPU
     tier (None: copy-only)."""
     off = cfg.offload

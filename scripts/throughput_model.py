@@ -45,7 +45,7 @@ REFERENCE = {"full": 2.09, "lru": 1.57, "naive": 0.66}  # the reference system o
 SETUPS = [("t4", "t4-16gb", "Colab (12.7 GB)"), ("t4", "t4-16gb", "Kaggle T4 VM (29 GB)"),
           ("rtx3060", "12gb", "desktop (32 GB)"), ("rtx3090", "24gb", "desktop (32 GB)")]
 HYBRID_GPUS = ("t4", "rtx3060")  # the RTX 3090 keeps every expert on the device: no misses
-# Hybrid sensitivity, RTX 3060 beside the 8-core desktop: (label, Speeds changes, CpuTier changes, CPU ms factor,
+# Hybrid sensitivity, RTX 3060 beside the 8-core desktop: (label, Speeds changes, CpuSpeeds changes, CPU ms factor,
 # replay options: no prefetch and batch 1 unless said)
 HYBRID_SENSITIVITY = [("the profiles' inputs", {}, {}, 1.0, {}), ("CPU kernel 1.2x slower", {}, {}, 1.2, {}),
                       ("CPU kernel 1.35x slower", {}, {}, 1.35, {}), ("CPU kernel 1.5x slower", {}, {}, 1.5, {}),

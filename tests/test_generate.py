@@ -168,5 +168,9 @@ def test_auto_sizing_for_mixtral_on_a_t4():
         plan_memory(mixtral, offload_engine.load_config({"offload": {"experts_on_device": 8}}), t4_free)
     smaller = plan_memory(mixtral, offload_engine.load_config("12gb"), int(11.3 * 1024**3))
     assert 1 <= smaller.experts_on_device < plan.experts_on_device
-    with pytest.raises(NotEnoughMemory, match="not even 1"):
+    # Where not even 1 expert per layer fits, auto keeps the first layers' experts on the CPU (cpu_layers) ...
+    small_gpu = plan_memory(mixtral, offload_engine.load_config("t4-16gb"), int(4.5 * 1024**3))
+    assert small_gpu.cpu_layers > 0 and small_gpu.experts_on_device >= 1 and small_gpu.total_bytes <= 4.5 * 1024**3
+    # ... and where even all of them on the CPU leaves too little for the trunk and the KV cache, it says so.
+    with pytest.raises(NotEnoughMemory, match="even with every layer's experts on the CPU"):
         plan_memory(mixtral, offload_engine.load_config("t4-16gb"), 2 * 1024**3)

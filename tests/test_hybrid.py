@@ -153,7 +153,7 @@ def test_stats_metrics_and_load_line_report_the_cpu_tier(tiny_dir):
     stats = engine.stats()
     assert stats["cpu_compute_mode"] == "auto" and stats["cpu_compute_active"] and stats["cpu_threads"] == 1
     assert stats["cpu_calibration"] == {"copy_ms": 1.0, "device_ms": 0.1, "cpu_ms": {1: 0.5, 8: 4.0},
-                                        "round_trip_ms": 0.2}
+                                        "round_trip_ms": 0.2, "host_ms_per_layer": 0.0}  # measured on CUDA only
     per_layer = stats["per_layer"]
     assert sum(s["cpu_computed"] for s in per_layer) == stats["overall"]["cpu_computed"] > 0
     assert stats["overall"]["cpu_ms"] == pytest.approx(sum(s["cpu_ms"] for s in per_layer))
@@ -303,3 +303,27 @@ def test_memory_plan_puts_the_first_layers_on_the_cpu_when_not_even_one_expert_f
         plan_memory(hf, cfg, fixed // 2)
     asked = plan_memory(hf, cfg.replace(experts_on_device=2, cpu_layers=4), 16 * GiB)
     assert asked.cpu_layers == 4 and asked.total_bytes == fixed + 28 * 2 * asked.expert_bytes + asked.spare_bytes
+
+
+def test_the_hosts_work_per_layer_joins_the_calibration_and_moves_placement():
+    """On CUDA the model reports the host's own time between layer calls (`note_host_ms`); its running mean is
+    placement's join_ms: the first miss, on the CPU without it, is copied once the host's join is counted."""
+    tier = hybrid_module.CpuTier("auto", torch.device("cuda"), threads=1, costs=MIXED)  # a device type only: nothing runs on it
+    try:
+        class Cache:  # expert 0 resident, 1 and 2 missed
+            def is_miss(self, layer, expert):
+                return expert != 0
+        # 0.2 + 0.5 ms on the CPU beats the copy's 1 + 0.1 ms; the second would wait for the first on the CPU
+        assert tier.place(Cache(), 0, {0: 1, 1: 1, 2: 1}, [0, 1, 2]) == {1}
+        tier.note_host_ms(0.6)
+        assert tier.costs.join_ms == pytest.approx(0.6)
+        tier.note_host_ms(1.6)
+        assert tier.costs.join_ms == pytest.approx(0.7)  # a running mean: 0.9 * 0.6 + 0.1 * 1.6
+        assert "host 0.70 ms/layer" in tier.describe() and tier.calibration()["host_ms_per_layer"] == pytest.approx(0.7)
+        # 0.2 + 0.7 + 0.5 ms loses to the copy's 1.1; the second miss would wait for that copy (2.1 ms): CPU
+        assert tier.place(Cache(), 0, {0: 1, 1: 1, 2: 1}, [0, 1, 2]) == {2}
+        off = hybrid_module.CpuTier("off", torch.device("cuda"))
+        off.note_host_ms(5.0)
+        assert off.costs is None  # nothing to weigh
+    finally:
+        tier.close()

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from offload_engine import replay
 from offload_engine.expert_cache import ExpertCache
-from offload_engine.replay import CpuTier, ModelCosts, Speeds, replay_engine
+from offload_engine.replay import CpuSpeeds, ModelCosts, Speeds, replay_engine
 from offload_engine.stream_check import TimedStreams
 from offload_engine.throughput import CPUS, GPUS, cpu_tier, speeds_of
 
@@ -159,7 +158,7 @@ BARE = ModelCosts(expert_bytes=11_500_000, expert_kernel_bytes=24_000_000, exper
                   trunk_bytes_per_layer=0, kv_bytes_per_layer=0, head_bytes=0)  # a copy: 1 ms; kernels: 0.1 ms
 
 
-def one_layer(cpu: CpuTier | None, **options):
+def one_layer(cpu: CpuSpeeds | None, **options):
     return replay_engine(ONE_LAYER, BARE, Speeds(kernel_gbps=240.0), k=1, prefetch=0, keep_ops=True, cpu=cpu, **options)
 
 
@@ -167,40 +166,46 @@ def test_a_miss_the_cpu_computes_costs_its_kernel_and_round_trip_not_the_copy():
     off = one_layer(None)
     assert off.seconds == pytest.approx((0.5 + 1.0 + 0.1) * 1e-3)  # host, copy of expert 3, its kernels
     assert off.copies_per_token == 1 and off.stats["cpu_computed"] == 0
-    tier = CpuTier(expert_ms=((1, 0.2), (2, 0.3)), round_trip_ms=0.05, call_host_ms=0.02, mode="auto")
+    tier = CpuSpeeds(expert_ms=((1, 0.2), (2, 0.3)), round_trip_ms=0.05, call_host_ms=0.02, mode="auto")
     hybrid = one_layer(tier)
-    assert hybrid.stats["cpu_computed"] == 1 and hybrid.copies_per_token == 0 and hybrid.stats["misses"] == 0
+    assert hybrid.stats["cpu_computed"] == hybrid.stats["misses"] == 1 and hybrid.copies_per_token == 0
     # host 0.5, then the CPU (0.2 + a 0.05 round trip) beside expert 0's 0.1 ms on the device: the CPU ends last
     assert hybrid.seconds == pytest.approx((0.5 + 0.2 + 0.05) * 1e-3)
     assert hybrid.busy_s["cpu"] == pytest.approx(0.25e-3) and hybrid.busy_s["h2d"] == 0
     assert hybrid.critical_s["cpu"] == pytest.approx(0.25e-3)
     assert sum(hybrid.critical_s.values()) == pytest.approx(hybrid.seconds)
     # Oversubscribed (the kernel takes every core): the host's 0.02 ms hand-over preempts a kernel thread.
-    crowded = one_layer(CpuTier(expert_ms=((1, 0.2),), round_trip_ms=0.05, call_host_ms=0.02, oversubscribed=True))
+    crowded = one_layer(CpuSpeeds(expert_ms=((1, 0.2),), round_trip_ms=0.05, call_host_ms=0.02, oversubscribed=True))
     assert crowded.seconds == pytest.approx((0.5 + 0.2 + 0.05 + 0.02) * 1e-3)
     # Faster than the copy path (1.1 ms) but not once the host's 0.5 ms join is counted: auto copies.
-    assert one_layer(CpuTier(expert_ms=((1, 0.6),), round_trip_ms=0.05, call_host_ms=0.02)).seconds == off.seconds
+    assert one_layer(CpuSpeeds(expert_ms=((1, 0.6),), round_trip_ms=0.05, call_host_ms=0.02)).seconds == off.seconds
     # A CPU slower than the copy and its kernels: auto copies, as off does; always pays the CPU.
-    slow = CpuTier(expert_ms=((1, 1.5),), round_trip_ms=0.05, call_host_ms=0.02, mode="auto")
+    slow = CpuSpeeds(expert_ms=((1, 1.5),), round_trip_ms=0.05, call_host_ms=0.02, mode="auto")
     assert one_layer(slow).seconds == off.seconds
-    always = one_layer(CpuTier(expert_ms=((1, 1.5),), round_trip_ms=0.05, call_host_ms=0.02, mode="always"))
+    always = one_layer(CpuSpeeds(expert_ms=((1, 1.5),), round_trip_ms=0.05, call_host_ms=0.02, mode="always"))
     assert always.seconds == pytest.approx((0.5 + 1.5 + 0.05) * 1e-3)
 
 
-def test_the_cpu_tier_changes_nothing_in_the_cache():
+def test_the_cpu_tier_copies_and_evicts_nothing():
+    """Every miss computed on the CPU, as the engine counts it: a lookup and a miss, no copy, no eviction."""
     trace = routing(tokens=40)
-    always = replay_engine(trace, COSTS, k=3, prefetch=0, cpu=CpuTier(((1, 1.0),), mode="always"))
-    assert always.stats["misses"] == always.stats["evictions"] == 0 and always.copies_per_token == 0
-    assert always.stats["hits"] == always.stats["lookups"] > 0
-    assert always.stats["cpu_computed"] + always.stats["lookups"] == sum((t >= 0).sum() for t in trace.values())
+    always = replay_engine(trace, COSTS, k=3, prefetch=0, cpu=CpuSpeeds(((1, 1.0),), mode="always"))
+    assert always.stats["evictions"] == 0 and always.copies_per_token == 0 and always.write_backs_per_token == 0
+    assert always.stats["misses"] == always.stats["cpu_computed"] > 0
+    assert always.stats["hits"] + always.stats["cpu_computed"] == always.stats["lookups"]
+    assert always.stats["lookups"] == sum((t >= 0).sum() for t in trace.values())  # one token per step
+    assert always.races == 0
+    # Swapping (write-backs into host slots) with some misses on the CPU: the CPU's reads ordered after them.
+    mixed = replay_engine(trace, COSTS, speeds_of(GPUS["rtx3060"]), k=3, prefetch=1, write_back=True,
+                          cpu=cpu_tier(CPUS["desktop8"], "auto"))
+    assert mixed.races == 0 and mixed.stats["cpu_computed"] > 0 and mixed.write_backs_per_token > 0
 
 
 @pytest.mark.parametrize("write_back,prefetch", [(True, 0), (True, 1), (False, 1)])
-def test_off_is_the_copy_only_replay_exactly(monkeypatch, write_back, prefetch):
+def test_off_is_the_copy_only_replay_exactly(write_back, prefetch):
     trace = routing(tokens=60)
     options = dict(k=3, prefetch=prefetch, write_back=write_back)
-    off = replay_engine(trace, COSTS, cpu=CpuTier(((1, 0.1),), mode="off"), **options)
-    monkeypatch.setattr(replay, "HybridStreams", TimedStreams)  # the copy-only replay's own stand-in streams
+    off = replay_engine(trace, COSTS, cpu=CpuSpeeds(((1, 0.1),), mode="off"), **options)
     plain = replay_engine(trace, COSTS, **options)
     assert off.seconds == plain.seconds and off.stats == plain.stats and off.stats["cpu_computed"] == 0
     assert off.busy_s["cpu"] == 0 and all(off.busy_s[name] == plain.busy_s[name] for name in plain.busy_s)
@@ -235,7 +240,7 @@ def test_cpu_profiles_scale_the_measured_kernel():
     assert CPUS["colab"].expert_ms()[0][1] > 3 * desktop[0][1]
     assert CPUS["desktop8"].expert_ms(33_202_200)[0][1] == pytest.approx(desktop[0][1] / 2)
     with pytest.raises(ValueError, match="cpu_compute"):
-        CpuTier(((1, 1.0),), mode="sometimes")
+        CpuSpeeds(((1, 1.0),), mode="sometimes")
 
 
 def test_throughput_model_hybrid_runs_as_a_user_runs_it(tmp_path):
