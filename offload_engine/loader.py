@@ -47,8 +47,8 @@ def load(model: str | os.PathLike, config: ConfigLike = None, device: str | torc
     `model`: a local directory (full precision, or pre-quantized by `quantize_checkpoint`: loads without
     re-quantizing), "demo" (the model shipped in the package), or a hub repo id (downloaded into the hub cache).
     `config`: a packaged config name, a YAML path, a dict or an EngineConfig; None: the defaults (the demo's own
-    set-up for the demo; a pre-quantized checkpoint's own config, of which a caller may change only offload.* and
-    max_context)."""
+    set-up for the demo; a pre-quantized checkpoint's own config, of which a caller may change only offload.*,
+    max_context, max_batch and kernels)."""
     device = resolve_device(device)
     if config is not None:
         load_config(config)  # a bad config fails before anything is downloaded or read

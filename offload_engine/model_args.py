@@ -49,7 +49,7 @@ def add_model_arguments(p: argparse.ArgumentParser, demo_help: str,
                    help="packaged config name (t4-16gb, 12gb, 8gb, 24gb, cpu) or a YAML path; default: "
                         f"{config_default}; the demo's own set-up for the demo (cpu with 4 of 8 experts per layer "
                         "offloaded, prefetch 1); a converted checkpoint's own (of which --config may change only "
-                        "offload.* and max_context)")
+                        "offload.*, max_context, max_batch and kernels)")
     p.add_argument("--device", type=parse_device, metavar="DEVICE",
                    help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--cache-dir", metavar="DIR", help="where a hub source repo is converted once (default: "

@@ -187,7 +187,8 @@ def _describe_quant(cfg: EngineConfig) -> str:
 
 
 def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineConfig:
-    """The checkpoint's config with the caller's `offload.*` / `max_context`; quant settings and dtype are fixed."""
+    """The checkpoint's config with the caller's `offload.*`, `max_context`, `max_batch` and `kernels`; quant
+    settings and dtype are fixed."""
     try:
         stored = load_config(manifest["config"])
     except ConfigError as e:
@@ -199,8 +200,8 @@ def resolve_config(manifest: dict, config: ConfigLike, where: Path) -> EngineCon
     if (cfg.dtype, cfg.quant) != (stored.dtype, stored.quant):
         raise ConfigError(
             f"{where} was quantized with {_describe_quant(stored)}, but the config asks for {_describe_quant(cfg)}. "
-            f"A pre-quantized checkpoint fixes dtype and quant: leave them out of the config (only offload.* and "
-            f"max_context apply), or quantize the original checkpoint again with the settings you want")
+            f"A pre-quantized checkpoint fixes dtype and quant: leave them out of the config (only offload.*, "
+            f"max_context, max_batch and kernels apply), or quantize the original checkpoint again with the settings you want")
     return cfg
 
 

@@ -171,6 +171,12 @@ def test_config_may_change_offload_but_not_quantization(quantized_dir):
     engine = offload_engine.load(quantized_dir, config={"max_context": 256, "offload": {"experts_on_device": 3}},
                                  progress=False)
     assert engine.config.max_context == 256 and engine.cache.k == 3 and engine.config.dtype == "float32"
+    engine.close()
+    engine = offload_engine.load(quantized_dir, config={"max_batch": 2, "kernels": "reference"}, progress=False)
+    assert (engine.config.max_batch, engine.config.kernels) == (2, "reference")
+    engine.close()
+    with pytest.raises(ConfigError, match="only offload.*, max_context, max_batch and kernels apply"):
+        offload_engine.load(quantized_dir, config={"quant": {"experts": {"bits": 3}}}, progress=False)
     with pytest.raises(ConfigError, match="quantized with dtype float32, attention 4-bit group 64, experts 2-bit"):
         offload_engine.load(quantized_dir, config={"quant": {"experts": {"bits": 3}}}, progress=False)
     with pytest.raises(ConfigError, match="asks for dtype bfloat16"):
