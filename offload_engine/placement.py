@@ -35,7 +35,8 @@ class PlacementCosts:
     device_ms: float  # the device's kernels for one expert at one token (the token count barely matters in decode)
     cpu_ms: tuple[tuple[int, float], ...]  # (tokens, the CPU kernel's ms for one expert), tokens ascending
     round_trip_ms: float  # a layer's CPU rows device->host and the results back (fixed: latency, not bytes)
-    join_ms: float = 0.0  # the host's own work per layer, which waits for the CPU's results (see place_misses)
+    join_ms: float = 0.0  # the host's own work per layer, which waits for the CPU's results (see place_misses);
+    # the engine measures it as it runs (CpuTier.note_host_ms), the replay states it
 
     def cpu_expert_ms(self, tokens: int) -> float:
         """The CPU kernel's ms for one expert at `tokens` tokens: piecewise linear between the measured counts,
