@@ -220,10 +220,11 @@ def _ready_kernels(choice: str, device: torch.device, layouts: list[MatrixLayout
     kernels = select_kernels(choice, device, layouts)
     try:
         return kernels, warm_up(kernels, layouts, device)
-    except Exception as e:  # a broken compiler toolchain, a Triton/driver mismatch, ...
+    except Exception as e:  # a broken compiler toolchain, a Triton/driver mismatch, a library that will not load
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__  # names the file, the fix
         if choice == "fused":
-            raise ConfigError(f"kernels: fused failed to compile on {device} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); use kernels: auto or reference") from e
-        warnings.warn(f"fused kernels failed to compile on {device} ({type(e).__name__}); using the reference "
-                      "kernels (dequantize + matmul), which are several times slower", RuntimeWarning, stacklevel=3)
+            raise ConfigError(f"kernels: fused failed to compile on {device} ({why}); use kernels: auto or "
+                              f"reference") from e
+        warnings.warn(f"fused kernels failed to compile on {device} ({why}); using the reference kernels "
+                      "(dequantize + matmul), which are several times slower", RuntimeWarning, stacklevel=3)
         return REFERENCE, 0.0

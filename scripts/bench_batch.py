@@ -158,11 +158,10 @@ def main() -> None:
     set_up(args)
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.demo:  # configured as offload-chat / offload-serve --demo configure it
-            from offload_engine.cli import resolve_setup
+        if args.demo:  # configured as offload-chat / offload-serve --demo configure it: load()'s demo set-up
+            from offload_engine.checkpoint import DEMO_DIR
 
-            setup = resolve_setup(argparse.Namespace(demo=True, model=None, config=None, device="cpu"))
-            source, config = setup.model_dir, setup.config
+            source, config = DEMO_DIR, None
         else:
             source = build_model(args, args.model_dir or Path(tmp) / "bench")
             config = {"offload": {"experts_on_device": args.experts_on_device, "prefetch": args.prefetch}}

@@ -31,6 +31,8 @@ from urllib.parse import urlparse
 import torch
 
 from offload_engine.batch import MAX_BATCH
+from offload_engine.errors import add_debug_flag, user_errors
+from offload_engine.model_args import add_model_arguments
 
 QUESTIONS = ["Tell me about the history of the city.", "What is the best way to learn a language?",
              "Describe a walk in the mountains.", "Why do people like music?", "What happened next?",
@@ -147,13 +149,15 @@ def conversation_ttfts(client, model: str, turns: int, max_tokens: int) -> list[
     return ttfts
 
 
-def main() -> int:
+@user_errors
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", help="model directory or hub id to serve in-process (or --demo / --url)")
-    p.add_argument("--demo", action="store_true", help="serve the packaged demo model in-process")
-    p.add_argument("--url", help="an already running server on this machine, e.g. http://127.0.0.1:8000")
-    p.add_argument("--config", help="engine config for an in-process server (default as offload-serve)")
-    p.add_argument("--device", help="cpu | cuda | cuda:N for an in-process server")
+    # MODEL, --demo, --config, --device, --cache-dir, --yes: named and prepared as offload-serve does (model_args.py)
+    add_model_arguments(p, "serve the packaged demo model in-process",
+                        config_default="as offload-serve: t4-16gb on CUDA, cpu otherwise")
+    p.add_argument("--url", help="an already running server on this machine, e.g. http://127.0.0.1:8000 (instead "
+                                 "of MODEL or --demo)")
+    add_debug_flag(p)
     p.add_argument("--api-key", default="unused")
     p.add_argument("--clients", type=int, nargs="+", default=[4], help="client counts to run in turn (default 4)")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH,
@@ -164,7 +168,7 @@ def main() -> int:
     p.add_argument("--compare-prefix-reuse", action="store_true")
     p.add_argument("--turns", type=int, default=8, help="conversation turns for --compare-prefix-reuse")
     p.add_argument("--repeats", type=int, default=3, help="conversations per setting for --compare-prefix-reuse")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if sum([bool(args.model), args.demo, bool(args.url)]) != 1:
         p.error("give one of MODEL, --demo or --url")
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -184,9 +188,7 @@ def main() -> int:
         from offload_engine.model_args import resolve_setup
         from offload_engine.server import BackgroundServer, create_app
 
-        engine = load_engine(resolve_setup(argparse.Namespace(demo=args.demo, model=args.model, config=args.config,
-                                                              device=args.device, cache_dir=None, yes=False)),
-                             log=sys.stdout)
+        engine = load_engine(resolve_setup(args), log=sys.stdout)
         for reuse in ([True, False] if args.compare_prefix_reuse else [True]):
             app = create_app(engine, model_name="m", max_queue=max(32, *args.clients), prefix_reuse=reuse,
                              max_batch=args.max_batch)

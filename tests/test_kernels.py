@@ -264,6 +264,27 @@ def test_offload_chat_rebuilds_damaged_cached_libraries_instead_of_dying(tmp_pat
         name for library in libraries for name in (library.name, library.name + ".sha256"))
 
 
+def test_a_library_that_will_not_load_falls_back_with_a_warning_naming_it(gentle_dir, tmp_path, monkeypatch,
+                                                                          fresh_build):
+    """Issue 19 item 4: a cached library that passes its checks but that the loader refuses (here: the dynamic
+    loader's error, injected) falls back under `auto` with a warning that names the file and the fix."""
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
+    real_cdll = cpu_kernels.ctypes.CDLL
+
+    def refusing_cdll(name, *args, **kwargs):
+        if str(name).startswith(str(tmp_path)):
+            raise OSError(f"{name}: invalid ELF header (injected)")
+        return real_cdll(name, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", refusing_cdll)
+    with pytest.warns(RuntimeWarning, match="failed to compile") as caught:
+        engine = offload_engine.load(gentle_dir, config=QUANTIZED, progress=False)
+    assert engine.stats()["kernels"] == "reference"
+    (message,) = [str(w.message) for w in caught if "failed to compile" in str(w.message)]
+    library = next((tmp_path / "cpu_kernels").glob("*.so"))
+    assert f"cannot load the CPU kernel library {library}" in message and "delete it to have it rebuilt" in message
+
+
 @pytest.fixture
 def fresh_build():
     """Libraries built anew under the test's compiler settings; later tests get the default build back."""

@@ -203,3 +203,28 @@ def test_load_test_script_reports_each_client_count():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and "errors none" in done.stdout and "inter-token p50" in done.stdout
+
+
+@pytest.mark.parametrize("model", ["hub-id", "missing-path"])
+def test_load_test_names_its_model_as_offload_serve_does(tmp_path, model):
+    """scripts/load_test.py MODEL takes offload-serve's model arguments (--cache-dir, --yes; model_args.py), not a
+    hand-built copy of them without those, and a model it cannot load is one `error:` line with status 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cache = tmp_path / "conversions"
+    args = (["org/absent", "--cache-dir", str(cache), "--yes"] if model == "hub-id"
+            else [str(tmp_path / "no-such-model")])
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "OFFLOAD_ENGINE_DEBUG"))},
+           "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "scripts/load_test.py", *args, "--device", "cpu", "--clients", "1",
+                           "--duration", "1"], cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    if model == "hub-id":  # the conversion cache it was given is where it looked
+        assert "org/absent" in lines[0] and "HF_HUB_OFFLINE" in lines[0] and str(cache) in lines[0], lines[0]
+    else:
+        assert "no-such-model" in lines[0] and "does not exist" in lines[0]
