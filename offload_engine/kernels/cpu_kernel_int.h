@@ -166,7 +166,7 @@ static const uint8_t* widen_indices() {
     return &indices.half[0][0];
 }
 
-// Lane l's weight scale sits at index lane_subgroup(l) / SUB_PER_GROUP of the block's first group.
+// Lane l's weight scale sits at index lane_subgroup(l) / SUB_PER_GROUP from the block's first group.
 static const int32_t* scale_lanes() {
     alignas(64) static const auto indices = [] {
         struct { int32_t lane[16]; } t{};
@@ -177,11 +177,19 @@ static const int32_t* scale_lanes() {
 }
 constexpr bool SCALES_IN_LANE_ORDER = INT_LANES == 16 && SUB_PER_GROUP == 1;
 
-// The weight scales (or zero terms) of block b's lanes, from per-group values v (zero past the last group).
-static inline vfloat lane_scales(const float* v, int64_t b) {
-    const vfloat loaded = load_floats(v + b * INT_LANES / SUB_PER_GROUP);
-    if constexpr (SCALES_IN_LANE_ORDER) return loaded;
-    return permute_lanes(loaded, scale_lanes());
+// Block b's lane scales (times 2^-shift) and zero terms (-z * s) for the row whose groups start at `first`
+// (`groups` of them), rebuilt from the 8-bit codes right here rather than in a pass over the row beforehand
+// (gemv_meta's stores and reloads were a third of the time at one token). In fp32, as quantize.dequantize
+// computes them before its cast: not rounded to the compute dtype, so the products approximate x times hqq's
+// fp32 dequantization, as the reference's own roundings do.
+static inline void block_scales(ScaleReader& reader, int64_t first, int64_t groups, int64_t b, float unit,
+                                vfloat& scale, vfloat& zero) {
+    const int64_t at = b * INT_LANES / SUB_PER_GROUP;
+    vfloat s, z;
+    reader.read(first + at, (int)std::min<int64_t>(LANES, groups - at), s, z);
+    if constexpr (!SCALES_IN_LANE_ORDER) s = permute_lanes(s, scale_lanes()), z = permute_lanes(z, scale_lanes());
+    scale = s * unit;
+    zero = -(z * s);
 }
 
 // Where input j of subgroup `sub` goes in a token's quantized x (PER: inputs per lane per vector, 2 for int16, 4
@@ -221,14 +229,21 @@ static void quantize_x(const float* x, int tokens, int64_t k, int64_t padded_sub
     }
 }
 
-// The PACK rows sharing `subs` subgroups' word bytes, T tokens: out[r * T + t] += sum_k w[r, k] x[t, k], with the
-// scales s[r] (times 2^-shift where the codes stay in place) and zero terms z[r] per group (gemv_meta), x
-// quantized by quantize_x (tokens x_stride elements apart, its scales and sums sums_stride apart).
+// The PACK rows sharing `subs` subgroups' word bytes, T tokens: out[r * T + t] += sum_k w[r, k] x[t, k], row r's
+// scales and zeros those of groups first[r] + [0, groups), x quantized by quantize_x (tokens x_stride elements
+// apart, its scales and sums sums_stride apart).
 template <int T, bool INT8>
-static void dot_int(const uint8_t* words, int64_t subs, const float* const* s, const float* const* z, const void* xq,
-                    int64_t x_stride, const float* xs, const float* xsum, int64_t sums_stride, float* out) {
+static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const int64_t* first, int64_t groups,
+                    const void* xq, int64_t x_stride, const float* xs, const float* xsum, int64_t sums_stride,
+                    float* out) {
     constexpr int VECTORS = INT8 ? 4 : 8;  // per block and token
     constexpr bool SHIFT_DOWN = INT8 && !INT_VNNI;
+    ScaleReader readers[PACK];
+    float units[PACK];  // the codes stay masked in place (q << shift): the scales take 2^-shift
+    for (int r = 0; r < PACK; r++) {
+        readers[r] = ScaleReader(meta);
+        units[r] = SHIFT_DOWN ? 1.f : 1.f / (float)(1u << (BITS * (PACK - 1 - r)));
+    }
     const ivec widen0 = load_ivec(widen_indices()), widen1 = load_ivec(widen_indices() + 64);
     alignas(64) uint8_t tail[INT_BLOCK];
     vfloat total[PACK][T] = {};
@@ -253,34 +268,39 @@ static void dot_int(const uint8_t* words, int64_t subs, const float* const* s, c
                 }
             }
         }
-        for (int r = 0; r < PACK; r++) {
-            const int shift = BITS * (PACK - 1 - r);
-            ivec masked[VECTORS];
-            for (int v = 0; v < VECTORS; v++) {
-                if constexpr (SHIFT_DOWN) masked[v] = and_ivec(shift_down16(codes[v], shift), splat8(MASK));
-                else if constexpr (INT8) masked[v] = and_ivec(codes[v], splat8(MASK << shift));
-                else masked[v] = and_ivec(codes[v], splat16(MASK << shift));
-            }
-            const vfloat scale = lane_scales(s[r], b), zero = lane_scales(z[r], b);
-            for (int t = 0; t < T; t++) {
-                const uint8_t* xb = (const uint8_t*)xq + (t * x_stride + b * INT_BLOCK) * (INT8 ? 1 : 2);
-                ivec acc = zero_ivec();
-                if constexpr (INT8 && !INT_VNNI) {
-                    // vpmaddubsw pair sums stay far inside int16 for codes < 16: sum the block's 4 first
-                    ivec pairs = pairs8(masked[0], load_ivec(xb));
-                    for (int v = 1; v < VECTORS; v++) pairs = add16(pairs, pairs8(masked[v], load_ivec(xb + v * sizeof(ivec))));
-                    acc = widen_pairs(pairs);
-                } else {
-                    for (int v = 0; v < VECTORS; v++) {
+        // Every row and token's dot products at once, a vector of codes at a time: PACK x T independent chains
+        // (one chain of 8 vpdpwssd per row and token left the loop waiting on their latency: ~2x slower at 1
+        // token). int8 without VNNI sums vpmaddubsw's int16 pairs (far inside int16 for codes < 16) and widens
+        // them once per block.
+        ivec acc[PACK][T];
+        for (int r = 0; r < PACK; r++)
+            for (int t = 0; t < T; t++) acc[r][t] = zero_ivec();
+        for (int v = 0; v < VECTORS; v++) {
+            ivec xv[T];
+            for (int t = 0; t < T; t++)
+                xv[t] = load_ivec((const uint8_t*)xq + (t * x_stride + b * INT_BLOCK) * (INT8 ? 1 : 2) + v * sizeof(ivec));
+            for (int r = 0; r < PACK; r++) {
+                const int shift = BITS * (PACK - 1 - r);
+                ivec masked;
+                if constexpr (SHIFT_DOWN) masked = and_ivec(shift_down16(codes[v], shift), splat8(MASK));
+                else if constexpr (INT8) masked = and_ivec(codes[v], splat8(MASK << shift));
+                else masked = and_ivec(codes[v], splat16(MASK << shift));
+                for (int t = 0; t < T; t++) {
+                    if constexpr (SHIFT_DOWN) acc[r][t] = v == 0 ? pairs8(masked, xv[t]) : add16(acc[r][t], pairs8(masked, xv[t]));
 #if INT_ISA_VNNI
-                        if constexpr (INT8) acc = dot8(acc, masked[v], load_ivec(xb + v * sizeof(ivec)));
-                        else
+                    else if constexpr (INT8) acc[r][t] = dot8(acc[r][t], masked, xv[t]);
 #endif
-                        acc = dot16(acc, masked[v], load_ivec(xb + v * sizeof(ivec)));
-                    }
+                    else acc[r][t] = dot16(acc[r][t], masked, xv[t]);
                 }
+            }
+        }
+        for (int r = 0; r < PACK; r++) {
+            vfloat scale, zero;
+            block_scales(readers[r], first[r], groups, b, units[r], scale, zero);
+            for (int t = 0; t < T; t++) {
+                const ivec sums = SHIFT_DOWN ? widen_pairs(acc[r][t]) : acc[r][t];
                 const int64_t at = t * sums_stride + b * INT_LANES;
-                total[r][t] += lanes_to_floats(acc) * (scale * load_floats(xs + at)) + zero * load_floats(xsum + at);
+                total[r][t] += lanes_to_floats(sums) * (scale * load_floats(xs + at)) + zero * load_floats(xsum + at);
             }
         }
     }
@@ -293,7 +313,6 @@ static void dot_int(const uint8_t* words, int64_t subs, const float* const* s, c
 template <bool INT8>
 static void gemv_int(const Matrix& m, const float* x, int tokens, void* y, int threads) {
     typedef typename std::conditional<INT8, int8_t, int16_t>::type Q;
-    constexpr bool SHIFT_DOWN = INT8 && !INT_VNNI;
     const int64_t G = m.k / GROUP, R = m.n / PACK, subs = m.k / SUBGROUP;
     const int64_t padded_subs = round_up(subs, INT_LANES);
     const AlignedFloats quantized((tokens * padded_subs * SUBGROUP * sizeof(Q) + 3) / 4);
@@ -302,18 +321,12 @@ static void gemv_int(const Matrix& m, const float* x, int tokens, void* y, int t
     const int dtype = m.meta.dtype;
 #pragma omp parallel num_threads(threads)
     {
-        // room for a whole vector of lanes past the last group (lane_scales), zero there
-        const int64_t padded = round_up(G, LANES) + INT_LANES;
-        std::vector<float> sz(2 * PACK * padded, 0.f), out(PACK * tokens), block(PACK * TOKEN_BLOCK);
-        const float* s[PACK];
-        const float* z[PACK];
-        for (int q = 0; q < PACK; q++) s[q] = sz.data() + q * padded, z[q] = sz.data() + (PACK + q) * padded;
+        std::vector<float> out(PACK * tokens), block(PACK * TOKEN_BLOCK);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
             for (int q = 0; q < PACK && r + 1 < R; q++) prefetch_meta(m.meta, (q * R + r + 1) * G, G);
-            for (int q = 0; q < PACK; q++)
-                gemv_meta(m.meta, (q * R + r) * G, (int)G, SHIFT_DOWN ? 0 : BITS * (PACK - 1 - q), (float*)s[q],
-                          (float*)z[q]);
+            int64_t first[PACK];
+            for (int q = 0; q < PACK; q++) first[q] = (q * R + r) * G;
             const uint8_t* words = (const uint8_t*)(m.codes + r * G * GROUP);
             for (int t0 = 0; t0 < tokens; t0 += TOKEN_BLOCK) {
                 const int count = std::min(TOKEN_BLOCK, tokens - t0);
@@ -321,8 +334,8 @@ static void gemv_int(const Matrix& m, const float* x, int tokens, void* y, int t
                 const float *xst = xs.data + t0 * padded_subs, *sumt = xsum.data + t0 * padded_subs;
                 std::fill(block.begin(), block.end(), 0.f);
                 switch (count) {
-#define DOT_INT(T) \
-    dot_int<T, INT8>(words, subs, s, z, xt, padded_subs * SUBGROUP, xst, sumt, padded_subs, block.data())
+#define DOT_INT(T) dot_int<T, INT8>(words, subs, m.meta, first, G, xt, padded_subs * SUBGROUP, xst, sumt, \
+                                    padded_subs, block.data())
                     case 1: DOT_INT(1); break;
                     case 2: if constexpr (TOKEN_BLOCK >= 2) DOT_INT(2); break;
                     case 3: if constexpr (TOKEN_BLOCK >= 3) DOT_INT(3); break;
