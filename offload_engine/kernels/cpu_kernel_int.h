@@ -294,6 +294,8 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
                 }
             }
         }
+        // Unrolled: GCC's rolled loop kept the accumulators and readers on the stack (~15 % slower at 1 token).
+#pragma GCC unroll 8
         for (int r = 0; r < PACK; r++) {
             vfloat scale, zero;
             block_scales(readers[r], first[r], groups, b, units[r], scale, zero);
