@@ -295,7 +295,7 @@ class CPUKernels:
         if tokens > GEMV_MAX_TOKENS:
             weight = self._weight_buffer(layout)  # [N, K], what the reference dequantizes to
             plan.lib.dequantize(buffer.data_ptr(), plan.offsets, plan.shape, weight.data_ptr(), threads)
-            return F.linear(x, weight)
+            return F.linear(x.to(layout.dtype), weight)  # y in the compute dtype, as the GEMV returns it
         x = x.to(layout.dtype).contiguous()  # [T, K]
         y = torch.empty(tokens, out_features, dtype=layout.dtype)  # [T, N]
         plan.lib.gemv(buffer.data_ptr(), plan.offsets, plan.shape, x.data_ptr(), tokens, y.data_ptr(), threads,
