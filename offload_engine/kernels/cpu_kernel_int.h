@@ -243,6 +243,7 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
                     float* out) {
     constexpr int VECTORS = INT8 ? 4 : 8;  // per block and token
     constexpr bool SHIFT_DOWN = INT8 && !INT_VNNI;
+    constexpr int ROWS = std::clamp(8 / T, 1, PACK);  // rows per pass over a block's codes (divides PACK)
     ScaleReader readers[PACK];
     float units[PACK];  // the codes stay masked in place (q << shift): the scales take 2^-shift
     for (int r = 0; r < PACK; r++) {
@@ -273,40 +274,46 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
                 }
             }
         }
-        // Every row and token's dot products at once, a vector of codes at a time: PACK x T independent chains
-        // (a chain of 8 dependent vpdpwssd per row and token was ~15 % slower at 4 tokens). int8 without VNNI
-        // sums vpmaddubsw's int16 pairs (far inside int16 for codes < 16) and widens them once per block.
-        ivec acc[PACK][T];
-        for (int r = 0; r < PACK; r++)
-            for (int t = 0; t < T; t++) acc[r][t] = zero_ivec();
-        for (int v = 0; v < VECTORS; v++) {
-            ivec xv[T];
-            for (int t = 0; t < T; t++)
-                xv[t] = load_ivec((const uint8_t*)xq + (t * x_stride + b * INT_BLOCK) * (INT8 ? 1 : 2) + v * sizeof(ivec));
-            for (int r = 0; r < PACK; r++) {
-                const int shift = BITS * (PACK - 1 - r);
-                ivec masked;
-                if constexpr (SHIFT_DOWN) masked = and_ivec(shift_down16(codes[v], shift), splat8(MASK));
-                else if constexpr (INT8) masked = and_ivec(codes[v], splat8(MASK << shift));
-                else masked = and_ivec(codes[v], splat16(MASK << shift));
-                for (int t = 0; t < T; t++) {
-                    if constexpr (SHIFT_DOWN) acc[r][t] = v == 0 ? pairs8(masked, xv[t]) : add16(acc[r][t], pairs8(masked, xv[t]));
+        // ROWS rows' and every token's dot products at once, a vector of codes at a time: ROWS x T independent
+        // chains (a chain of 8 dependent vpdpwssd per row and token was ~15 % slower at 4 tokens), at most 8
+        // so that the int accumulators, x and the codes fit the registers beside the fp32 totals. int8 without
+        // VNNI sums vpmaddubsw's int16 pairs (far inside int16 for codes < 16) and widens them once per block.
+        for (int r0 = 0; r0 < PACK; r0 += ROWS) {
+            ivec acc[ROWS][T];
+            for (int r = 0; r < ROWS; r++)
+                for (int t = 0; t < T; t++) acc[r][t] = zero_ivec();
+            for (int v = 0; v < VECTORS; v++) {
+                ivec xv[T];
+                for (int t = 0; t < T; t++)
+                    xv[t] = load_ivec((const uint8_t*)xq + (t * x_stride + b * INT_BLOCK) * (INT8 ? 1 : 2) +
+                                      v * sizeof(ivec));
+                for (int r = 0; r < ROWS; r++) {
+                    const int shift = BITS * (PACK - 1 - (r0 + r));
+                    ivec masked;
+                    if constexpr (SHIFT_DOWN) masked = and_ivec(shift_down16(codes[v], shift), splat8(MASK));
+                    else if constexpr (INT8) masked = and_ivec(codes[v], splat8(MASK << shift));
+                    else masked = and_ivec(codes[v], splat16(MASK << shift));
+                    for (int t = 0; t < T; t++) {
+                        if constexpr (SHIFT_DOWN)
+                            acc[r][t] = v == 0 ? pairs8(masked, xv[t]) : add16(acc[r][t], pairs8(masked, xv[t]));
 #if INT_ISA_VNNI
-                    else if constexpr (INT8) acc[r][t] = dot8(acc[r][t], masked, xv[t]);
+                        else if constexpr (INT8) acc[r][t] = dot8(acc[r][t], masked, xv[t]);
 #endif
-                    else acc[r][t] = dot16(acc[r][t], masked, xv[t]);
+                        else acc[r][t] = dot16(acc[r][t], masked, xv[t]);
+                    }
                 }
             }
-        }
-        // Unrolled: GCC's rolled loop kept the accumulators and readers on the stack (~15 % slower at 1 token).
+            // Unrolled: GCC's rolled loop kept the accumulators and readers on the stack (~15 % slower at 1 token).
 #pragma GCC unroll 8
-        for (int r = 0; r < PACK; r++) {
-            vfloat scale, zero;
-            block_scales(readers[r], first[r], groups, b, units[r], scale, zero);
-            for (int t = 0; t < T; t++) {
-                const ivec sums = SHIFT_DOWN ? widen_pairs(acc[r][t]) : acc[r][t];
-                const int64_t at = t * sums_stride + b * INT_LANES;
-                total[r][t] += lanes_to_floats(sums) * (scale * load_floats(xs + at)) + zero * load_floats(xsum + at);
+            for (int r = 0; r < ROWS; r++) {
+                vfloat scale, zero;
+                block_scales(readers[r0 + r], first[r0 + r], groups, b, units[r0 + r], scale, zero);
+                for (int t = 0; t < T; t++) {
+                    const ivec sums = SHIFT_DOWN ? widen_pairs(acc[r][t]) : acc[r][t];
+                    const int64_t at = t * sums_stride + b * INT_LANES;
+                    total[r0 + r][t] +=
+                        lanes_to_floats(sums) * (scale * load_floats(xs + at)) + zero * load_floats(xsum + at);
+                }
             }
         }
     }
