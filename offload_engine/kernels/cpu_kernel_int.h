@@ -11,7 +11,7 @@
 //     sum_j w_j x_j ~ s * xs * (sum_j q_j xq_j) - z * s * (xs * sum_j xq_j),
 // the first sum exact in int32, the second (the quantized x's subgroup sum) computed once per call. Using the
 // quantized x in both terms makes the error sum_j w_j (x^_j - x_j): the weights times x's rounding, at most
-// xs / 2 per input (int16: 1 / 65534 of the subgroup's largest |x|, ~1/16 of a float16 rounding).
+// xs / 2 per input (int16: 1 / 65534 of the subgroup's largest |x|, ~1/30 of float16's rounding of it).
 //
 // Layout: as in cpu_kernel_groups.h, a 32-bit lane l of a vector belongs to one subgroup of a block of INT_LANES
 // subgroups, so a block's dot products leave each subgroup's sum in its own lane, converted and scaled once per
