@@ -2,6 +2,7 @@
 
     python scripts/bench_kernels.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--tokens 1]
                                     [--repeats 10] [--threads N] [--sweep [--cpu-time]] [--crossover] [--traffic]
+                                    [--int-activations auto|off|int16|int8]
 
 Times, on Mixtral-8x7B's shapes (random packed bytes: speed does not depend on the values):
   * each matrix of one expert at 2-bit g16 with 8-bit scales/zeros (w1/w3 14336x4096, w2 4096x14336) and the
@@ -87,6 +88,9 @@ def main() -> None:
     parser.add_argument("--traffic", action="store_true",
                         help="computed, no timing: what the Triton kernels load per Mixtral layer (see --sms)")
     parser.add_argument("--sms", type=int, default=40, help="--traffic: streaming multiprocessors (T4: 40)")
+    parser.add_argument("--int-activations", default="auto", choices=["auto", "off", "int16", "int8"],
+                        help="CPU: when the GEMV quantizes x to integers (CPUKernels(int_activations=...); auto: "
+                             "float16 in int16, bfloat16 where it has no bfloat16 dot products, float32 never)")
     args = parser.parse_args()
     if args.traffic:
         traffic(args.tokens, args.sms)
@@ -97,7 +101,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
     print("machine:", machine(device))
-    print(f"dtype {dtype}; tokens {args.tokens}; Mixtral-8x7B shapes; best of {args.repeats}")
+    print(f"dtype {dtype}; tokens {args.tokens}; Mixtral-8x7B shapes; best of {args.repeats}"
+          + (f"; int_activations {args.int_activations}" if device.type == "cpu" else ""))
     datasheet = args.datasheet_gbs
     if datasheet is None and device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -106,7 +111,7 @@ def main() -> None:
     if args.sweep:
         if args.cpu_time and torch.get_num_threads() != 1:
             raise SystemExit("--cpu-time times one thread's CPU time: add --threads 1")
-        sweep(args.repeats, device, args.cpu_time)
+        sweep(args.repeats, device, args.cpu_time, args.int_activations)
         return
     expert = ExpertLayout.build(4096, 14336, QuantSpec(2, 16), dtype)
     attention = {"q/o_proj 4096x4096 (4-bit g64)": MatrixLayout.build((4096, 4096), QuantSpec(4, 64), dtype),
@@ -116,6 +121,10 @@ def main() -> None:
              for name, layout in expert.matrices.items() if name != "w3"]
     cases += [(name, layout, random_buffer(layout.nbytes, [layout], device)) for name, layout in attention.items()]
     fused = select_kernels("fused", device, [layout for _, layout, _ in cases])
+    if fused.name == "fused-cpu":
+        from offload_engine.kernels.cpu import CPUKernels
+
+        fused = CPUKernels(int_activations=args.int_activations)
     print(f"fused backend: {fused.name}\n")
     print("| kernel | packed MB | reference ms | fused ms | speed-up | fused GB/s on packed bytes |"
           + (" of datasheet |" if datasheet else ""))
@@ -161,10 +170,10 @@ def read_bandwidth_gbs(repeats: int = 5) -> float:
 
 
 @torch.inference_mode()
-def sweep(repeats: int, device: torch.device, cpu_time: bool = False) -> None:
+def sweep(repeats: int, device: torch.device, cpu_time: bool = False, int_activations: str = "auto") -> None:
     """The CPU kernel's acceptance numbers: one whole 2-bit Mixtral expert (w1, w3, SwiGLU, w2) per activation
     dtype and token count, as medians, in GB/s of the expert's packed bytes (wall clock, or with `cpu_time` the
-    calling thread's CPU time on one thread)."""
+    calling thread's CPU time on one thread), with `CPUKernels(int_activations=int_activations)`."""
     from offload_engine.kernels.cpu import CPUKernels
 
     if device.type != "cpu":
@@ -174,13 +183,14 @@ def sweep(repeats: int, device: torch.device, cpu_time: bool = False) -> None:
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     bandwidth = read_bandwidth_gbs()
     print(f"memory: a float32 torch.sum reads {bandwidth:.1f} GB/s on {torch.get_num_threads()} threads (median)")
-    print(f"timed by: {'the thread CPU time (1 thread)' if cpu_time else 'the wall clock'}\n")
+    print(f"timed by: {'the thread CPU time (1 thread)' if cpu_time else 'the wall clock'}")
+    print(f"int_activations: {int_activations}\n")
     clock = time.thread_time if cpu_time else time.perf_counter
     print("| activations | tokens | multiply | median ms | best ms | GB/s of packed bytes (median) | vs float32 |")
     print("|---|---:|---|---:|---:|---:|---:|")
     float32_ms = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        kernels = CPUKernels()
+        kernels = CPUKernels(int_activations=int_activations)
         expert = ExpertLayout.build(4096, 14336, QuantSpec(2, 16), dtype)
         buffer = random_buffer(expert.nbytes, list(expert.matrices.values()), device)
         for tokens in (1, 2, 3, 4):

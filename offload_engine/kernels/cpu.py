@@ -5,8 +5,9 @@ packed byte once for all of a call's tokens and accumulates in fp32, OpenMP over
 either in fp32 (x converted once per call; weights dequantized in registers, w = (q - z) * s, the reference's
 formula; on AVX-512 CPUs with VBMI, 16-wide groups of byte codes run one group per vector lane, so the scale
 multiply leaves the inner loop) or, for bfloat16 activations on a CPU with AVX512-BF16, with bfloat16 dot products
-(on the codes, a group per lane, or on the reference's own bfloat16 weights; `CPUKernels.multiplies_in` says
-which). Prefill: a one-pass dequantize into the full matrix in the compute dtype, bit for bit what the
+(on the codes, a group per lane, or on the reference's own bfloat16 weights), or, for float16 activations by
+default (`CPUKernels(int_activations=...)`), with integer dot products on x quantized once per call to int16 per
+16 inputs (cpu_kernel_int.h); `CPUKernels.multiplies_in` says which. Prefill: a one-pass dequantize into the full matrix in the compute dtype, bit for bit what the
 reference builds, then BLAS.
 
 Why hand-written rather than `torch.compile`: inductor's loop for the group-sum formulation ends every group of
@@ -41,7 +42,8 @@ from ..quantize import MatrixLayout
 from .packing import PackedFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-HEADERS = [SOURCE.with_name(name) for name in ("cpu_kernel_common.h", "cpu_kernel_bf16.h", "cpu_kernel_groups.h")]  # SOURCE includes them
+HEADERS = [SOURCE.with_name(name) for name in (
+    "cpu_kernel_common.h", "cpu_kernel_bf16.h", "cpu_kernel_groups.h", "cpu_kernel_int.h")]  # SOURCE includes them
 # Beyond this many tokens, dequantize + BLAS is faster: the GEMV reads each block of rows once for all of a call's
 # tokens, and measured crossovers on the Mixtral expert matrices lie between 64 and 128 tokens in float32 and in
 # bfloat16 (on a CPU with AVX512-BF16, whose BLAS is fast); scripts/bench_kernels.py --crossover.
@@ -173,11 +175,11 @@ def _library(bits: int, group_size: int) -> ctypes.CDLL:
     except OSError as e:
         raise RuntimeError(f"cannot load the CPU kernel library {path} ({e}); delete it to have it rebuilt") from e
     pointer, i32 = ctypes.c_void_p, ctypes.c_int
-    # base, offsets, shape, x, T, y, threads, fp32_only
+    # base, offsets, shape, x, T, y, threads, how (HOW)
     lib.gemv.argtypes = [pointer, pointer, pointer, pointer, i32, pointer, i32, i32]
     lib.gemv.restype = None
-    lib.bf16_dot.argtypes = [pointer]  # shape
-    lib.bf16_dot.restype = i32
+    lib.multiplies.argtypes = [pointer, i32]  # shape, how
+    lib.multiplies.restype = i32
     lib.dequantize.argtypes = [pointer, pointer, pointer, pointer, i32]  # base, offsets, shape, out, threads
     lib.dequantize.restype = None
     return lib
@@ -196,6 +198,7 @@ class _Plan:
     shape: ctypes.Array  # dtype code, N, K, S
     end: int  # bytes the buffer must hold
     threads_from: int  # tokens from which the matmul is worth every thread
+    float_path: int  # the library's path code (PATHS) for this matrix without an integer request
 
 
 _PLANS: dict[int, _Plan] = {}  # by id() of a live layout; an entry goes when its layout does
@@ -212,20 +215,43 @@ def _plan(layout: MatrixLayout) -> _Plan:
         offsets = (ctypes.c_int64 * len(SEGMENTS))(*(where.get(name, -1) for name in SEGMENTS))
         shape = (ctypes.c_int64 * 4)(DTYPE_CODES[layout.dtype], fmt.out_features, fmt.in_features, fmt.packed_rows)
         weights = fmt.out_features * fmt.in_features
-        plan = _PLANS[id(layout)] = _Plan(_library(layout.spec.bits, layout.spec.group_size), offsets, shape,
-                                          layout.start + layout.nbytes, -(-SMALL_WORK // weights))
+        lib = _library(layout.spec.bits, layout.spec.group_size)
+        plan = _PLANS[id(layout)] = _Plan(lib, offsets, shape, layout.start + layout.nbytes,
+                                          -(-SMALL_WORK // weights), lib.multiplies(shape, HOW["as built"]))
         weakref.finalize(layout, _PLANS.pop, id(layout), None)
     return plan
 
 
+# What cpu_kernel.cpp's gemv is asked for (its `how`), and the paths it reports taking (its `multiplies`).
+HOW = {"as built": 0, "fp32": 1, "int16": 2, "int8": 3}
+PATHS = {0: "fp32", 1: "bfloat16 dot products on the reference's weights", 2: "bfloat16 dot products on the codes",
+         3: "int16 dot products (x quantized per 16 inputs)", 4: "int8 dot products (x quantized per 16 inputs)"}
+INT_ACTIVATIONS = ("auto", "off", "int16", "int8")
+
+
 class CPUKernels:
-    """Quantized matmuls for CPU tensors through the compiled C++ kernel."""
+    """Quantized matmuls for CPU tensors through the compiled C++ kernel.
+
+    `int_activations` says when the decode GEMV quantizes x to integers (cpu_kernel_int.h: one scale per 16
+    inputs, integer dot products with the codes; byte codes in groups of a multiple of 16, rows sharing words):
+      * "auto" (the default): float16 x in int16, whose rounding (at most 1/65534 of the largest |x| among 16
+        inputs) leaves outputs ~25x closer to the exact product than the float16 reference's own roundings (1.4-2e-5
+        of the largest output vs 4.3-4.7e-4, BENCHMARKS.md §1), and is ~1.3-1.55x faster than the fp32 path; bfloat16 x in int16 only where the matrix has no bfloat16 dot-product path on this CPU
+        (no AVX512-BF16, or a format those paths do not take); float32 never (its paths stay exact);
+      * "off": the float paths only; "int16": int16 for every dtype;
+      * "int8": int8 for every dtype, an opt-in trade of accuracy for speed (errors ~1.5x the bfloat16
+        reference's; tests/test_kernels_int.py checks the bound x's rounding implies). Not a config key.
+    `fp32_only` forces the fp32 path (to test and time it against the others)."""
 
     name = "fused-cpu"
 
-    def __init__(self, fp32_only: bool = False) -> None:
-        # fp32_only: multiply in fp32 even where the bfloat16 dot products would run (to test and time both)
+    def __init__(self, fp32_only: bool = False, int_activations: str = "auto") -> None:
+        if int_activations not in INT_ACTIVATIONS:
+            raise ValueError(f"int_activations must be one of {', '.join(INT_ACTIVATIONS)}, got {int_activations!r}")
+        if fp32_only and int_activations in ("int16", "int8"):
+            raise ValueError(f"fp32_only contradicts int_activations={int_activations!r}")
         self.fp32_only = fp32_only
+        self.int_activations = int_activations
         # Prefill dequantizes into a reused buffer: a fresh one would cost page faults on every call (~65 ms for
         # a Mixtral expert matrix in float32, half the dequantize). One per thread, since engines share kernels.
         self._scratch = threading.local()
@@ -269,22 +295,33 @@ class CPUKernels:
         if tokens > GEMV_MAX_TOKENS:
             weight = self._weight_buffer(layout)  # [N, K], what the reference dequantizes to
             plan.lib.dequantize(buffer.data_ptr(), plan.offsets, plan.shape, weight.data_ptr(), threads)
-            return F.linear(x, weight)
+            return F.linear(x.to(layout.dtype), weight)  # y in the compute dtype, as the GEMV returns it
         x = x.to(layout.dtype).contiguous()  # [T, K]
         y = torch.empty(tokens, out_features, dtype=layout.dtype)  # [T, N]
         plan.lib.gemv(buffer.data_ptr(), plan.offsets, plan.shape, x.data_ptr(), tokens, y.data_ptr(), threads,
-                      int(self.fp32_only))
+                      self._how(plan, layout.dtype))
         return y
 
+    def _how(self, plan: _Plan, dtype: torch.dtype) -> int:
+        """What to ask gemv for (HOW) under this instance's settings; it falls back where a path does not run."""
+        if self.fp32_only:
+            return HOW["fp32"]
+        mode = self.int_activations
+        if mode == "auto":
+            wanted = dtype == torch.float16 or (dtype == torch.bfloat16 and plan.float_path == 0)
+            return HOW["int16"] if wanted else HOW["as built"]
+        return HOW["as built"] if mode == "off" else HOW[mode]
+
     def multiplies_in(self, layout: MatrixLayout, tokens: int = 1) -> str:
-        """How the decode GEMV multiplies `layout` at `tokens` tokens on this CPU (bfloat16 activations on a CPU
-        with AVX512-BF16 only, else "fp32", x converted once): "bfloat16 dot products on the codes" (groups of 16,
-        1-4-bit codes, AVX-512 VBMI: exact products of codes and x, scales applied per group in fp32) or
-        "bfloat16 dot products on the reference's weights" (1- or 2-bit codes: its bfloat16 weights, tabled)."""
+        """How the decode GEMV multiplies `layout` at `tokens` tokens on this CPU (one of PATHS): "fp32" (x
+        converted once), "bfloat16 dot products on the codes" (bfloat16 x, AVX512-BF16 and VBMI, groups of 16,
+        1-4-bit codes: exact products of codes and x, scales applied per group in fp32), "bfloat16 dot products on
+        the reference's weights" (1- or 2-bit codes: its bfloat16 weights, tabled) or "int16"/"int8 dot products"
+        (x quantized, see the class's docstring)."""
         plan = _plan(layout)
-        how = 0 if self.fp32_only or tokens > GEMV_MAX_TOKENS else plan.lib.bf16_dot(plan.shape)
-        return {0: "fp32", 1: "bfloat16 dot products on the reference's weights",
-                2: "bfloat16 dot products on the codes"}[how]
+        if tokens > GEMV_MAX_TOKENS:
+            return PATHS[0]
+        return PATHS[plan.lib.multiplies(plan.shape, self._how(plan, layout.dtype))]
 
     def warm_up(self, layout: MatrixLayout, device: torch.device) -> None:
         """Build (or load from the disk cache) the library `layout` needs, so the first reply does not wait."""

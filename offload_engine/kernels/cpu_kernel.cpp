@@ -12,7 +12,7 @@
 // reads its own (at most two) runs of word rows: correct, just PACK times the traffic.
 //
 // The GEMV takes x and writes y in the compute dtype, all tokens of a call at once: each block of rows is read
-// from memory once and stays in L1 while every token block runs over it. Three ways to multiply:
+// from memory once and stays in L1 while every token block runs over it. Four ways to multiply:
 //  * fp32 (every machine and dtype): x converted to fp32 once per call; per group the weights are dequantized
 //    in registers, w = (q - z) * s in fp32 (an FMA on the code masked in place, see fma_form), and multiplied
 //    into per-row vector accumulators summed once per row: per vector of weights a mask, a convert, a multiply
@@ -26,6 +26,9 @@
 //    groups of 16, codes of 1-4 bits, VBMI) the codes themselves as bfloat16 integers times x, exact products
 //    summed in fp32, the scales applied per group as above; otherwise (cpu_kernel_bf16.h, 1- and 2-bit codes)
 //    the reference's own bfloat16 weights from a per-group table, times x as it comes, accumulated in fp32.
+//  * integer dot products (cpu_kernel_int.h; byte codes, groups a multiple of 16, AVX-512BW or AVX2, VNNI where
+//    present; float16 x by default, any dtype on request): x quantized once per call to int16 (or int8) with a
+//    scale per 16 inputs, codes times x summed exactly in int32, a subgroup per lane, scales applied per block.
 // Prefill instead dequantizes the whole matrix (dequantize below) for BLAS.
 #include <vector>
 
@@ -213,6 +216,7 @@ static void gemv_fp32(const Matrix& m, const float* x, int tokens, void* y, int 
 
 #include "cpu_kernel_bf16.h"
 #include "cpu_kernel_groups.h"
+#include "cpu_kernel_int.h"
 
 // y [T, N] (compute dtype) = x [T, K] (fp32) @ W.T, on the fastest fp32 path this build has for the matrix.
 static void gemv_float(const Matrix& m, const float* x, int tokens, void* y, int threads) {
@@ -220,6 +224,19 @@ static void gemv_float(const Matrix& m, const float* x, int tokens, void* y, int
         gemv_groups<false>(m, x, tokens, y, threads);
     else
         gemv_fp32(m, x, tokens, y, threads);
+}
+
+// How gemv multiplies (its `how` argument, and what multiplies() reports).
+enum How { AS_BUILT = 0, FP32_ONLY = 1, INT16 = 2, INT8 = 3 };
+
+// The path gemv takes for `m` when asked for `how`, as multiplies() names it: 0 fp32, 1 bfloat16 dot products on
+// the reference's weights (tables), 2 bfloat16 dot products on the codes (a group per lane), 3 int16 dot products,
+// 4 int8 dot products. An integer request on a matrix the integer path does not take falls back to AS_BUILT's
+// path; int8 on 8-bit codes without VNNI takes int16.
+static int path_for(const Matrix& m, int how) {
+    if (how == FP32_ONLY) return 0;
+    if ((how == INT16 || how == INT8) && int_dot_runs(m)) return how == INT8 && int8_runs() ? 4 : 3;
+    return group_dot_runs(m) ? 2 : bf16_dot_runs(m) ? 1 : 0;
 }
 
 // Stores v, already a value of dtype DT, as DT at out[at].
@@ -279,35 +296,33 @@ static Matrix matrix_at(const uint8_t* base, const int64_t* offsets, const int64
 
 extern "C" {
 
-// y [T, N] = x [T, K] @ W.T, x and y in the compute dtype. `fp32_only` forces the fp32 path (for comparisons).
+// y [T, N] = x [T, K] @ W.T, x and y in the compute dtype, multiplied as `how` (How) asks where it can.
 void gemv(const uint8_t* base, const int64_t* offsets, const int64_t* shape, const void* x, int tokens, void* y,
-          int threads, int fp32_only) {
+          int threads, int how) {
     const Matrix m = matrix_at(base, offsets, shape);
-    if (!fp32_only && group_dot_runs(m)) {
-        const AlignedFloats x32(tokens * m.k);
-        to_float(x, m.meta.dtype, tokens * m.k, x32.data);
-        gemv_groups<true>(m, x32.data, tokens, y, threads);
-        return;
-    }
-    if (!fp32_only && bf16_dot_runs(m)) {
+    const int path = path_for(m, how);
+    if (path == 1) {
         gemv_bf16(m, (const uint16_t*)x, tokens, (uint16_t*)y, threads);
         return;
     }
-    if (m.meta.dtype == FLOAT32) {
-        gemv_float(m, (const float*)x, tokens, y, threads);
-        return;
+    const float* x32 = (const float*)x;
+    AlignedFloats converted(m.meta.dtype == FLOAT32 ? 0 : tokens * m.k);  // once per call
+    if (m.meta.dtype != FLOAT32) {
+        to_float(x, m.meta.dtype, tokens * m.k, converted.data);
+        x32 = converted.data;
     }
-    const AlignedFloats x32(tokens * m.k);  // converted once per call
-    to_float(x, m.meta.dtype, tokens * m.k, x32.data);
-    gemv_float(m, x32.data, tokens, y, threads);
+    switch (path) {
+        case 2: gemv_groups<true>(m, x32, tokens, y, threads); break;
+        case 3: gemv_int<false>(m, x32, tokens, y, threads); break;
+        case 4: gemv_int<true>(m, x32, tokens, y, threads); break;
+        default: gemv_float(m, x32, tokens, y, threads);
+    }
 }
 
-// How gemv multiplies a matrix of this `shape`: 2 with bfloat16 dot products on the codes (a group per lane), 1 on
-// the reference's bfloat16 weights (tables), 0 in fp32.
-int bf16_dot(const int64_t* shape) {
+// How gemv multiplies a matrix of this `shape` when asked for `how`: path_for's code.
+int multiplies(const int64_t* shape, int how) {
     const int64_t no_segments[7] = {-1, -1, -1, -1, -1, -1, -1};
-    const Matrix m = matrix_at(nullptr, no_segments, shape);
-    return group_dot_runs(m) ? 2 : bf16_dot_runs(m) ? 1 : 0;
+    return path_for(matrix_at(nullptr, no_segments, shape), how);
 }
 
 // The full matrix W [N, K] in the compute dtype (`dtype`), as hqq's dequantize builds it there.
