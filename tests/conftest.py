@@ -175,3 +175,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_build():
+    """Libraries built anew under the test's compiler settings; later tests get the default build back."""
+    from offload_engine.kernels import cpu as cpu_kernels
+
+    cpu_kernels._library.cache_clear()
+    cpu_kernels._PLANS.clear()
+    yield
+    cpu_kernels._library.cache_clear()
+    cpu_kernels._PLANS.clear()

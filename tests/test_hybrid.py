@@ -188,18 +188,23 @@ def test_bad_cpu_keys_are_clear_errors(offload, message):
     assert load_config({}).offload.cpu_compute == "auto" and load_config({}).offload.cpu_threads is None
 
 
-def test_a_worker_failure_surfaces_and_leaves_the_cache_consistent(tiny_dir, monkeypatch):
-    engine, fresh = load(tiny_dir, "always", 1, 1), load(tiny_dir, "off", 1, 1)
-    expected = fresh.generate_ids(PROMPT, max_new_tokens=6)
-
+def fails_on_the_cpu_then_recovers(engine, expected: list[int], monkeypatch) -> None:
+    """A CPU job that raises fails the request, leaves the cache consistent, and the next reply is exact."""
     def broken(host_slot, x):
-        raise MemoryError("injected in the CPU worker")
+        raise MemoryError("injected in a CPU job")
     monkeypatch.setattr(engine.model, "_expert_on_cpu", broken)
     with pytest.raises(MemoryError, match="injected"):
         engine.generate_ids(PROMPT, max_new_tokens=6)
     engine.cache.check_invariant()
     monkeypatch.undo()
     assert engine.generate_ids(PROMPT, max_new_tokens=6) == expected
+
+
+def test_a_worker_failure_surfaces_and_leaves_the_cache_consistent(tiny_dir, monkeypatch):
+    engine, fresh = load(tiny_dir, "always", 1, 1), load(tiny_dir, "off", 1, 1)
+    expected = fresh.generate_ids(PROMPT, max_new_tokens=6)
+
+    fails_on_the_cpu_then_recovers(engine, expected, monkeypatch)
 
 
 def test_the_cache_refuses_to_move_an_expert_the_cpu_computes(tiny_dir):
@@ -265,14 +270,7 @@ def test_static_layers_in_the_load_line_stats_and_errors(tiny_dir, monkeypatch):
     assert "the experts of the first 2 MoE layers on the CPU (cpu_layers)" in summary_line(engine, 1.0)
     expected = load(tiny_dir, "off", 2, 1).generate_ids(PROMPT, max_new_tokens=6)
 
-    def broken(host_slot, x):
-        raise MemoryError("injected in a static layer's CPU job")
-    monkeypatch.setattr(engine.model, "_expert_on_cpu", broken)
-    with pytest.raises(MemoryError, match="injected"):
-        engine.generate_ids(PROMPT, max_new_tokens=6)
-    engine.cache.check_invariant()
-    monkeypatch.undo()
-    assert engine.generate_ids(PROMPT, max_new_tokens=6) == expected
+    fails_on_the_cpu_then_recovers(engine, expected, monkeypatch)
     for bad in (-1, "some", 1.5, True):
         with pytest.raises(ConfigError, match="offload.cpu_layers must be an integer >= 0"):
             load_config({"offload": {"cpu_layers": bad}})

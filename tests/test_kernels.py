@@ -285,16 +285,6 @@ def test_a_library_that_will_not_load_falls_back_with_a_warning_naming_it(gentle
     assert f"cannot load the CPU kernel library {library}" in message and "delete it to have it rebuilt" in message
 
 
-@pytest.fixture
-def fresh_build():
-    """Libraries built anew under the test's compiler settings; later tests get the default build back."""
-    cpu_kernels._library.cache_clear()
-    cpu_kernels._PLANS.clear()
-    yield
-    cpu_kernels._library.cache_clear()
-    cpu_kernels._PLANS.clear()
-
-
 def test_a_compiler_that_fails_leaves_nothing_behind_and_auto_falls_back(gentle_dir, tmp_path, monkeypatch,
                                                                           fresh_build):
     broken = tmp_path / "broken-g++"

@@ -155,15 +155,6 @@ def test_an_input_of_zeros_and_huge_values_in_one_subgroup():
         assert torch.isfinite(got).all()
 
 
-@pytest.fixture
-def fresh_build():
-    cpu_kernels._library.cache_clear()
-    cpu_kernels._PLANS.clear()
-    yield
-    cpu_kernels._library.cache_clear()
-    cpu_kernels._PLANS.clear()
-
-
 @pytest.mark.parametrize("extra_flags", ["-mno-avx512vnni", "-mno-avx512f"])
 def test_the_integer_path_without_vnni_and_without_avx512(extra_flags, tmp_path, monkeypatch, fresh_build):
     """-mno-avx512vnni: AVX-512BW's vpmaddwd / vpmaddubsw instead of vpdpwssd / vpdpbusd (Skylake-X; int8 shifts
