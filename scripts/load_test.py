@@ -32,7 +32,7 @@ import torch
 
 from offload_engine.batch import MAX_BATCH
 from offload_engine.errors import add_debug_flag, user_errors
-from offload_engine.model_args import add_model_arguments
+from offload_engine.model_args import add_model_arguments, resolve_setup
 
 QUESTIONS = ["Tell me about the history of the city.", "What is the best way to learn a language?",
              "Describe a walk in the mountains.", "Why do people like music?", "What happened next?",
@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     servers, engine = [], None
     if not args.url:
         from offload_engine.cli import load_engine
-        from offload_engine.model_args import resolve_setup
         from offload_engine.server import BackgroundServer, create_app
 
         engine = load_engine(resolve_setup(args), log=sys.stdout)

@@ -7,8 +7,8 @@ formula; on AVX-512 CPUs with VBMI, 16-wide groups of byte codes run one group p
 multiply leaves the inner loop) or, for bfloat16 activations on a CPU with AVX512-BF16, with bfloat16 dot products
 (on the codes, a group per lane, or on the reference's own bfloat16 weights), or, for float16 activations by
 default (`CPUKernels(int_activations=...)`), with integer dot products on x quantized once per call to int16 per
-16 inputs (cpu_kernel_int.h); `CPUKernels.multiplies_in` says which. Prefill: a one-pass dequantize into the full matrix in the compute dtype, bit for bit what the
-reference builds, then BLAS.
+16 inputs (cpu_kernel_int.h); `CPUKernels.multiplies_in` says which. Prefill: a one-pass dequantize into the full
+matrix in the compute dtype, bit for bit what the reference builds, then BLAS.
 
 Why hand-written rather than `torch.compile`: inductor's loop for the group-sum formulation ends every group of
 16 weights with a horizontal sum, about one cycle per weight; dequantizing into vector registers and summing
@@ -236,8 +236,9 @@ class CPUKernels:
     inputs, integer dot products with the codes; byte codes in groups of a multiple of 16, rows sharing words):
       * "auto" (the default): float16 x in int16, whose rounding (at most 1/65534 of the largest |x| among 16
         inputs) leaves outputs ~25x closer to the exact product than the float16 reference's own roundings (1.4-2e-5
-        of the largest output vs 4.3-4.7e-4, BENCHMARKS.md §1), and is ~1.3-1.55x faster than the fp32 path; bfloat16 x in int16 only where the matrix has no bfloat16 dot-product path on this CPU
-        (no AVX512-BF16, or a format those paths do not take); float32 never (its paths stay exact);
+        of the largest output vs 4.3-4.7e-4, BENCHMARKS.md §1), and is ~1.3-1.55x faster than the fp32 path;
+        bfloat16 x in int16 only where the matrix has no bfloat16 dot-product path on this CPU (no AVX512-BF16,
+        or a format those paths do not take); float32 never (its paths stay exact);
       * "off": the float paths only; "int16": int16 for every dtype;
       * "int8": int8 for every dtype, an opt-in trade of accuracy for speed (errors ~1.5x the bfloat16
         reference's; tests/test_kernels_int.py checks the bound x's rounding implies). Not a config key.
