@@ -155,6 +155,24 @@ def test_no_padding_reaches_the_experts_and_lookups_count_distinct_experts(famil
     assert [row.shape for row in logits] == [(160,)] * 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_lm_head_gives_a_row_the_same_logits_whatever_else_shares_its_step(dtype):
+    """Each row's logits equal the product's (to the dtype's rounding), and on CPU the float32 and bfloat16 rows
+    are the same bits alone (padded) as among 2-16 others: the lm_head adds nothing that depends on the batch."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3000, 256, generator=gen).to(dtype)  # [V, H]
+    rows = torch.randn(16, 256, generator=gen).to(dtype)  # [R, H]
+    expected = rows.double() @ weight.double().t()  # [R, V]
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 0.3, torch.float16: 0.05}[dtype]
+    alone = [model_module.head_rows(weight, rows[i:i + 1]) for i in range(16)]  # each [1, V]
+    for r in (1, 2, 3, 8, 16):
+        together = model_module.head_rows(weight, rows[:r])  # [r, V]
+        assert together.shape == (r, 3000) and together.dtype == dtype
+        torch.testing.assert_close(together.double(), expected[:r], atol=tolerance, rtol=0)
+        if dtype != torch.float16 and torch.backends.mkldnn.is_available():  # float16 takes BLAS: no such promise
+            assert all(torch.equal(together[i], alone[i][0]) for i in range(r))
+
+
 def test_a_prefill_computes_only_the_logits_it_samples(family_paths):
     engine = load(family_paths["mixtral"], 8, 0)
     shapes = []
