@@ -3,6 +3,7 @@ would get alone; a disconnect frees its slot at the next step; a failing step fa
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -14,6 +15,8 @@ httpx = pytest.importorskip("httpx")
 import offload_engine  # noqa: E402
 import offload_engine.model as model_module  # noqa: E402
 from offload_engine.server import BackgroundServer, create_app  # noqa: E402
+from offload_engine.server.app import Outbox  # noqa: E402
+from offload_engine.server.worker import Job, Piece  # noqa: E402
 
 from test_server import DEMO_CONFIG, TIMEOUT, Gate, expected, metric, wait_until  # noqa: E402
 
@@ -228,3 +231,39 @@ def test_load_test_names_its_model_as_offload_serve_does(tmp_path, model):
         assert "org/absent" in lines[0] and "HF_HUB_OFFLINE" in lines[0] and str(cache) in lines[0], lines[0]
     else:
         assert "no-such-model" in lines[0] and "does not exist" in lines[0]
+
+
+def test_the_outbox_wakes_the_event_loop_once_for_a_steps_events():
+    """Events put from another thread while the loop is busy cross in one call_soon_threadsafe, each reaching its
+    own request's queue in order; once the loop is gone, the jobs with undelivered events are cancelled."""
+    outbox, jobs = Outbox(), [Job([1], None, lambda event: None) for _ in range(3)]
+
+    async def scenario() -> tuple[int, list[list[str]]]:
+        loop = asyncio.get_running_loop()
+        queues = [asyncio.Queue() for _ in jobs]
+        wakes = 0
+        schedule = loop.call_soon_threadsafe
+
+        def counted(*args):
+            nonlocal wakes
+            wakes += 1
+            return schedule(*args)
+
+        loop.call_soon_threadsafe = counted
+        # The worker's step: two tokens for each of three sequences, while the loop is not running callbacks.
+        step = threading.Thread(target=lambda: [outbox.put(loop, job, queue, Piece(f"{i}{t}"))
+                                                for t in "ab" for i, (job, queue) in enumerate(zip(jobs, queues))])
+        step.start()
+        step.join()
+        await asyncio.sleep(0)
+        return wakes, [[queue.get_nowait().text for _ in range(queue.qsize())] for queue in queues]
+
+    wakes, received = asyncio.run(scenario())
+    assert wakes == 1
+    assert received == [["0a", "0b"], ["1a", "1b"], ["2a", "2b"]]
+    assert not any(job.cancelled.is_set() for job in jobs)
+
+    closed = asyncio.new_event_loop()
+    closed.close()
+    outbox.put(closed, jobs[0], None, Piece("x"))  # nobody is listening: the job is told to stop
+    assert jobs[0].cancelled.is_set() and not outbox.pending
