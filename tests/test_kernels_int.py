@@ -93,6 +93,22 @@ def _vnni() -> bool:
     return "avx512_vnni" in flags and "avx512bw" in flags
 
 
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+@pytest.mark.parametrize("group_size", [16, 32, 64])
+def test_rows_that_start_a_scale_range(group_size, mode):
+    """Rows of 3 x 128 groups start a (min, step) range each: at 1-2 tokens their blocks read the scale codes with
+    each range's (min, step) held through its blocks, not through ScaleReader (cpu_kernel_int.h), except those whose
+    LANES scale codes would pass the row's end (in groups of 32 and 64)."""
+    _check_rows_that_start_a_scale_range(group_size, mode)
+
+
+def _check_rows_that_start_a_scale_range(group_size: int, mode: str) -> None:
+    layout = layout_for((64, 3 * 128 * group_size), 2, group_size, True, torch.float16, offset=32)
+    buffer = random_packed(layout, seed=group_size)
+    for tokens in range(1, 5):  # 3-4 tokens: ScaleReader for every block
+        _check_int_path(layout, buffer, mode, torch.float16, tokens)
+
+
 @pytest.mark.parametrize("bits,group_size,quant_meta", FLOAT_ONLY_FORMATS)
 def test_formats_the_integer_path_does_not_take_stay_on_the_float_path(bits, group_size, quant_meta):
     layout = layout_for(_shape_for(group_size), bits, group_size, quant_meta, torch.float16)
@@ -175,3 +191,5 @@ def test_the_integer_path_without_vnni_and_without_avx512(extra_flags, tmp_path,
                 assert CPUKernels(int_activations=mode).multiplies_in(layout) == expected
                 for tokens in (1, 2, 3, 5):
                     _check_int_path(layout, buffer, mode, dtype, tokens, seed=bits)
+    for group_size in (16, 32):
+        _check_rows_that_start_a_scale_range(group_size, "int16")

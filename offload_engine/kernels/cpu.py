@@ -42,8 +42,8 @@ from ..quantize import MatrixLayout
 from .packing import PackedFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-HEADERS = [SOURCE.with_name(name) for name in (
-    "cpu_kernel_common.h", "cpu_kernel_bf16.h", "cpu_kernel_groups.h", "cpu_kernel_int.h")]  # SOURCE includes them
+HEADERS = [SOURCE.with_name(name) for name in (  # SOURCE includes them (cpu_kernel_int.h the last)
+    "cpu_kernel_common.h", "cpu_kernel_bf16.h", "cpu_kernel_groups.h", "cpu_kernel_int.h", "cpu_kernel_int_vectors.h")]
 # Beyond this many tokens, dequantize + BLAS is faster: the GEMV reads each block of rows once for all of a call's
 # tokens, and measured crossovers on the Mixtral expert matrices lie between 64 and 128 tokens in float32 and in
 # bfloat16 (on a CPU with AVX512-BF16, whose BLAS is fast); scripts/bench_kernels.py --crossover.
