@@ -96,16 +96,16 @@ def _vnni() -> bool:
 @pytest.mark.parametrize("mode", ["int16", "int8"])
 @pytest.mark.parametrize("group_size", [16, 32, 64])
 def test_rows_that_start_a_scale_range(group_size, mode):
-    """Rows of 3 x 128 groups start a (min, step) range each: at 1-2 tokens their blocks read the scale codes with
-    each range's (min, step) held through its blocks, not through ScaleReader (cpu_kernel_int.h), except those whose
-    LANES scale codes would pass the row's end (in groups of 32 and 64)."""
+    """Rows of 3 x 128 groups start a (min, step) range each: at 1-2 tokens (and 3 on AVX-512) their blocks read the
+    scale codes with each range's (min, step) held through its blocks, not through ScaleReader (cpu_kernel_int.h),
+    except those whose LANES scale codes would pass the row's end (in groups of 32 and 64)."""
     _check_rows_that_start_a_scale_range(group_size, mode)
 
 
 def _check_rows_that_start_a_scale_range(group_size: int, mode: str) -> None:
     layout = layout_for((64, 3 * 128 * group_size), 2, group_size, True, torch.float16, offset=32)
     buffer = random_packed(layout, seed=group_size)
-    for tokens in range(1, 5):  # 3-4 tokens: ScaleReader for every block
+    for tokens in range(1, 5):  # 4 tokens: ScaleReader for every block
         _check_int_path(layout, buffer, mode, torch.float16, tokens)
 
 

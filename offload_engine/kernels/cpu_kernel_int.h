@@ -124,12 +124,46 @@ static inline int64_t quantized_at(int64_t sub, int j) {
     return sub / INT_LANES * INT_BLOCK + (j / PER * INT_LANES + subgroup_lane(sub % INT_LANES)) * PER + j % PER;
 }
 
+typedef float subgroup_floats __attribute__((vector_size(4 * SUBGROUP)));  // one subgroup's inputs
+typedef int32_t subgroup_ints __attribute__((vector_size(4 * SUBGROUP)));
+
+// The largest lane of v: a halving tree in vector registers. (Subgroup vectors pass by reference: by value, wider
+// than AVX2's registers, they draw GCC's ABI-change warning.)
+static inline float largest_lane(const subgroup_floats& v) {
+    static_assert(SUBGROUP == 16, "the tree halves 16 lanes");
+    subgroup_floats m = v, other = __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    m = m > other ? m : other;
+    other = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    m = m > other ? m : other;
+    other = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    m = m > other ? m : other;
+    return std::max(m[0], m[1]);
+}
+
+// v made opaque to the compiler, in place: a product kept from fusing into the add that follows (an FMA would
+// round the exact product, not the float that std::nearbyint rounds; GCC fuses across statements).
+static inline void no_contraction(subgroup_floats& v) {
+    vfloat parts[sizeof(v) / sizeof(vfloat)];
+    std::memcpy(parts, &v, sizeof(v));
+    for (vfloat& part : parts) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __asm__("" : "+v"(part));
+#else
+        __asm__("" : "+m"(part));
+#endif
+    }
+    std::memcpy(&v, parts, sizeof(v));
+}
+
 // x [T, K] (fp32) -> xq [T, blocks, vectors, lanes, PER] (int16 or int8, zero past the last subgroup), its scales
-// xs [T, padded subgroups] in lane order and the quantized subgroup sums xsum = xs * sum_j xq_j.
+// xs [T, padded subgroups] in lane order and the quantized subgroup sums xsum = xs * sum_j xq_j. A subgroup a
+// vector: it runs before the threads start, so on 2 threads its scalar form was ~5 % of a Mixtral expert at 4
+// tokens. Rounds x * (QMAX / largest) to the nearest integer, ties to even, by adding and subtracting 1.5 * 2^23
+// (|x * QMAX / largest| <= QMAX < 2^22): std::nearbyint in the default rounding mode, lane by lane.
 template <typename Q>
 static void quantize_x(const float* x, int tokens, int64_t k, int64_t padded_subs, Q* xq, float* xs, float* xsum) {
     constexpr int PER = sizeof(Q) == 2 ? 2 : 4;
-    constexpr float QMAX = sizeof(Q) == 2 ? 32767.f : 127.f;
+    constexpr float QMAX = sizeof(Q) == 2 ? 32767.f : 127.f, ROUND = 12582912.f;
     const int64_t subs = k / SUBGROUP;
     std::fill(xq, xq + tokens * padded_subs * SUBGROUP, (Q)0);
     std::fill(xs, xs + tokens * padded_subs, 0.f);
@@ -137,15 +171,21 @@ static void quantize_x(const float* x, int tokens, int64_t k, int64_t padded_sub
     for (int t = 0; t < tokens; t++) {
         Q* row = xq + t * padded_subs * SUBGROUP;
         for (int64_t sub = 0; sub < subs; sub++) {
-            const float* in = x + t * k + sub * SUBGROUP;
-            float largest = 0.f;
-            for (int j = 0; j < SUBGROUP; j++) largest = std::max(largest, std::fabs(in[j]));
+            subgroup_floats in;
+            std::memcpy(&in, x + t * k + sub * SUBGROUP, sizeof(in));
+            const subgroup_floats magnitude = (subgroup_floats)((subgroup_ints)in & 0x7fffffff);
+            const float largest = largest_lane(magnitude);
             const float scale = largest / QMAX, inverse = largest > 0.f ? QMAX / largest : 0.f;
+            subgroup_floats rounded = in * inverse;
+            no_contraction(rounded);
+            rounded += ROUND;
+            rounded -= ROUND;
+            rounded = rounded > QMAX ? QMAX : rounded < -QMAX ? -QMAX : rounded;
+            const subgroup_ints q = __builtin_convertvector(rounded, subgroup_ints);
             int sum = 0;
             for (int j = 0; j < SUBGROUP; j++) {
-                const int q = std::clamp((int)std::nearbyint(in[j] * inverse), -(int)QMAX, (int)QMAX);
-                row[quantized_at<PER>(sub, j)] = (Q)q;
-                sum += q;
+                row[quantized_at<PER>(sub, j)] = (Q)q[j];
+                sum += q[j];
             }
             const int64_t lane = t * padded_subs + sub / INT_LANES * INT_LANES + subgroup_lane(sub % INT_LANES);
             xs[lane] = scale;
@@ -163,9 +203,10 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
                     float* out) {
     constexpr int VECTORS = INT8 ? 4 : 8;  // per block and token
     constexpr bool SHIFT_DOWN = INT8 && !INT_VNNI;
-    // Rows per pass over a block's codes (divides PACK): ROWS x T accumulator chains, at most 8 (see below); at 2
-    // tokens 2 rows' 4 chains ran 7 % faster than 4 rows' 8 (a whole expert, 1 thread).
-    constexpr int ROWS = std::min(T == 1 ? 4 : 2, PACK);
+    // Rows per pass over a block's codes (divides PACK): ROWS x T accumulator chains, at most 8 (see below). On a
+    // whole Mixtral expert (1 thread), 2 rows at 2 tokens ran 7 % faster than 4, 1 row at 3 tokens (with the
+    // ranges in registers, below) 4-8 % faster than 2 on AVX-512, 2 % slower on AVX2.
+    constexpr int ROWS = std::min(T == 1 ? 4 : T == 3 && INT_LANES == 16 ? 1 : 2, PACK);
     ScaleReader readers[PACK];
     float units[PACK];  // the codes stay masked in place (q << shift): the scales take 2^-shift
     for (int r = 0; r < PACK; r++) {
@@ -177,10 +218,11 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
     vfloat total[PACK][T] = {};
     // Where every row's groups start a (min, step) range (Mixtral's all do) and scales are 8-bit codes, the blocks
     // of whole codes whose LANES scale codes lie inside the rows run a range at a time (IN_RANGE), its fp32 (min,
-    // step) in registers; the rest through ScaleReader. At 1-2 tokens only: at 3-4 the 8 more live vectors
-    // spilled the fp32 totals (3-15 % slower on a whole expert).
+    // step) in registers; the rest through ScaleReader. Not at 4 tokens, nor 3 on AVX2: there the 8 more live
+    // vectors spilled the fp32 totals (6-15 % slower on a whole expert).
     constexpr int USED = INT_LANES / SUB_PER_GROUP, RANGE_BLOCKS = SCALE_GROUP / USED;  // groups a block uses
-    bool aligned = T <= 2 && meta.scale_q != nullptr && groups >= LANES;
+    constexpr bool RANGES_IN_REGISTERS = T <= 2 || (T == 3 && INT_LANES == 16);
+    bool aligned = RANGES_IN_REGISTERS && meta.scale_q != nullptr && groups >= LANES;
     for (int r = 0; r < PACK; r++) aligned = aligned && first[r] % SCALE_GROUP == 0;
     const int64_t in_range_end = aligned ? std::min(subs / INT_LANES, (groups - LANES) / USED + 1) : 0;
     vfloat zero_step{}, zero_min{};
