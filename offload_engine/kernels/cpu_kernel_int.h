@@ -204,9 +204,11 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
     constexpr int VECTORS = INT8 ? 4 : 8;  // per block and token
     constexpr bool SHIFT_DOWN = INT8 && !INT_VNNI;
     // Rows per pass over a block's codes (divides PACK): ROWS x T accumulator chains, at most 8 (see below). On a
-    // whole Mixtral expert (1 thread), 2 rows at 2 tokens ran 7 % faster than 4, 1 row at 3 tokens (with the
-    // ranges in registers, below) 4-8 % faster than 2 on AVX-512, 2 % slower on AVX2.
-    constexpr int ROWS = std::min(T == 1 ? 4 : T == 3 && INT_LANES == 16 ? 1 : 2, PACK);
+    // whole Mixtral expert (1 thread), with AVX-512: 2 rows at 2 tokens 7 % faster than 4, 1 row at 3 tokens (with
+    // the ranges in registers, below) 4-8 % faster than 2; with AVX2: 4 rows at 2 tokens 14 % faster than 2, 1 row
+    // at 3 tokens 2 % slower than 2.
+    constexpr bool AVX512 = INT_LANES == 16;
+    constexpr int ROWS = std::min(T == 1 ? 4 : T == 2 ? (AVX512 ? 2 : 4) : T == 3 && AVX512 ? 1 : 2, PACK);
     ScaleReader readers[PACK];
     float units[PACK];  // the codes stay masked in place (q << shift): the scales take 2^-shift
     for (int r = 0; r < PACK; r++) {
@@ -221,7 +223,7 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
     // step) in registers; the rest through ScaleReader. Not at 4 tokens, nor 3 on AVX2: there the 8 more live
     // vectors spilled the fp32 totals (6-15 % slower on a whole expert).
     constexpr int USED = INT_LANES / SUB_PER_GROUP, RANGE_BLOCKS = SCALE_GROUP / USED;  // groups a block uses
-    constexpr bool RANGES_IN_REGISTERS = T <= 2 || (T == 3 && INT_LANES == 16);
+    constexpr bool RANGES_IN_REGISTERS = T <= 2 || (T == 3 && AVX512);
     bool aligned = RANGES_IN_REGISTERS && meta.scale_q != nullptr && groups >= LANES;
     for (int r = 0; r < PACK; r++) aligned = aligned && first[r] % SCALE_GROUP == 0;
     const int64_t in_range_end = aligned ? std::min(subs / INT_LANES, (groups - LANES) / USED + 1) : 0;
