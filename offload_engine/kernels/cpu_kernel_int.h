@@ -1,6 +1,6 @@
 // The GEMV with integer dot products (AVX-512BW or AVX2; VNNI where the CPU has it): x quantized once per call to
 // int16 (or int8) with one scale per 16 inputs, the codes multiplied as unsigned bytes. Included by
-// cpu_kernel.cpp; cpu.py's `int_activations` chooses it (float16 x by default: see CPUKernels).
+// cpu_kernel.cpp; cpu.py's `int_activations` chooses it (float16 and most bfloat16 x by default: see CPUKernels).
 //
 // Why: the fp32 paths spend per vector of weights a convert and one FMA per token, and on Zen 4 those share the
 // two FMA pipes (BENCHMARKS.md §1): ~4.7 GB/s per core at 4 tokens. An integer dot product instead multiplies 2
@@ -157,9 +157,9 @@ static inline void no_contraction(subgroup_floats& v) {
 
 // x [T, K] (fp32) -> xq [T, blocks, vectors, lanes, PER] (int16 or int8, zero past the last subgroup), its scales
 // xs [T, padded subgroups] in lane order and the quantized subgroup sums xsum = xs * sum_j xq_j. A subgroup a
-// vector: it runs before the threads start, so on 2 threads its scalar form was ~5 % of a Mixtral expert at 4
-// tokens. Rounds x * (QMAX / largest) to the nearest integer, ties to even, by adding and subtracting 1.5 * 2^23
-// (|x * QMAX / largest| <= QMAX < 2^22): std::nearbyint in the default rounding mode, lane by lane.
+// vector: it runs before the threads start (on 2 threads, 1-2 % faster on a Mixtral expert at 2-4 tokens than
+// input by input). Rounds x * (QMAX / largest) to the nearest integer, ties to even, by adding and subtracting
+// 1.5 * 2^23 (|x * QMAX / largest| <= QMAX < 2^22): std::nearbyint in the default rounding mode, lane by lane.
 template <typename Q>
 static void quantize_x(const float* x, int tokens, int64_t k, int64_t padded_subs, Q* xq, float* xs, float* xsum) {
     constexpr int PER = sizeof(Q) == 2 ? 2 : 4;
