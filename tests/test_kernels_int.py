@@ -96,7 +96,7 @@ def _vnni() -> bool:
 @pytest.mark.parametrize("mode", ["int16", "int8"])
 @pytest.mark.parametrize("group_size", [16, 32, 64])
 def test_rows_that_start_a_scale_range(group_size, mode):
-    """Rows of 3 x 128 groups start a (min, step) range each: at 1-2 tokens (and 3 on AVX-512) their blocks read the
+    """Rows of 3 x 128 groups start a (min, step) range each: at 1-2 tokens (3 with VNNI) their blocks read the
     scale codes with each range's (min, step) held through its blocks, not through ScaleReader (cpu_kernel_int.h),
     except those whose LANES scale codes would pass the row's end (in groups of 32 and 64)."""
     _check_rows_that_start_a_scale_range(group_size, mode)

@@ -205,10 +205,10 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
     constexpr bool SHIFT_DOWN = INT8 && !INT_VNNI;
     // Rows per pass over a block's codes (divides PACK): ROWS x T accumulator chains, at most 8 (see below). On a
     // whole Mixtral expert (1 thread), with AVX-512: 2 rows at 2 tokens 7 % faster than 4, 1 row at 3 tokens (with
-    // the ranges in registers, below) 4-8 % faster than 2; with AVX2: 4 rows at 2 tokens 14 % faster than 2, 1 row
-    // at 3 tokens 2 % slower than 2.
-    constexpr bool AVX512 = INT_LANES == 16;
-    constexpr int ROWS = std::min(T == 1 ? 4 : T == 2 ? (AVX512 ? 2 : 4) : T == 3 && AVX512 ? 1 : 2, PACK);
+    // the ranges in registers, below) 4-8 % faster than 2 with VNNI, 3 % slower without; with AVX2: 4 rows at 2
+    // tokens 14 % faster than 2, 1 row at 3 tokens 2 % slower than 2.
+    constexpr bool AVX512 = INT_LANES == 16, ONE_ROW_AT_3 = AVX512 && INT_VNNI;
+    constexpr int ROWS = std::min(T == 1 ? 4 : T == 2 ? (AVX512 ? 2 : 4) : T == 3 && ONE_ROW_AT_3 ? 1 : 2, PACK);
     ScaleReader readers[PACK];
     float units[PACK];  // the codes stay masked in place (q << shift): the scales take 2^-shift
     for (int r = 0; r < PACK; r++) {
@@ -220,10 +220,10 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
     vfloat total[PACK][T] = {};
     // Where every row's groups start a (min, step) range (Mixtral's all do) and scales are 8-bit codes, the blocks
     // of whole codes whose LANES scale codes lie inside the rows run a range at a time (IN_RANGE), its fp32 (min,
-    // step) in registers; the rest through ScaleReader. Not at 4 tokens, nor 3 on AVX2: there the 8 more live
+    // step) in registers; the rest through ScaleReader. Not at 4 tokens, nor at 3 on AVX2: there the 8 more live
     // vectors spilled the fp32 totals (6-15 % slower on a whole expert).
     constexpr int USED = INT_LANES / SUB_PER_GROUP, RANGE_BLOCKS = SCALE_GROUP / USED;  // groups a block uses
-    constexpr bool RANGES_IN_REGISTERS = T <= 2 || (T == 3 && AVX512);
+    constexpr bool RANGES_IN_REGISTERS = T <= 2 || (T == 3 && ONE_ROW_AT_3);
     bool aligned = RANGES_IN_REGISTERS && meta.scale_q != nullptr && groups >= LANES;
     for (int r = 0; r < PACK; r++) aligned = aligned && first[r] % SCALE_GROUP == 0;
     const int64_t in_range_end = aligned ? std::min(subs / INT_LANES, (groups - LANES) / USED + 1) : 0;
