@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--sms", type=int, default=40, help="--traffic: streaming multiprocessors (T4: 40)")
     parser.add_argument("--int-activations", default="auto", choices=["auto", "off", "int16", "int8"],
                         help="CPU: when the GEMV quantizes x to integers (CPUKernels(int_activations=...); auto: "
-                             "float16 in int16, bfloat16 where it has no bfloat16 dot products, float32 never)")
+                             "float16 and bfloat16 in int16, except bfloat16 on the tabled reference weights path; "
+                             "float32 never)")
     args = parser.parse_args()
     if args.traffic:
         traffic(args.tokens, args.sms)

@@ -70,22 +70,26 @@ def test_cpu_kernels_in_half_precision_stay_within_the_references_rounding(dtype
 def test_cpu_kernels_at_two_to_four_tokens_with_groups_of_16_in_every_dtype(bits, quant_meta, dtype):
     """Groups of 16 byte codes take the one-group-per-lane path on AVX-512 CPUs with VBMI (16 groups a block): 21
     groups per row (a full block and a partial one, which must not read past the row), 2-4 tokens (the decode
-    sizes the hybrid engine runs on the CPU), every activation dtype, on both of bfloat16's paths."""
+    sizes the hybrid engine runs on the CPU), every activation dtype, on each path (the default's int16 for
+    float16 and bfloat16, bfloat16 dot products with int_activations="off", fp32)."""
     layout = layout_for((64, 21 * 16), bits, 16, quant_meta, dtype, offset=32)
     buffer = random_packed(layout, seed=bits + 10 * quant_meta)
-    for kernels in (cpu_kernels.CPUKernels(), cpu_kernels.CPUKernels(fp32_only=True)):
+    for kernels in (cpu_kernels.CPUKernels(), cpu_kernels.CPUKernels(int_activations="off"),
+                    cpu_kernels.CPUKernels(fp32_only=True)):
         for tokens in (1, 2, 3, 4):
             x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
             assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)
 
 
 def test_bfloat16_multiplies_with_dot_products_where_the_cpu_has_them():
-    kernels = shared_cpu_kernels()
+    """By default groups of 16 take int16 instead where it runs (tests/test_kernels_int.py), so `off` here."""
+    kernels = cpu_kernels.CPUKernels(int_activations="off")
     groups_of_16 = layout_for((64, 256), 2, 16, True, torch.bfloat16)
     groups_of_32 = layout_for((64, 256), 2, 32, True, torch.bfloat16)
     if kernels.multiplies_in(groups_of_32) == "fp32":
         pytest.skip("this CPU has no AVX512-BF16: bfloat16 runs on the fp32 path")
     assert kernels.multiplies_in(groups_of_32) == "bfloat16 dot products on the reference's weights"
+    assert shared_cpu_kernels().multiplies_in(groups_of_32) == "bfloat16 dot products on the reference's weights"
     assert kernels.multiplies_in(groups_of_16, tokens=GEMV_MAX_TOKENS) in (
         "bfloat16 dot products on the codes", "bfloat16 dot products on the reference's weights")  # VBMI or not
     assert kernels.multiplies_in(groups_of_16, tokens=GEMV_MAX_TOKENS + 1) == "fp32"  # dequantize + BLAS
@@ -335,6 +339,9 @@ def test_the_cpu_kernel_builds_and_is_exact_with_each_compiler_here(compiler, ex
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             layout = layout_for((40, 20 * group_size), bits, group_size, quant_meta, dtype)
             buffer = random_packed(layout, seed=bits)
-            for tokens in (1, 2, 5, GEMV_MAX_TOKENS + 1):
-                x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
-                assert_close_to_reference(shared_cpu_kernels().linear(x, layout, buffer), x, layout, buffer)
+            # bfloat16 also off int16 (the default's, for groups of 16): its own dot-product paths
+            for kernels in [shared_cpu_kernels()] + [cpu_kernels.CPUKernels(int_activations="off")] * (
+                    dtype == torch.bfloat16):
+                for tokens in (1, 2, 5, GEMV_MAX_TOKENS + 1):
+                    x = torch.randn(tokens, layout.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
+                    assert_close_to_reference(kernels.linear(x, layout, buffer), x, layout, buffer)

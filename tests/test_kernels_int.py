@@ -93,6 +93,22 @@ def _vnni() -> bool:
     return "avx512_vnni" in flags and "avx512bw" in flags
 
 
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+@pytest.mark.parametrize("group_size", [16, 32, 64])
+def test_rows_that_start_a_scale_range(group_size, mode):
+    """Rows of 3 x 128 groups start a (min, step) range each: at 1-2 tokens (3 with VNNI) their blocks read the
+    scale codes with each range's (min, step) held through its blocks, not through ScaleReader (cpu_kernel_int.h),
+    except those whose LANES scale codes would pass the row's end (in groups of 32 and 64)."""
+    _check_rows_that_start_a_scale_range(group_size, mode)
+
+
+def _check_rows_that_start_a_scale_range(group_size: int, mode: str) -> None:
+    layout = layout_for((64, 3 * 128 * group_size), 2, group_size, True, torch.float16, offset=32)
+    buffer = random_packed(layout, seed=group_size)
+    for tokens in range(1, 5):  # 4 tokens: ScaleReader for every block
+        _check_int_path(layout, buffer, mode, torch.float16, tokens)
+
+
 @pytest.mark.parametrize("bits,group_size,quant_meta", FLOAT_ONLY_FORMATS)
 def test_formats_the_integer_path_does_not_take_stay_on_the_float_path(bits, group_size, quant_meta):
     layout = layout_for(_shape_for(group_size), bits, group_size, quant_meta, torch.float16)
@@ -110,17 +126,21 @@ def test_formats_the_integer_path_does_not_take_stay_on_the_float_path(bits, gro
     assert_close_to_reference(got, x, unshared, buffer)
 
 
-def test_auto_quantizes_float16_always_bfloat16_where_it_has_no_dot_products_and_float32_never():
+def test_auto_quantizes_float16_always_bfloat16_but_on_the_reference_weights_path_and_float32_never():
     g16 = {dtype: layout_for((64, 256), 2, 16, True, dtype) for dtype in (torch.float16, torch.bfloat16,
                                                                           torch.float32)}
     g64 = layout_for((64, 256), 4, 64, True, torch.bfloat16)  # no bfloat16 dot-product path takes 4-bit g64
+    two_bit_g64 = layout_for((64, 256), 2, 64, True, torch.bfloat16)  # on the reference's weights, if any
     auto, off = CPUKernels(), CPUKernels(int_activations="off")
     assert auto.int_activations == "auto" and cpu_kernels.shared_cpu_kernels().int_activations == "auto"
     assert auto.multiplies_in(g16[torch.float16]) == INT16
     assert auto.multiplies_in(g16[torch.float32]) == "fp32"
     assert auto.multiplies_in(g64) == INT16
-    bf16_float = off.multiplies_in(g16[torch.bfloat16])
-    assert auto.multiplies_in(g16[torch.bfloat16]) == (INT16 if bf16_float == "fp32" else bf16_float)
+    assert auto.multiplies_in(g16[torch.bfloat16]) == INT16  # on the codes (AVX512-BF16 + VBMI) or fp32 before
+    assert off.multiplies_in(g16[torch.bfloat16]) in ("fp32", "bfloat16 dot products on the codes",
+                                                      "bfloat16 dot products on the reference's weights")
+    weights = off.multiplies_in(two_bit_g64)
+    assert auto.multiplies_in(two_bit_g64) == (weights if weights.endswith("reference's weights") else INT16)
     assert off.multiplies_in(g16[torch.float16]) == "fp32"
     assert auto.multiplies_in(g16[torch.float16], tokens=GEMV_MAX_TOKENS + 1) == "fp32"  # dequantize + BLAS
     assert CPUKernels(int_activations="int8").multiplies_in(g16[torch.float32]) == INT8
@@ -175,3 +195,5 @@ def test_the_integer_path_without_vnni_and_without_avx512(extra_flags, tmp_path,
                 assert CPUKernels(int_activations=mode).multiplies_in(layout) == expected
                 for tokens in (1, 2, 3, 5):
                     _check_int_path(layout, buffer, mode, dtype, tokens, seed=bits)
+    for group_size in (16, 32):
+        _check_rows_that_start_a_scale_range(group_size, "int16")

@@ -5,10 +5,11 @@ packed byte once for all of a call's tokens and accumulates in fp32, OpenMP over
 either in fp32 (x converted once per call; weights dequantized in registers, w = (q - z) * s, the reference's
 formula; on AVX-512 CPUs with VBMI, 16-wide groups of byte codes run one group per vector lane, so the scale
 multiply leaves the inner loop) or, for bfloat16 activations on a CPU with AVX512-BF16, with bfloat16 dot products
-(on the codes, a group per lane, or on the reference's own bfloat16 weights), or, for float16 activations by
-default (`CPUKernels(int_activations=...)`), with integer dot products on x quantized once per call to int16 per
-16 inputs (cpu_kernel_int.h); `CPUKernels.multiplies_in` says which. Prefill: a one-pass dequantize into the full
-matrix in the compute dtype, bit for bit what the reference builds, then BLAS.
+(on the codes, a group per lane, or on the reference's own bfloat16 weights), or with integer dot products on x
+quantized once per call to int16 per 16 inputs (cpu_kernel_int.h), which `CPUKernels(int_activations="auto")`,
+the default, takes for float16 x and for bfloat16 x but where the bfloat16 dot products on the reference's weights
+run; `CPUKernels.multiplies_in` says which. Prefill: a one-pass dequantize into the full matrix in the compute
+dtype, bit for bit what the reference builds, then BLAS.
 
 Why hand-written rather than `torch.compile`: inductor's loop for the group-sum formulation ends every group of
 16 weights with a horizontal sum, about one cycle per weight; dequantizing into vector registers and summing
@@ -42,8 +43,8 @@ from ..quantize import MatrixLayout
 from .packing import PackedFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-HEADERS = [SOURCE.with_name(name) for name in (
-    "cpu_kernel_common.h", "cpu_kernel_bf16.h", "cpu_kernel_groups.h", "cpu_kernel_int.h")]  # SOURCE includes them
+HEADERS = [SOURCE.with_name(name) for name in (  # SOURCE includes them (cpu_kernel_int.h the last)
+    "cpu_kernel_common.h", "cpu_kernel_bf16.h", "cpu_kernel_groups.h", "cpu_kernel_int.h", "cpu_kernel_int_vectors.h")]
 # Beyond this many tokens, dequantize + BLAS is faster: the GEMV reads each block of rows once for all of a call's
 # tokens, and measured crossovers on the Mixtral expert matrices lie between 64 and 128 tokens in float32 and in
 # bfloat16 (on a CPU with AVX512-BF16, whose BLAS is fast); scripts/bench_kernels.py --crossover.
@@ -227,6 +228,9 @@ HOW = {"as built": 0, "fp32": 1, "int16": 2, "int8": 3}
 PATHS = {0: "fp32", 1: "bfloat16 dot products on the reference's weights", 2: "bfloat16 dot products on the codes",
          3: "int16 dot products (x quantized per 16 inputs)", 4: "int8 dot products (x quantized per 16 inputs)"}
 INT_ACTIVATIONS = ("auto", "off", "int16", "int8")
+# The one float path (PATHS) that "auto" keeps for bfloat16 x: on a Mixtral 2-bit g64 matrix (one thread) it ran
+# 1.4x (1 token) to 1.7x (4 tokens) faster than int16, which beats every other path (BENCHMARKS.md §1).
+BF16_REFERENCE_WEIGHTS = 1
 
 
 class CPUKernels:
@@ -237,8 +241,10 @@ class CPUKernels:
       * "auto" (the default): float16 x in int16, whose rounding (at most 1/65534 of the largest |x| among 16
         inputs) leaves outputs ~25x closer to the exact product than the float16 reference's own roundings (1.4-2e-5
         of the largest output vs 4.3-4.7e-4, BENCHMARKS.md §1), and is ~1.3-1.55x faster than the fp32 path;
-        bfloat16 x in int16 only where the matrix has no bfloat16 dot-product path on this CPU (no AVX512-BF16,
-        or a format those paths do not take); float32 never (its paths stay exact);
+        bfloat16 x in int16 too (its error ~1/200 of the bfloat16 reference's, 3.3-4e-3), faster than the exact
+        bfloat16 dot products on the codes at 1-4 tokens (1.03-1.6x on a Mixtral expert) and than the fp32 path,
+        except where the matrix takes the bfloat16 dot products on the reference's weights (AVX512-BF16, 1-2-bit
+        codes in groups other than 16, or no VBMI), which int16 does not beat; float32 never (exact paths);
       * "off": the float paths only; "int16": int16 for every dtype;
       * "int8": int8 for every dtype, an opt-in trade of accuracy for speed (errors ~1.5x the bfloat16
         reference's; tests/test_kernels_int.py checks the bound x's rounding implies). Not a config key.
@@ -309,7 +315,7 @@ class CPUKernels:
             return HOW["fp32"]
         mode = self.int_activations
         if mode == "auto":
-            wanted = dtype == torch.float16 or (dtype == torch.bfloat16 and plan.float_path == 0)
+            wanted = dtype == torch.float16 or (dtype == torch.bfloat16 and plan.float_path != BF16_REFERENCE_WEIGHTS)
             return HOW["int16"] if wanted else HOW["as built"]
         return HOW["as built"] if mode == "off" else HOW[mode]
 

@@ -27,8 +27,9 @@
 //    summed in fp32, the scales applied per group as above; otherwise (cpu_kernel_bf16.h, 1- and 2-bit codes)
 //    the reference's own bfloat16 weights from a per-group table, times x as it comes, accumulated in fp32.
 //  * integer dot products (cpu_kernel_int.h; byte codes, groups a multiple of 16, AVX-512BW or AVX2, VNNI where
-//    present; float16 x by default, any dtype on request): x quantized once per call to int16 (or int8) with a
-//    scale per 16 inputs, codes times x summed exactly in int32, a subgroup per lane, scales applied per block.
+//    present; float16 and most bfloat16 x by default, any dtype on request): x quantized once per call to int16 (or
+//    int8) with a scale per 16 inputs, codes times x summed exactly in int32, a subgroup per lane, scales applied
+//    per block.
 // Prefill instead dequantizes the whole matrix (dequantize below) for BLAS.
 #include <vector>
 

@@ -1,6 +1,6 @@
 // The GEMV with integer dot products (AVX-512BW or AVX2; VNNI where the CPU has it): x quantized once per call to
 // int16 (or int8) with one scale per 16 inputs, the codes multiplied as unsigned bytes. Included by
-// cpu_kernel.cpp; cpu.py's `int_activations` chooses it (float16 x by default: see CPUKernels).
+// cpu_kernel.cpp; cpu.py's `int_activations` chooses it (float16 and most bfloat16 x by default: see CPUKernels).
 //
 // Why: the fp32 paths spend per vector of weights a convert and one FMA per token, and on Zen 4 those share the
 // two FMA pipes (BENCHMARKS.md §1): ~4.7 GB/s per core at 4 tokens. An integer dot product instead multiplies 2
@@ -64,100 +64,7 @@ constexpr int INT_BLOCK = INT_LANES * SUBGROUP;  // bytes of codes (and inputs) 
 // ~10 % faster (int8 ~25 %) than in passes of 2 + 1, 4 tokens within 4 % for int16.
 constexpr int INT_TOKEN_BLOCK = std::clamp(16 / PACK, 1, 4);
 
-// The subgroup (of its block) that lane l holds, and the lane that holds subgroup j.
-constexpr int lane_subgroup(int l) { return INT_LANES == 16 ? l : 2 * (l % 4) + l / 4; }
-constexpr int subgroup_lane(int j) { return INT_LANES == 16 ? j : 4 * (j % 2) + j / 2; }
-
-static inline ivec load_ivec(const void* at) {
-    ivec v;
-    std::memcpy(&v, at, sizeof(v));
-    return v;
-}
-
-static inline vfloat lanes_to_floats(ivec v) {
-    vint i;
-    std::memcpy(&i, &v, sizeof(v));
-    return __builtin_convertvector(i, vfloat);
-}
-
-#if INT_ISA_LANES == 16
-static inline ivec splat8(int v) { return _mm512_set1_epi8((char)v); }
-static inline ivec splat16(int v) { return _mm512_set1_epi16((short)v); }
-static inline ivec and_ivec(ivec a, ivec b) { return _mm512_and_si512(a, b); }
-static inline ivec shift_down16(ivec a, int n) { return _mm512_srli_epi16(a, n); }
-static inline ivec zero_ivec() { return _mm512_setzero_si512(); }
-static inline ivec shuffle_bytes(ivec a, ivec index) { return _mm512_shuffle_epi8(a, index); }
-
-// The block's 4 quarters: q[J] lane l = dword J of subgroup l (vpermt2d from two 64-byte loads, then a blend).
-static inline void transpose_quarters(const uint8_t* block, ivec* q) {
-    alignas(64) static const auto indices = [] {
-        struct { int32_t quarter[4][16]; } t{};
-        for (int J = 0; J < 4; J++)
-            for (int l = 0; l < 16; l++) t.quarter[J][l] = (l % 8) / 4 * 16 + 4 * (l % 4) + J;
-        return t;
-    }();
-    const __m512i in0 = _mm512_loadu_si512(block), in1 = _mm512_loadu_si512(block + 64);
-    const __m512i in2 = _mm512_loadu_si512(block + 128), in3 = _mm512_loadu_si512(block + 192);
-    for (int J = 0; J < 4; J++) {
-        const __m512i index = _mm512_load_si512(indices.quarter[J]);
-        q[J] = _mm512_mask_blend_epi32(0xFF00, _mm512_permutex2var_epi32(in0, index, in1),
-                                       _mm512_permutex2var_epi32(in2, index, in3));
-    }
-}
-
-// acc + sum of the int16 pair products in each lane (vpdpwssd, or vpmaddwd + vpaddd).
-static inline ivec dot16(ivec acc, ivec a, ivec b) {
-#if defined(__AVX512VNNI__)
-    return _mm512_dpwssd_epi32(acc, a, b);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
-#endif
-}
-#if INT_ISA_VNNI
-static inline ivec dot8(ivec acc, ivec u8, ivec s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
-#endif
-static inline ivec pairs8(ivec u8, ivec s8) { return _mm512_maddubs_epi16(u8, s8); }
-static inline ivec add16(ivec a, ivec b) { return _mm512_add_epi16(a, b); }
-static inline ivec widen_pairs(ivec a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
-static inline vfloat permute_lanes(vfloat v, const int32_t* index) {
-    __m512 w;
-    std::memcpy(&w, &v, sizeof(w));
-    w = _mm512_permutexvar_ps(_mm512_load_si512(index), w);
-    std::memcpy(&v, &w, sizeof(w));
-    return v;
-}
-#else
-static inline ivec splat8(int v) { return _mm256_set1_epi8((char)v); }
-static inline ivec splat16(int v) { return _mm256_set1_epi16((short)v); }
-static inline ivec and_ivec(ivec a, ivec b) { return _mm256_and_si256(a, b); }
-static inline ivec shift_down16(ivec a, int n) { return _mm256_srli_epi16(a, n); }
-static inline ivec zero_ivec() { return _mm256_setzero_si256(); }
-static inline ivec shuffle_bytes(ivec a, ivec index) { return _mm256_shuffle_epi8(a, index); }
-
-// q[J] lane l = dword J of subgroup lane_subgroup(l): a 4x4 dword transpose within each 128-bit half (AVX2 has
-// no two-source dword permute), so the low half holds subgroups 0, 2, 4, 6 and the high half 1, 3, 5, 7.
-static inline void transpose_quarters(const uint8_t* block, ivec* q) {
-    const __m256i in0 = _mm256_loadu_si256((const __m256i*)block), in1 = _mm256_loadu_si256((const __m256i*)(block + 32));
-    const __m256i in2 = _mm256_loadu_si256((const __m256i*)(block + 64));
-    const __m256i in3 = _mm256_loadu_si256((const __m256i*)(block + 96));
-    const __m256i t0 = _mm256_unpacklo_epi32(in0, in1), t1 = _mm256_unpackhi_epi32(in0, in1);
-    const __m256i t2 = _mm256_unpacklo_epi32(in2, in3), t3 = _mm256_unpackhi_epi32(in2, in3);
-    q[0] = _mm256_unpacklo_epi64(t0, t2), q[1] = _mm256_unpackhi_epi64(t0, t2);
-    q[2] = _mm256_unpacklo_epi64(t1, t3), q[3] = _mm256_unpackhi_epi64(t1, t3);
-}
-
-static inline ivec dot16(ivec acc, ivec a, ivec b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
-static inline ivec pairs8(ivec u8, ivec s8) { return _mm256_maddubs_epi16(u8, s8); }
-static inline ivec add16(ivec a, ivec b) { return _mm256_add_epi16(a, b); }
-static inline ivec widen_pairs(ivec a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
-static inline vfloat permute_lanes(vfloat v, const int32_t* index) {
-    __m256 w;
-    std::memcpy(&w, &v, sizeof(w));
-    w = _mm256_permutevar8x32_ps(w, _mm256_load_si256((const __m256i*)index));
-    std::memcpy(&v, &w, sizeof(w));
-    return v;
-}
-#endif
+#include "cpu_kernel_int_vectors.h"
 
 // Bytes 2k, 2k + 1 of a dword's 4 -> two zero-extended int16s (half 0: bytes 0, 1; half 1: bytes 2, 3).
 static const uint8_t* widen_indices() {
@@ -186,12 +93,25 @@ constexpr bool SCALES_IN_LANE_ORDER = INT_LANES == 16 && SUB_PER_GROUP == 1;
 // (~5 % faster at one token). In fp32, as quantize.dequantize computes them before its cast, not rounded to the
 // compute dtype: the products approximate x times hqq's fp32 dequantization, as the reference's own roundings
 // do. Rebuilding them is expensive: on a Mixtral w1 at one token (1 thread), constant scales instead ran in 65 %
-// of the time, scale codes read from one cached place in 90 %.
+// of the time, scale codes read from one cached place in 90 %; most of it was ScaleReader's bookkeeping, which
+// the overload below skips.
 static inline void block_scales(ScaleReader& reader, int64_t first, int64_t groups, int64_t b, float unit,
                                 vfloat& scale, vfloat& zero) {
     const int64_t at = b * INT_LANES / SUB_PER_GROUP;
     vfloat s, z;
     reader.read(first + at, (int)std::min<int64_t>(LANES, groups - at), s, z);
+    if constexpr (!SCALES_IN_LANE_ORDER) s = permute_lanes(s, scale_lanes()), z = permute_lanes(z, scale_lanes());
+    scale = s * unit;
+    zero = -(z * s);
+}
+
+// The same for a block of 8-bit scale codes whose LANES codes, from group `at` on, lie inside the row and whose
+// groups lie in the (min, step) range of fp32 `step` and `low`: the same arithmetic without ScaleReader's per-call
+// range check, float16 conversions and broadcasts (12-15 % of a whole Mixtral expert at 1-2 tokens).
+static inline void block_scales(const Meta& m, int64_t at, vfloat step, vfloat low, vfloat zero_step,
+                                vfloat zero_min, float unit, vfloat& scale, vfloat& zero) {
+    vfloat s = multiply_then_add(byte_codes(m.scale_q + at), step, low);
+    vfloat z = multiply_then_add(byte_codes(m.zero_q + at), zero_step, zero_min);
     if constexpr (!SCALES_IN_LANE_ORDER) s = permute_lanes(s, scale_lanes()), z = permute_lanes(z, scale_lanes());
     scale = s * unit;
     zero = -(z * s);
@@ -204,12 +124,46 @@ static inline int64_t quantized_at(int64_t sub, int j) {
     return sub / INT_LANES * INT_BLOCK + (j / PER * INT_LANES + subgroup_lane(sub % INT_LANES)) * PER + j % PER;
 }
 
+typedef float subgroup_floats __attribute__((vector_size(4 * SUBGROUP)));  // one subgroup's inputs
+typedef int32_t subgroup_ints __attribute__((vector_size(4 * SUBGROUP)));
+
+// The largest lane of v: a halving tree in vector registers. (Subgroup vectors pass by reference: by value, wider
+// than AVX2's registers, they draw GCC's ABI-change warning.)
+static inline float largest_lane(const subgroup_floats& v) {
+    static_assert(SUBGROUP == 16, "the tree halves 16 lanes");
+    subgroup_floats m = v, other = __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    m = m > other ? m : other;
+    other = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    m = m > other ? m : other;
+    other = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    m = m > other ? m : other;
+    return std::max(m[0], m[1]);
+}
+
+// v made opaque to the compiler, in place: a product kept from fusing into the add that follows (an FMA would
+// round the exact product, not the float that std::nearbyint rounds; GCC fuses across statements).
+static inline void no_contraction(subgroup_floats& v) {
+    vfloat parts[sizeof(v) / sizeof(vfloat)];
+    std::memcpy(parts, &v, sizeof(v));
+    for (vfloat& part : parts) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __asm__("" : "+v"(part));
+#else
+        __asm__("" : "+m"(part));
+#endif
+    }
+    std::memcpy(&v, parts, sizeof(v));
+}
+
 // x [T, K] (fp32) -> xq [T, blocks, vectors, lanes, PER] (int16 or int8, zero past the last subgroup), its scales
-// xs [T, padded subgroups] in lane order and the quantized subgroup sums xsum = xs * sum_j xq_j.
+// xs [T, padded subgroups] in lane order and the quantized subgroup sums xsum = xs * sum_j xq_j. A subgroup a
+// vector: it runs before the threads start (on 2 threads, 1-2 % faster on a Mixtral expert at 2-4 tokens than
+// input by input). Rounds x * (QMAX / largest) to the nearest integer, ties to even, by adding and subtracting
+// 1.5 * 2^23 (|x * QMAX / largest| <= QMAX < 2^22): std::nearbyint in the default rounding mode, lane by lane.
 template <typename Q>
 static void quantize_x(const float* x, int tokens, int64_t k, int64_t padded_subs, Q* xq, float* xs, float* xsum) {
     constexpr int PER = sizeof(Q) == 2 ? 2 : 4;
-    constexpr float QMAX = sizeof(Q) == 2 ? 32767.f : 127.f;
+    constexpr float QMAX = sizeof(Q) == 2 ? 32767.f : 127.f, ROUND = 12582912.f;
     const int64_t subs = k / SUBGROUP;
     std::fill(xq, xq + tokens * padded_subs * SUBGROUP, (Q)0);
     std::fill(xs, xs + tokens * padded_subs, 0.f);
@@ -217,15 +171,21 @@ static void quantize_x(const float* x, int tokens, int64_t k, int64_t padded_sub
     for (int t = 0; t < tokens; t++) {
         Q* row = xq + t * padded_subs * SUBGROUP;
         for (int64_t sub = 0; sub < subs; sub++) {
-            const float* in = x + t * k + sub * SUBGROUP;
-            float largest = 0.f;
-            for (int j = 0; j < SUBGROUP; j++) largest = std::max(largest, std::fabs(in[j]));
+            subgroup_floats in;
+            std::memcpy(&in, x + t * k + sub * SUBGROUP, sizeof(in));
+            const subgroup_floats magnitude = (subgroup_floats)((subgroup_ints)in & 0x7fffffff);
+            const float largest = largest_lane(magnitude);
             const float scale = largest / QMAX, inverse = largest > 0.f ? QMAX / largest : 0.f;
+            subgroup_floats rounded = in * inverse;
+            no_contraction(rounded);
+            rounded += ROUND;
+            rounded -= ROUND;
+            rounded = rounded > QMAX ? QMAX : rounded < -QMAX ? -QMAX : rounded;
+            const subgroup_ints q = __builtin_convertvector(rounded, subgroup_ints);
             int sum = 0;
             for (int j = 0; j < SUBGROUP; j++) {
-                const int q = std::clamp((int)std::nearbyint(in[j] * inverse), -(int)QMAX, (int)QMAX);
-                row[quantized_at<PER>(sub, j)] = (Q)q;
-                sum += q;
+                row[quantized_at<PER>(sub, j)] = (Q)q[j];
+                sum += q[j];
             }
             const int64_t lane = t * padded_subs + sub / INT_LANES * INT_LANES + subgroup_lane(sub % INT_LANES);
             xs[lane] = scale;
@@ -243,7 +203,12 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
                     float* out) {
     constexpr int VECTORS = INT8 ? 4 : 8;  // per block and token
     constexpr bool SHIFT_DOWN = INT8 && !INT_VNNI;
-    constexpr int ROWS = std::clamp(8 / T, 1, PACK);  // rows per pass over a block's codes (divides PACK)
+    // Rows per pass over a block's codes (divides PACK): ROWS x T accumulator chains, at most 8 (see below). On a
+    // whole Mixtral expert (1 thread), with AVX-512: 2 rows at 2 tokens 7 % faster than 4, 1 row at 3 tokens (with
+    // the ranges in registers, below) 4-8 % faster than 2 with VNNI, 3 % slower without; with AVX2: 4 rows at 2
+    // tokens 14 % faster than 2, 1 row at 3 tokens 2 % slower than 2.
+    constexpr bool AVX512 = INT_LANES == 16, ONE_ROW_AT_3 = AVX512 && INT_VNNI;
+    constexpr int ROWS = std::min(T == 1 ? 4 : T == 2 ? (AVX512 ? 2 : 4) : T == 3 && ONE_ROW_AT_3 ? 1 : 2, PACK);
     ScaleReader readers[PACK];
     float units[PACK];  // the codes stay masked in place (q << shift): the scales take 2^-shift
     for (int r = 0; r < PACK; r++) {
@@ -253,10 +218,24 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
     const ivec widen0 = load_ivec(widen_indices()), widen1 = load_ivec(widen_indices() + 64);
     alignas(64) uint8_t tail[INT_BLOCK];
     vfloat total[PACK][T] = {};
-    for (int64_t b = 0; b * INT_LANES < subs; b++) {
+    // Where every row's groups start a (min, step) range (Mixtral's all do) and scales are 8-bit codes, the blocks
+    // of whole codes whose LANES scale codes lie inside the rows run a range at a time (IN_RANGE), its fp32 (min,
+    // step) in registers; the rest through ScaleReader. Not at 4 tokens, nor at 3 on AVX2: there the 8 more live
+    // vectors spilled the fp32 totals (6-15 % slower on a whole expert).
+    constexpr int USED = INT_LANES / SUB_PER_GROUP, RANGE_BLOCKS = SCALE_GROUP / USED;  // groups a block uses
+    constexpr bool RANGES_IN_REGISTERS = T <= 2 || (T == 3 && ONE_ROW_AT_3);
+    bool aligned = RANGES_IN_REGISTERS && meta.scale_q != nullptr && groups >= LANES;
+    for (int r = 0; r < PACK; r++) aligned = aligned && first[r] % SCALE_GROUP == 0;
+    const int64_t in_range_end = aligned ? std::min(subs / INT_LANES, (groups - LANES) / USED + 1) : 0;
+    vfloat zero_step{}, zero_min{};
+    if (aligned) zero_step += meta.zero_range[1], zero_min += meta.zero_range[0];
+    vfloat step[PACK], low[PACK];
+    auto run = [&](int64_t b, auto in_range) __attribute__((always_inline)) {
+        constexpr bool IN_RANGE = decltype(in_range)::value;
         const uint8_t* block = words + b * INT_BLOCK;
         for (int line = 0; line < INT_BLOCK; line += 64) __builtin_prefetch(block + PREFETCH_WORDS + line);
-        if (subs - b * INT_LANES < INT_LANES) {  // the last, partial block: never read past the row's codes
+        // The last, partial block: never read past the row's codes.
+        if (!IN_RANGE && subs - b * INT_LANES < INT_LANES) {
             std::memset(tail, 0, sizeof(tail));
             std::memcpy(tail, block, (subs - b * INT_LANES) * SUBGROUP);
             block = tail;
@@ -307,7 +286,11 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
 #pragma GCC unroll 8
             for (int r = 0; r < ROWS; r++) {
                 vfloat scale, zero;
-                block_scales(readers[r0 + r], first[r0 + r], groups, b, units[r0 + r], scale, zero);
+                if constexpr (IN_RANGE)
+                    block_scales(meta, first[r0 + r] + b * USED, step[r0 + r], low[r0 + r], zero_step, zero_min,
+                                 units[r0 + r], scale, zero);
+                else
+                    block_scales(readers[r0 + r], first[r0 + r], groups, b, units[r0 + r], scale, zero);
                 for (int t = 0; t < T; t++) {
                     const ivec sums = SHIFT_DOWN ? widen_pairs(acc[r][t]) : acc[r][t];
                     const int64_t at = t * sums_stride + b * INT_LANES;
@@ -316,7 +299,17 @@ static void dot_int(const uint8_t* words, int64_t subs, const Meta& meta, const 
                 }
             }
         }
+    };
+    int64_t b = 0;
+    while (b < in_range_end) {
+        for (int r = 0; r < PACK; r++) {
+            const int64_t range = (first[r] + b * USED) / SCALE_GROUP;
+            step[r] = vfloat{} + half_to_float(meta.scale_range[2 * range + 1]);
+            low[r] = vfloat{} + half_to_float(meta.scale_range[2 * range]);
+        }
+        for (const int64_t end = std::min(in_range_end, b + RANGE_BLOCKS); b < end; b++) run(b, std::true_type{});
     }
+    for (; b * INT_LANES < subs; b++) run(b, std::false_type{});
     for (int r = 0; r < PACK; r++)
         for (int t = 0; t < T; t++) out[r * T + t] += horizontal_sum(total[r][t]);
 }
