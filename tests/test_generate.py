@@ -48,6 +48,23 @@ def test_sampling_filters():
         SamplingParams.from_kwargs(temprature=1.0)
 
 
+def test_sampling_draws_each_token_at_its_softmax_probability():
+    """The sampler's frequencies over 40000 draws match softmax(logits / T) within 4 standard errors, also for
+    the rarest tokens and with masked tokens between and after the kept ones (never drawn)."""
+    logits = torch.tensor([2.0, -1.0, 0.5, -4.0, 1.0, 3.0, -2.5, 0.0])
+    gen, draws = torch.Generator().manual_seed(1), 40000
+    for params, masked in ((SamplingParams(temperature=0.7), set()), (SamplingParams(temperature=1.0, top_k=5),
+                                                                       {1, 3, 6})):
+        counts = torch.zeros(8)
+        for _ in range(draws):
+            counts[sample(logits, params, [], gen)] += 1
+        kept = torch.tensor([i not in masked for i in range(8)])
+        expected = torch.softmax(torch.where(kept, logits / params.temperature, float("-inf")), dim=-1)
+        assert all(counts[i] == 0 for i in masked)
+        error = (expected * (1 - expected) / draws).sqrt()
+        assert ((counts / draws - expected).abs() <= 4 * error + 1e-9).all(), (counts / draws, expected)
+
+
 def test_stop_strings_end_generation_without_the_stop_text(engine):
     full = engine.generate("The fox", max_new_tokens=30)
     assert len(full) > 12
