@@ -67,13 +67,13 @@ GPUS: dict[str, GPU] = {
 }
 
 
-# The CPU kernel measured on this machine (BENCHMARKS §1, `python scripts/bench_kernels.py --sweep --repeats 21
-# --threads 2`: AMD EPYC Zen 4 VM, 2 cores, medians, load ~1): a whole 2-bit g16 Mixtral expert (66.4 MB packed)
-# with float16 activations (a T4's dtype, the packaged configs'), ms at 1/2/3/4 tokens, per vector ISA build. A
-# float32 torch.sum read 28-34 GB/s on those 2 threads: the kernel (11.6 GB/s at 1 token) is bound by its
-# instructions here, not by memory.
+# The CPU kernel measured on this machine (BENCHMARKS §1, `python scripts/bench_kernels.py --sweep --repeats 31
+# --threads 2`, AVX2 with OFFLOAD_ENGINE_CXXFLAGS=-mno-avx512f: AMD EPYC Zen 4 VM, 2 cores, medians, load 0.8-1.2):
+# a whole 2-bit g16 Mixtral expert (66.4 MB packed) with float16 activations (a T4's dtype, the packaged configs';
+# the int16 path), ms at 1/2/3/4 tokens, per vector ISA build. A float32 torch.sum read 28-37 GB/s on those 2
+# threads: at 1 token the kernel (23 GB/s) nears memory speed, at 2-4 tokens its instructions bound it.
 MEASURED_CPU = {"cores": 2, "expert_bytes": 66_404_400, "read_gbps": 31.0,
-                "float16_ms": {"avx512": (5.70, 7.30, 9.19, 11.14), "avx2": (6.90, 10.39, 15.21, 20.40)},
+                "float16_ms": {"avx512": (2.86, 4.16, 5.41, 7.15), "avx2": (4.27, 6.41, 10.15, 12.78)},
                 "host_ms_per_layer": 0.5}
 
 
@@ -120,8 +120,8 @@ CPUS: dict[str, CPU] = {
                    "read (Zen 4's fabric caps reads); host 0.3 ms/layer (~5.7 GHz single thread)"),
     "colab-fast": CPU("Colab's 2 vCPUs at this VM's speed (upper bound)", "avx2", 2.0, 1.0, 31.0, 1.0, True,
                       "Colab (12.7 GB)",
-                      "as if Colab's 2 vCPUs were this VM's 2 Zen 4 cores (AVX2 build, 6.9 ms per expert): the CPU "
-                      "on par with a T4's copy, where placement could lose; host 1.0 ms/layer"),
+                      "as if Colab's 2 vCPUs were this VM's 2 Zen 4 cores (AVX2 build, 4.3 ms per expert): the CPU a "
+                      "little faster than a T4's copy (5.8 ms), where placement could lose; host 1.0 ms/layer"),
 }
 # A CPU tier's remaining inputs (assumed; the engine calibrates them at load): a layer's CPU rows of x device->host
 # and the results back, with the worker thread's wake-up; the host thread's own share of a hand-over (gather the
