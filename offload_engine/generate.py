@@ -165,7 +165,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, context: Sequence[int],
     # Inverse CDF with one uniform draw from the sequence's generator: ~0.04 ms over 32000 tokens where
     # torch.multinomial took ~0.66 ms, ~15 % of a step that samples 8 sequences on CPU. float64, so that the sum
     # over the vocabulary keeps every token's share; a token that top-k / top-p removed adds nothing to the CDF.
-    probs = torch.softmax(logits, dim=-1).double().cpu()  # [V]
+    probs = torch.softmax(logits, dim=-1).cpu().double()  # [V]: float32 over a link, summed in float64 here
     cdf = probs.cumsum(0)  # [V]
     u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
     token = int(torch.searchsorted(cdf, u, right=True))
